@@ -1,0 +1,41 @@
+# talkmesh: set-up, demo and tests. Works on a fresh machine that has only Python 3.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast lint clean
+
+# The CPU build of torch is installed first when no CUDA GPU is visible, so that the
+# project's own `torch` requirement is already satisfied and pip never pulls the CUDA wheels.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  echo "CUDA GPU found: installing torch with CUDA"; $(PIP) install -q "torch==2.13.0"; \
+	else \
+	  echo "no CUDA GPU: installing the CPU build of torch"; \
+	  $(PIP) install -q --timeout 20 --retries 1 "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu 2>/dev/null \
+	    || $(PIP) install -q "torch==2.13.0"; \
+	fi
+	$(PIP) install -q -e ".[dev]"
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(PY) -m talkmesh.demo
+
+# pytest exits 5 when it collected nothing; that is reported, not treated as a failure.
+test: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+test-fast: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check platform jobs sweeps serve tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build platform/*.egg-info

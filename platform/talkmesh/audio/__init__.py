@@ -1,0 +1,5 @@
+"""Audio: loading and resampling to 16 kHz mono (io), encoders (encoders), feature cache."""
+
+from talkmesh.audio.io import SAMPLE_RATE, AudioError, load_audio, resample, to_mono_float
+
+__all__ = ["SAMPLE_RATE", "AudioError", "load_audio", "resample", "to_mono_float"]
