@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import pickle
 import re
 from pathlib import Path
 
 import numpy as np
 
 from talkmesh.data.errors import DataError
+from talkmesh.data.safepickle import load_pickle
+from talkmesh.data.safepickle import load_pickle
 
 FLAME_UPPER_KEYS = ("forehead", "eye_region")
 
@@ -60,14 +61,14 @@ def read_index_file(path: str | Path, num_vertices: int | None = None) -> np.nda
         if p.suffix == ".npy":
             idx = np.load(p, allow_pickle=False)
         elif p.suffix == ".pkl":
-            with open(p, "rb") as f:
-                obj = pickle.load(f, encoding="latin1")
-            idx = np.asarray(obj)
+            idx = np.asarray(load_pickle(p))
         else:
             text = p.read_text()
             tokens = [t for t in re.split(r"[\s,;]+", text.strip()) if t]
             idx = np.array([int(float(t)) for t in tokens], dtype=np.int64)
-    except (ValueError, OSError, pickle.UnpicklingError, EOFError) as e:
+    except DataError:
+        raise
+    except (ValueError, OSError, TypeError) as e:
         raise DataError(f"{p}: cannot read vertex indices ({e})") from e
     return _unique(idx, p, num_vertices)
 
@@ -78,11 +79,7 @@ def read_flame_masks(path: str | Path, num_vertices: int | None = None) -> tuple
     if not p.is_file():
         raise DataError(f"{p}: FLAME mask file not found (expected FLAME_masks.pkl with 'lips', 'forehead', "
                         "'eye_region')")
-    try:
-        with open(p, "rb") as f:
-            masks = pickle.load(f, encoding="latin1")
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as e:
-        raise DataError(f"{p}: cannot read FLAME masks ({e})") from e
+    masks = load_pickle(p)
     if not isinstance(masks, dict):
         raise DataError(f"{p}: expected a dict of index arrays, got {type(masks).__name__}")
     missing = [k for k in ("lips", *FLAME_UPPER_KEYS) if k not in masks]
@@ -123,11 +120,9 @@ def _is_masks(p: Path) -> bool:
     if p.suffix != ".pkl" or not p.is_file():
         return False
     try:
-        with open(p, "rb") as f:
-            obj = pickle.load(f, encoding="latin1")
-    except Exception:  # noqa: BLE001 - read_flame_masks reports the real error
+        return isinstance(load_pickle(p), dict)
+    except DataError:
         return False
-    return isinstance(obj, dict)
 
 
 def with_overrides(default: Regions, lip_path: str, upper_path: str, num_vertices: int | None) -> Regions:
