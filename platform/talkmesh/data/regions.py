@@ -17,7 +17,6 @@ import numpy as np
 
 from talkmesh.data.errors import DataError
 from talkmesh.data.safepickle import load_pickle
-from talkmesh.data.safepickle import load_pickle
 
 FLAME_UPPER_KEYS = ("forehead", "eye_region")
 
