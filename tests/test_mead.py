@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import pickle
 from pathlib import Path
 
@@ -12,8 +11,6 @@ import pytest
 from talkmesh.config import DataConfig
 from talkmesh.data import DataError, open_corpus
 from talkmesh.data.mead import MEAD_EMOTION_TO_EMOTE, parse_uid
-
-HAS_FLAME = importlib.util.find_spec("talkmesh.face.flame") is not None
 
 
 def write_clip(
@@ -241,7 +238,6 @@ def test_regions(tmp_path: Path, mead_root: Path) -> None:
     assert "md5" in over.sources["lips"]
 
 
-@pytest.mark.skipif(not HAS_FLAME, reason="talkmesh.face.flame not available yet")
 def test_vertices_through_surrogate_flame(tmp_path: Path, mead_root: Path) -> None:
     from talkmesh.face.flame import FlameLayer, make_surrogate_flame
 
