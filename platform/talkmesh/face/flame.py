@@ -26,7 +26,6 @@ Deviations from the reference FLAME layers (DEEPTalk/DECA-style ``FLAME`` module
 
 from __future__ import annotations
 
-import builtins
 import codecs
 import os
 import pickle
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from talkmesh.data.safepickle import RestrictedUnpickler
 from talkmesh.face.lbs import kinematic_transforms, pose_features, rodrigues, skin
 
 __all__ = [
@@ -104,18 +104,6 @@ def _stub_class(base: type[_PickledStub], module: str, name: str, **attrs: Any) 
     return type(name, (base,), {"origin": f"{module}.{name}", **attrs})
 
 
-def _numpy_function(name: str) -> Any:
-    # numpy >= 2 keeps these in numpy._core; older pickles name numpy.core.
-    for module in ("numpy._core.multiarray", "numpy._core.numeric", "numpy.core.multiarray", "numpy.core.numeric"):
-        try:
-            mod = __import__(module, fromlist=[name])
-        except ImportError:
-            continue
-        if hasattr(mod, name):
-            return getattr(mod, name)
-    raise pickle.UnpicklingError(f"numpy has no {name}")
-
-
 def _safe_reconstructor(cls: Any, base: Any, state: Any) -> Any:
     """``copyreg._reconstructor`` (protocol 0/1 pickles), restricted to the stub classes."""
     if isinstance(cls, type) and issubclass(cls, _PickledStub) and base is object:
@@ -130,34 +118,13 @@ def _safe_codecs_encode(obj: Any, encoding: str = "utf-8", errors: str = "strict
     return codecs.encode(obj, encoding, errors)
 
 
-_SAFE_BUILTINS = frozenset(
-    {
-        "object",
-        "set",
-        "frozenset",
-        "complex",
-        "slice",
-        "bytearray",
-        "list",
-        "dict",
-        "tuple",
-        "int",
-        "float",
-        "str",
-        "bytes",
-        "bool",
-    }
-)
-_NUMPY_MODULES = frozenset(
-    {"numpy.core.multiarray", "numpy._core.multiarray", "numpy.core.numeric", "numpy._core.numeric"}
-)
-_NUMPY_FUNCTIONS = frozenset({"_reconstruct", "scalar", "_frombuffer"})
 _SPARSE_NAMES = {"csc_matrix": "csc", "csr_matrix": "csr", "csc_array": "csc", "csr_array": "csr"}
 
 
-class _FlameUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only numpy arrays, scipy csc/csr matrices (as stubs), chumpy
-    objects (as stubs) and a few inert builtins; every other global is refused."""
+class _FlameUnpickler(RestrictedUnpickler):
+    """The dataset unpickler (numpy arrays, plain containers) plus what a FLAME model pickle
+    holds: scipy csc/csr matrices and chumpy objects, both as inert stubs, and Python 2's
+    ``copy_reg._reconstructor``; every other global is refused."""
 
     def __init__(self, file: Any, source: str) -> None:
         super().__init__(file, encoding="latin1")
@@ -165,24 +132,23 @@ class _FlameUnpickler(pickle.Unpickler):
         self._stubs: dict[tuple[str, str], type[_PickledStub]] = {}
 
     def find_class(self, module: str, name: str) -> Any:
-        if module in ("builtins", "__builtin__") and name in _SAFE_BUILTINS:
-            return getattr(builtins, name)
         if module in ("copyreg", "copy_reg") and name == "_reconstructor":
             return _safe_reconstructor
         if module == "_codecs" and name == "encode":
             return _safe_codecs_encode
-        if module == "numpy" and name in ("ndarray", "dtype"):
-            return getattr(np, name)
-        if module in _NUMPY_MODULES and name in _NUMPY_FUNCTIONS:
-            return _numpy_function(name)
+        if module in ("builtins", "__builtin__") and name == "object":
+            return object  # the base class named by copy_reg._reconstructor
         if module == "chumpy" or module.startswith("chumpy."):
             return self._stub(_ChumpyStub, module, name)
         if (module == "scipy.sparse" or module.startswith("scipy.sparse.")) and name in _SPARSE_NAMES:
             return self._stub(_SparseStub, module, name, layout=_SPARSE_NAMES[name])
-        raise FaceModelError(
-            f"{self.source}: refusing to unpickle {module}.{name}; a FLAME model pickle may only contain "
-            "numpy arrays, scipy sparse csc/csr matrices and chumpy arrays"
-        )
+        try:
+            return super().find_class(module, name)
+        except pickle.UnpicklingError:
+            raise FaceModelError(
+                f"{self.source}: refusing to unpickle {module}.{name}; a FLAME model pickle may only contain "
+                "numpy arrays, scipy sparse csc/csr matrices and chumpy arrays"
+            ) from None
 
     def _stub(self, base: type[_PickledStub], module: str, name: str, **attrs: Any) -> type[_PickledStub]:
         key = (module, name)
