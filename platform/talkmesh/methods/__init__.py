@@ -1,0 +1,26 @@
+"""Methods: one module per published method, behind one contract (``base.MotionMethod``).
+
+Nothing heavy is imported here; use the registry::
+
+    from talkmesh.methods import available_methods, build_method, get_method
+"""
+
+from talkmesh.methods.registry import (
+    UnknownMethodError,
+    available_methods,
+    build_config,
+    build_method,
+    get_config_class,
+    get_method,
+    register_method,
+)
+
+__all__ = [
+    "UnknownMethodError",
+    "available_methods",
+    "build_config",
+    "build_method",
+    "get_config_class",
+    "get_method",
+    "register_method",
+]

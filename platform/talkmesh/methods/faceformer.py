@@ -1,0 +1,694 @@
+"""FaceFormer: Speech-Driven 3D Facial Animation with Transformers.
+
+Paper: Yingruo Fan, Zhaojiang Lin, Jun Saito, Wenping Wang, Taku Komura, CVPR 2022,
+arXiv:2112.05329.
+Reference code: EvelynFan/FaceFormer@dfaea81 (faceformer.py, wav2vec.py, main.py).
+Specification: specs/faceformer.md (section numbers below refer to it).
+
+The model (§3): a wav2vec 2.0 encoder (CNN frozen, projection + transformer fine-tuned)
+turns 16 kHz speech into features aligned to the motion frames; a one-layer transformer
+decoder predicts per-frame vertex offsets autoregressively. Its self-attention carries an
+ALiBi-style causal bias with a period, its inputs a periodic positional encoding (PPE), and
+its cross-attention an alignment mask. Speaking style is a bias-free linear embedding of a
+one-hot over the training subjects, added to every decoder input. The output layer is
+zero-initialised, so an untrained model outputs the template.
+
+Deviations from the reference code (all spec DECISIONS unless noted):
+  1. Q1: the PPE and the biased mask are computed for any length (the reference pre-builds
+     600 frames and fails beyond); the values within 600 frames are identical.
+  2. Q2: the teacher-forced path starts with the style token alone, like the
+     autoregressive path. ``reference_tf_start_quirk=True`` restores E(0) + s.
+  3. Q8: inside the autoregressive loop the output layer maps only the newest frame; the
+     last step's decoder output is mapped once at the end (numerically identical).
+  4. Batches larger than 1 are allowed: frames past ``motion_mask`` are padding and the
+     loss is averaged over valid frames only (the paper presets keep batch size 1).
+  5. Audio is normalised per utterance inside the encoder (README G8), as the processor did.
+  6. ``alignment="double"`` (BIWI): the reference trims the 50 Hz CNN output to an even
+     count and to at most 2T before the transformer. Here the waveform is cut to the
+     samples whose CNN frames are kept (receptive field + (M - 1) * stride), so the CNN
+     gives exactly M frames; the kept frames see the same samples, but the per-utterance
+     normalisation and the CNN's group-norm statistics cover the kept audio only
+     (project deviation: the shared AudioEncoder has no CNN-trimming hook).
+  7. Style interface (§7, §11): ``encode_style(subject=k)`` is the one-hot of k;
+     ``encode_style(reference)`` and ``adapt(reference)`` decode the reference once per
+     training one-hot and select the lowest vertex MSE; ``adapt(mode="optimize")``
+     refines a free style vector with the model frozen. ``generate(style=None)`` uses the
+     one-hot ``default_subject``.
+  8. The ``debug`` preset turns SpecAugment off (tiny clips would be mostly masked with
+     the checkpoint's minimum of 2 masks of 10 frames); the paper presets keep it (Q4).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from talkmesh.audio.align import frames_from_audio
+from talkmesh.audio.encoders import AudioEncoderConfig, build_audio_encoder
+from talkmesh.methods.base import (
+    Batch,
+    DataFacts,
+    MotionMethod,
+    Reference,
+    StyleState,
+    StyleStateError,
+    make_style_state,
+    reference_field,
+    weighted_loss,
+)
+
+__all__ = [
+    "FaceFormer",
+    "FaceFormerConfig",
+    "FaceFormerLossWeights",
+    "PeriodicPositionalEncoding",
+    "alibi_slopes",
+    "alignment_mask",
+    "biased_causal_mask",
+    "condition_filename",
+    "periodic_positional_encoding",
+]
+
+Alignment = Literal["interp", "double"]
+
+
+# --------------------------------------------------------------------------------------
+# Config (§10)
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FaceFormerLossWeights:
+    """Loss weights (§4): the vertex MSE is the only term."""
+
+    rec: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class FaceFormerConfig:
+    """FaceFormer hyper-parameters. The class defaults are the VOCASET paper setting;
+    presets: :meth:`vocaset`, :meth:`biwi`, :meth:`flame25` (MEAD / 3D-HDTF), :meth:`debug`."""
+
+    # ---- architecture (§3) ----
+    d_model: int = 64
+    period: int = 30  # PPE period p and the period of the attention bias
+    n_heads: int = 4
+    ff_mult: int = 2  # feed-forward width = ff_mult * d_model
+    n_layers: int = 1
+    dropout: float = 0.1  # decoder layers and after the PPE
+    audio_encoder: AudioEncoderConfig = dataclasses.field(
+        default_factory=lambda: AudioEncoderConfig(kind="wav2vec2", freeze_feature_encoder=True, trainable_layers=-1)
+    )
+    # "interp": CNN features interpolated to exactly T frames, frame t sees audio token t.
+    # "double": 50 Hz kept (trimmed to even and <= 2T), frame t sees tokens 2t and 2t+1.
+    alignment: Alignment = "interp"
+    # ---- training (§4, §5) ----
+    teacher_forcing: bool = False  # the reference trains autoregressively
+    reference_tf_start_quirk: bool = False  # Q2: teacher-forced first token E(0) + s
+    loss_weights: FaceFormerLossWeights = dataclasses.field(default_factory=FaceFormerLossWeights)
+    lr: float = 1e-4  # Adam, default betas, no scheduler
+    epochs: int = 100
+    batch_size: int = 1
+    grad_accum: int = 1
+    checkpoint_every: int = 25  # epochs
+    # ---- style (§7) ----
+    default_subject: int = 0  # one-hot used by generate(style=None)
+    adapt_mode: Literal["select", "optimize"] = "select"
+    adapt_seconds: float = 10.0  # reference length used by encode_style / adapt
+    adapt_lr: float = 1e-3  # optimize mode: Adam on a free style vector
+    adapt_steps: int = 100
+
+    def __post_init__(self) -> None:
+        if self.d_model < 2 or self.d_model % 2:
+            raise ValueError(f"d_model must be even and >= 2 (sinusoidal PPE), got {self.d_model}")
+        if self.n_heads < 1 or self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        for name in ("period", "ff_mult", "n_layers", "epochs", "batch_size", "grad_accum", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+        if self.lr <= 0 or self.adapt_lr <= 0 or self.adapt_seconds <= 0:
+            raise ValueError("lr, adapt_lr and adapt_seconds must be positive")
+        if self.adapt_steps < 0 or self.default_subject < 0:
+            raise ValueError("adapt_steps and default_subject must be >= 0")
+
+    # ---- presets ----
+    PRESETS: ClassVar[tuple[str, ...]] = ("vocaset", "biwi", "flame25", "debug")
+
+    @classmethod
+    def preset(cls, name: str) -> FaceFormerConfig:
+        """The preset called ``name`` (one of :attr:`PRESETS`)."""
+        if name not in cls.PRESETS:
+            raise ValueError(f"unknown FaceFormer preset {name!r}; presets: {list(cls.PRESETS)}")
+        return getattr(cls, name)()
+
+    @classmethod
+    def vocaset(cls) -> FaceFormerConfig:
+        """VOCASET (30 fps, 5023 vertices, 8 training subjects): d 64, period 30, interp."""
+        return cls()
+
+    @classmethod
+    def biwi(cls) -> FaceFormerConfig:
+        """BIWI (25 fps, 23370 vertices, 6 training subjects): d 128, period 25, double."""
+        return cls(d_model=128, period=25, alignment="double")
+
+    @classmethod
+    def flame25(cls) -> FaceFormerConfig:
+        """25 fps FLAME-vertex corpora (MEAD, 3D-HDTF; §11): d 64, period 25, double."""
+        return cls(d_model=64, period=25, alignment="double")
+
+    @classmethod
+    def debug(cls) -> FaceFormerConfig:
+        """Tiny CPU model for tests: d 16, 2 heads, 1 layer, no dropout, tiny random
+        wav2vec2 (hidden 32, 2 layers), teacher forcing, SpecAugment off."""
+        return cls(
+            d_model=16,
+            period=25,
+            n_heads=2,
+            ff_mult=2,
+            n_layers=1,
+            dropout=0.0,
+            audio_encoder=AudioEncoderConfig(kind="wav2vec2", tiny=True, spec_augment=False),
+            alignment="interp",
+            teacher_forcing=True,
+            lr=1e-3,
+            epochs=2,
+            batch_size=2,
+            adapt_steps=20,
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Building blocks (§3.2)
+# --------------------------------------------------------------------------------------
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """ALiBi per-head slopes (H,): the geometric sequence 2^(-8/n), 2^(-16/n), ... for a
+    power of two n (4 heads: 1/4, 1/16, 1/64, 1/256); otherwise the slopes of the next
+    lower power of two followed by every other slope of twice that power."""
+
+    def power_of_two(n: int) -> list[float]:
+        start = 2.0 ** (-(2.0 ** -(math.log2(n) - 3)))
+        return [start ** (i + 1) for i in range(n)]
+
+    if n_heads < 1:
+        raise ValueError(f"n_heads must be >= 1, got {n_heads}")
+    if math.log2(n_heads).is_integer():
+        slopes = power_of_two(n_heads)
+    else:
+        lower = 2 ** math.floor(math.log2(n_heads))
+        slopes = power_of_two(lower) + power_of_two(2 * lower)[0::2][: n_heads - lower]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def biased_causal_mask(
+    n_heads: int, length: int, period: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Additive self-attention bias (H, L, L): bias[h, i, j] = -slope_h * floor((i - j) / p)
+    for j <= i, -inf for j > i (future frames are never seen)."""
+    pos = torch.arange(length, device=device)
+    dist = pos[:, None] - pos[None, :]  # (L, L) i - j
+    steps = torch.div(dist.clamp_min(0), period, rounding_mode="floor").to(torch.float32)  # (L, L)
+    slopes = alibi_slopes(n_heads).to(device)  # (H,)
+    bias = -slopes[:, None, None] * steps[None]  # (H, L, L)
+    return bias.masked_fill((dist < 0)[None], float("-inf"))
+
+
+def alignment_mask(
+    num_frames: int, num_tokens: int, mode: Alignment, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Cross-attention (memory) mask (T, S), True where attention is **blocked**.
+
+    "interp": frame t sees audio token t. "double": frame t sees tokens 2t and 2t + 1.
+    """
+    t = torch.arange(num_frames, device=device)[:, None]  # (T, 1)
+    s = torch.arange(num_tokens, device=device)[None, :]  # (1, S)
+    if mode == "interp":
+        allowed = s == t
+    elif mode == "double":
+        allowed = (s == 2 * t) | (s == 2 * t + 1)
+    else:
+        raise ValueError(f"alignment must be 'interp' or 'double', got {mode!r}")
+    return ~allowed
+
+
+def periodic_positional_encoding(length: int, d_model: int, period: int) -> torch.Tensor:
+    """(L, d) sinusoidal encoding of the position modulo ``period`` (PE(t) = PE(t + p)):
+    pe[t, 2i] = sin(t' w_i), pe[t, 2i + 1] = cos(t' w_i), t' = t mod p, w_i = 10000^(-2i/d)."""
+    pos = (torch.arange(length) % period).to(torch.float32)[:, None]  # (L, 1)
+    freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))  # (d/2,)
+    pe = torch.zeros(length, d_model)
+    pe[:, 0::2] = torch.sin(pos * freq)
+    pe[:, 1::2] = torch.cos(pos * freq)
+    return pe
+
+
+class PeriodicPositionalEncoding(nn.Module):
+    """Adds the PPE to (B, L, d) inputs, then dropout."""
+
+    def __init__(self, d_model: int, period: int, dropout: float) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.period = period
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pe = periodic_positional_encoding(x.shape[1], self.d_model, self.period).to(x)  # (L, d)
+        return self.dropout(x + pe[None])  # (B, L, d)
+
+
+def condition_filename(sequence: str, subject: str) -> str:
+    """Prediction file of one (sequence, training-subject condition) pair (metrics.md §6.1)."""
+    return f"{sequence}_condition_{subject}.npy"
+
+
+# --------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------
+
+
+class FaceFormer(MotionMethod):
+    """FaceFormer on vertex motion. ``facts`` gives fps, vertex count V and the training
+    subjects (the one-hot order)."""
+
+    name: ClassVar[str] = "faceformer"
+    config_class: ClassVar[type] = FaceFormerConfig
+    style_version: ClassVar[int] = 1
+    stages: ClassVar[tuple[str, ...]] = ("main",)
+
+    def __init__(self, config: FaceFormerConfig, facts: DataFacts) -> None:
+        super().__init__(config, facts)
+        if not isinstance(config, FaceFormerConfig):
+            raise TypeError(f"config must be FaceFormerConfig, got {type(config).__name__}")
+        if facts.num_vertices < 1:
+            raise ValueError("FaceFormer predicts vertices: DataFacts.num_vertices must be >= 1")
+        if facts.num_train_subjects < 1:
+            raise ValueError("FaceFormer needs at least one training subject for its style one-hot")
+        if config.default_subject >= facts.num_train_subjects:
+            raise ValueError(
+                f"default_subject={config.default_subject} but there are {facts.num_train_subjects} training subjects"
+            )
+        d, dim = config.d_model, 3 * facts.num_vertices
+        self.config: FaceFormerConfig = config
+        self.num_subjects = facts.num_train_subjects
+        self.output_dim = dim  # 3V
+
+        self.audio_encoder = build_audio_encoder(config.audio_encoder)
+        if config.alignment == "double" and abs(self.audio_encoder.output_rate - 2.0 * facts.fps) > 1e-6:
+            raise ValueError(
+                f'alignment="double" pairs two {self.audio_encoder.output_rate:g} Hz audio tokens with each motion '
+                f'frame, so it needs {self.audio_encoder.output_rate / 2:g} fps motion, got {facts.fps:g} fps; '
+                'use alignment="interp"'
+            )
+        self.audio_proj = nn.Linear(self.audio_encoder.hidden_size, d)
+        self.style_embedding = nn.Linear(self.num_subjects, d, bias=False)
+        self.motion_encoder = nn.Linear(dim, d)
+        self.ppe = PeriodicPositionalEncoding(d, config.period, config.dropout)
+        layer = nn.TransformerDecoderLayer(
+            d_model=d,
+            nhead=config.n_heads,
+            dim_feedforward=config.ff_mult * d,
+            dropout=config.dropout,
+            activation="relu",
+            batch_first=True,
+            norm_first=False,
+        )
+        self.decoder = nn.TransformerDecoder(layer, num_layers=config.n_layers)
+        self.motion_decoder = nn.Linear(d, dim)
+        nn.init.zeros_(self.motion_decoder.weight)  # Q5: the untrained model outputs the template
+        nn.init.zeros_(self.motion_decoder.bias)
+
+    # ------------------------------------------------------------------ frame counts
+    def frames_for_audio(self, num_samples: int) -> int:
+        """Frames ``generate`` returns for ``num_samples`` samples (§3.1 inference rules):
+        "interp": int(CNN frames / 50 * fps); "double": floor(CNN frames / 2)."""
+        n_cnn = int(self.audio_encoder.frames_for_samples(int(num_samples)))
+        if self.config.alignment == "double":
+            return n_cnn // 2
+        return frames_from_audio(
+            int(num_samples), self.facts.fps, basis="encoder", encoder_rate=self.audio_encoder.output_rate
+        )
+
+    # ------------------------------------------------------------------ audio
+    def encode_audio(
+        self,
+        audio: torch.Tensor,
+        audio_lengths: torch.Tensor | None = None,
+        motion_frames: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Audio (B, S) raw 16 kHz, valid samples (B,) -> decoder memory (B, S_mem, d) and
+        motion frames (B,) per §3.1.
+
+        Training (``motion_frames`` = the motion lengths T_b): "interp" interpolates the CNN
+        features to T_b; "double" keeps min(T_b, CNN frames // 2) frames and 2 tokens each.
+        Inference (None): T_b from the audio length (:meth:`frames_for_audio`).
+        S_mem = T_max for "interp", 2 * T_max for "double".
+        """
+        enc = self.audio_encoder
+        b, s = audio.shape
+        lens = (
+            torch.full((b,), s, dtype=torch.long, device=audio.device)
+            if audio_lengths is None
+            else audio_lengths.to(device=audio.device, dtype=torch.long)
+        )  # (B,)
+        if self.config.alignment == "interp":
+            if motion_frames is None:
+                frames = torch.tensor([self.frames_for_audio(int(n)) for n in lens.tolist()], device=audio.device)
+            else:
+                frames = motion_frames.to(device=audio.device, dtype=torch.long)
+            self._check_frames(frames)
+            keep = lens
+        else:
+            cap = enc.frames_for_samples(lens) // 2  # (B,)
+            assert isinstance(cap, torch.Tensor)
+            frames = cap if motion_frames is None else torch.minimum(cap, motion_frames.to(cap))
+            self._check_frames(frames)
+            # Samples whose CNN frames are the first 2 * T_b (deviation 6).
+            stride = round(enc.sample_rate / enc.output_rate)
+            keep = torch.minimum(lens, enc.receptive_field + (2 * frames - 1) * stride)  # (B,)
+        x = audio[:, : int(keep.max())]  # (B, S')
+        if b == 1:  # one utterance: encode exactly its valid samples
+            x, keep_arg = x[:, : int(keep[0])], None
+        else:
+            keep_arg = keep
+        if self.config.alignment == "interp":
+            feats = enc(x, keep_arg, num_frames=frames).features  # (B, T, H)
+        else:
+            feats = enc(x, keep_arg).features[:, : 2 * int(frames.max())]  # (B, 2T, H)
+        return self.audio_proj(feats), frames  # (B, S_mem, d), (B,)
+
+    @staticmethod
+    def _check_frames(frames: torch.Tensor) -> None:
+        if bool((frames < 1).any()):
+            raise ValueError("audio too short: it gives no motion frame (FaceFormer needs at least one)")
+
+    # ------------------------------------------------------------------ decoder
+    def decode(
+        self,
+        memory: torch.Tensor,
+        style: torch.Tensor,
+        num_frames: int,
+        targets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict vertex offsets (B, T, 3V).
+
+        memory: (B, S_mem, d) audio tokens; style: (B, d) style embeddings s.
+        targets None: autoregressive (§3.2), inputs [s, E(y_1) + s, ..., E(y_{T-1}) + s]
+        with the model's own predictions y. targets (B, T, 3V) ground-truth offsets:
+        teacher forcing, inputs [s, E(m_1) + s, ..., E(m_{T-1}) + s] (first token E(0) + s
+        with ``reference_tf_start_quirk``).
+        """
+        b, t = memory.shape[0], int(num_frames)
+        h = self.config.n_heads
+        self_bias = biased_causal_mask(h, t, self.config.period, memory.device).to(memory.dtype)  # (H, T, T)
+        self_bias = self_bias.repeat(b, 1, 1)  # (B*H, T, T), index b*H + h as MHA expects
+        cross_mask = alignment_mask(t, memory.shape[1], self.config.alignment, memory.device)  # (T, S_mem)
+        s = style[:, None, :]  # (B, 1, d)
+        if targets is not None:
+            first = s  # (B, 1, d)
+            if self.config.reference_tf_start_quirk:  # Q2: the reference's E(0) + s
+                first = self.motion_encoder(targets.new_zeros(b, 1, self.output_dim)) + s
+            rest = self.motion_encoder(targets[:, : t - 1]) + s  # (B, T-1, d)
+            tokens = torch.cat([first, rest], dim=1)  # (B, T, d)
+            hidden = self.decoder(self.ppe(tokens), memory, tgt_mask=self_bias, memory_mask=cross_mask)  # (B, T, d)
+            return self.motion_decoder(hidden)  # (B, T, 3V)
+        tokens = s  # (B, 1, d)
+        hidden = memory.new_zeros(b, 0, self.config.d_model)
+        for k in range(t):
+            n = k + 1
+            hidden = self.decoder(
+                self.ppe(tokens), memory, tgt_mask=self_bias[:, :n, :n], memory_mask=cross_mask[:n]
+            )  # (B, n, d)
+            if n < t:  # Q8: map only the newest frame inside the loop
+                newest = self.motion_decoder(hidden[:, -1:])  # (B, 1, 3V)
+                tokens = torch.cat([tokens, self.motion_encoder(newest) + s], dim=1)  # (B, n + 1, d)
+        return self.motion_decoder(hidden)  # (B, T, 3V)
+
+    # ------------------------------------------------------------------ style
+    def style_vectors(self, indices: torch.Tensor) -> torch.Tensor:
+        """(B,) training-subject indices -> style embeddings (B, d) = W_s onehot."""
+        onehot = F.one_hot(indices.to(torch.long), self.num_subjects).to(self.style_embedding.weight.dtype)
+        return self.style_embedding(onehot)  # (B, d)
+
+    def _style_state(self, index: int, selection: str, **extra: Any) -> StyleState:
+        return make_style_state(
+            self.name,
+            self.style_version,
+            kind="onehot",
+            index=int(index),
+            subject_name=self.facts.train_subjects[index],
+            num_subjects=self.num_subjects,
+            selection=selection,
+            **extra,
+        )
+
+    def resolve_style(self, style: StyleState | int | str | None) -> torch.Tensor:
+        """Style embedding (d,) from None (``default_subject``), a training-subject index or
+        name, or a FaceFormer StyleState (kind "onehot" or "vector")."""
+        if style is None:
+            style = self.config.default_subject
+        if isinstance(style, dict):
+            state = self.check_style(style)
+            kind = state.get("kind")
+            if state.get("num_subjects") != self.num_subjects:
+                raise StyleStateError(
+                    f"StyleState was made for {state.get('num_subjects')} training subjects, "
+                    f"this model has {self.num_subjects}"
+                )
+            if kind == "onehot":
+                index = state.get("index")
+                if not isinstance(index, int) or not 0 <= index < self.num_subjects:
+                    raise StyleStateError(f"StyleState index {index!r} outside [0, {self.num_subjects})")
+                name = state.get("subject_name")
+                if name is not None and name != self.facts.train_subjects[index]:
+                    raise StyleStateError(
+                        f"StyleState names subject {name!r} at index {index}, this model has "
+                        f"{self.facts.train_subjects[index]!r} there"
+                    )
+                return self.style_vectors(torch.tensor([index], device=self.device))[0]
+            if kind == "vector":
+                vec = state.get("vector")
+                if not isinstance(vec, torch.Tensor) or tuple(vec.shape) != (self.config.d_model,):
+                    raise StyleStateError(f"StyleState 'vector' must be a ({self.config.d_model},) tensor")
+                return vec.to(device=self.device, dtype=self.style_embedding.weight.dtype)
+            raise StyleStateError(f"unknown FaceFormer StyleState kind {kind!r}; expected 'onehot' or 'vector'")
+        if isinstance(style, (int, np.integer, str)) and not isinstance(style, bool):
+            index = self.facts.subject_index(style)
+            return self.style_vectors(torch.tensor([index], device=self.device))[0]
+        raise TypeError(
+            f"style must be None, a subject index or name, or a StyleState dict; got {type(style).__name__}"
+        )
+
+    # ------------------------------------------------------------------ training
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss on a batch (specs/README.md schema): ``audio`` (B, S), ``audio_lengths`` (B,),
+        ``vertices`` (B, T, V, 3), ``template`` (B, V, 3), ``subject`` (B,) training indices,
+        ``motion_mask`` (B, T). Returns (loss, {"rec", "rec_weighted", "loss", "frames"})."""
+        for key in ("audio", "vertices", "template", "subject"):
+            if key not in batch:
+                raise KeyError(f"FaceFormer batch needs {key!r}")
+        dev = self.device
+        audio = batch["audio"].to(dev)  # (B, S)
+        verts = batch["vertices"].to(dev, torch.float32)  # (B, T, V, 3)
+        b, t_max = verts.shape[:2]
+        template = batch["template"].to(dev, torch.float32)  # (B, V, 3)
+        subject = torch.as_tensor(batch["subject"], device=dev).to(torch.long)  # (B,)
+        if bool(((subject < 0) | (subject >= self.num_subjects)).any()):
+            raise ValueError(
+                f"FaceFormer trains on training subjects only (indices 0..{self.num_subjects - 1}), got "
+                f"{subject.tolist()}"
+            )
+        mask = batch.get("motion_mask")
+        mask = torch.ones(b, t_max, dtype=torch.bool, device=dev) if mask is None else mask.to(dev, torch.bool)
+        lengths = batch.get("motion_lengths")
+        lengths = mask.sum(dim=1) if lengths is None else lengths.to(dev, torch.long)  # (B,)
+        audio_lengths = batch.get("audio_lengths")
+
+        memory, frames = self.encode_audio(audio, audio_lengths, lengths)  # (B, S_mem, d), (B,)
+        t = int(frames.max())
+        offsets = (verts[:, :t] - template[:, None]).reshape(b, t, self.output_dim)  # (B, T, 3V)
+        valid = mask[:, :t] & (torch.arange(t, device=dev)[None] < frames[:, None])  # (B, T)
+        style = self.style_vectors(subject)  # (B, d)
+        pred = self.decode(memory, style, t, targets=offsets if self.config.teacher_forcing else None)  # (B, T, 3V)
+
+        w = valid[..., None].to(pred.dtype)  # (B, T, 1)
+        denom = (w.sum() * self.output_dim).clamp_min(1.0)
+        rec = (((pred - offsets) ** 2) * w).sum() / denom  # MSE over valid frames and coordinates
+        loss, logs = weighted_loss({"rec": rec}, dataclasses.asdict(self.config.loss_weights))
+        logs["frames"] = float(valid.sum())
+        return loss, logs
+
+    # ------------------------------------------------------------------ inference
+    @contextlib.contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        audio: torch.Tensor | np.ndarray,
+        template: torch.Tensor | np.ndarray | None,
+        style: StyleState | int | str | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Animate one utterance: audio (S,) or (1, S) raw 16 kHz, template (V, 3).
+        Returns {"vertices": (T, V, 3)} (template + predicted offsets) on this model's
+        device, T = :meth:`frames_for_audio` (S). Deterministic (eval mode, no sampling)."""
+        a = self.as_audio(audio)  # (1, S)
+        tmpl = self.as_template(template)  # (V, 3)
+        vec = self.resolve_style(style)[None]  # (1, d)
+        with self._eval_mode():
+            memory, frames = self.encode_audio(a)  # (1, S_mem, d)
+            offsets = self.decode(memory, vec, int(frames[0]))  # (1, T, 3V)
+        return {"vertices": offsets[0].reshape(-1, self.facts.num_vertices, 3) + tmpl}  # (T, V, 3)
+
+    @torch.no_grad()
+    def generate_conditions(
+        self,
+        audio: torch.Tensor | np.ndarray,
+        template: torch.Tensor | np.ndarray | None,
+        subjects: Sequence[int | str] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Unseen-subject protocol (metrics.md §6.1): decode once per training one-hot.
+
+        ``subjects`` = the conditions (indices or names; None = every training subject,
+        pass a seeded subset of 8 where there are more). Returns {subject name:
+        vertices (T, V, 3)}, in the order given; the audio is encoded once and the
+        conditions are decoded as one batch. Save each with :func:`condition_filename`.
+        """
+        names = list(self.facts.train_subjects) if subjects is None else [
+            self.facts.train_subjects[self.facts.subject_index(s)] for s in subjects
+        ]
+        if not names:
+            raise ValueError("no conditions to decode")
+        index = torch.tensor([self.facts.train_subjects.index(n) for n in names], device=self.device)
+        a = self.as_audio(audio)
+        tmpl = self.as_template(template)
+        with self._eval_mode():
+            memory, frames = self.encode_audio(a)  # (1, S_mem, d)
+            memory = memory.expand(len(names), -1, -1)  # (C, S_mem, d)
+            offsets = self.decode(memory, self.style_vectors(index), int(frames[0]))  # (C, T, 3V)
+        verts = offsets.reshape(len(names), offsets.shape[1], self.facts.num_vertices, 3) + tmpl  # (C, T, V, 3)
+        return {n: verts[i] for i, n in enumerate(names)}
+
+    # ------------------------------------------------------------------ style interface
+    def _reference_inputs(self, reference: Reference) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Reference clip -> audio (1, S) cut to the motion, offsets (1, T, 3V), T; at most
+        ``adapt_seconds`` of it."""
+        audio = reference_field(reference, "audio")
+        verts = reference_field(reference, "vertices")
+        template = reference_field(reference, "template")
+        if audio is None or verts is None:
+            raise ValueError("a FaceFormer style reference needs 'audio' (S,) and 'vertices' (T, V, 3)")
+        tmpl = self.as_template(template)  # (V, 3)
+        v = torch.as_tensor(np.asarray(verts) if not isinstance(verts, torch.Tensor) else verts)
+        v = v.to(self.device, torch.float32)
+        if v.ndim == 2 and v.shape[1] == self.output_dim:
+            v = v.reshape(v.shape[0], -1, 3)
+        if v.ndim != 3 or tuple(v.shape[1:]) != (self.facts.num_vertices, 3):
+            raise ValueError(f"reference vertices must be (T, {self.facts.num_vertices}, 3), got {tuple(v.shape)}")
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError("reference vertices hold non-finite values")
+        t = min(int(v.shape[0]), int(round(self.config.adapt_seconds * self.facts.fps)))
+        a = self.as_audio(audio)[0]  # (S,)
+        n = int(round(t * self.facts.samples_per_frame))
+        a = a[:n] if a.shape[0] >= n else F.pad(a, (0, n - a.shape[0]))  # audio matched to the motion
+        offsets = (v[:t] - tmpl).reshape(1, t, self.output_dim)  # (1, T, 3V)
+        return a[None], offsets, t
+
+    @torch.no_grad()
+    def _select(self, reference: Reference) -> tuple[StyleState, torch.Tensor, torch.Tensor]:
+        """Decode the reference once per training one-hot (autoregressively, as one batch)
+        and pick the lowest vertex MSE. Returns (state, memory (1, S_mem, d), offsets)."""
+        audio, offsets, t = self._reference_inputs(reference)
+        with self._eval_mode():
+            memory, frames = self.encode_audio(audio, None, torch.tensor([t], device=self.device))
+            t = int(frames[0])
+            offsets = offsets[:, :t]  # (1, T, 3V)
+            all_subjects = torch.arange(self.num_subjects, device=self.device)
+            pred = self.decode(memory.expand(self.num_subjects, -1, -1), self.style_vectors(all_subjects), t)
+        scores = ((pred - offsets) ** 2).mean(dim=(1, 2))  # (C,) vertex MSE per condition
+        best = int(torch.argmin(scores))
+        state = self._style_state(best, "reconstruction", scores=scores.float(), frames=t)
+        return state, memory, offsets
+
+    def encode_style(self, reference: Reference | None = None, *, subject: int | str | None = None) -> StyleState:
+        """StyleState {method, version, kind "onehot", index, subject_name, num_subjects,
+        selection[, scores (C,), frames]}.
+
+        ``subject`` given (index or training name): its own one-hot, no decoding (§7).
+        Otherwise the training one-hot that best reconstructs ``reference`` (a clip
+        record: audio (S,), vertices (T, V, 3), template (V, 3)); ``scores`` holds the
+        vertex MSE of every condition (ties go to the lowest index). Parameters are never
+        updated.
+        """
+        if subject is not None:
+            return self._style_state(self.facts.subject_index(subject), "given")
+        if reference is None:
+            raise ValueError("encode_style needs a reference clip or a training subject")
+        return self._select(reference)[0]
+
+    def adapt(
+        self,
+        reference: Reference,
+        *,
+        mode: Literal["select", "optimize"] | None = None,
+        steps: int | None = None,
+        lr: float | None = None,
+    ) -> StyleState:
+        """Few-shot adaptation on a reference clip; the model is never modified.
+
+        "select" (default ``adapt_mode``): as :meth:`encode_style` (one-hot selection).
+        "optimize": after selection, a free style vector initialised at the selected
+        embedding is optimised with Adam (``adapt_lr``, ``adapt_steps``, teacher forcing)
+        on the reference with every model parameter fixed; returns kind "vector" with
+        ``vector`` (d,), plus the selection's ``index``/``scores`` and ``final_loss``.
+        """
+        mode = mode or self.config.adapt_mode
+        if mode not in ("select", "optimize"):
+            raise ValueError(f"adapt mode must be 'select' or 'optimize', got {mode!r}")
+        state, memory, offsets = self._select(reference)
+        if mode == "select":
+            return state
+        steps = self.config.adapt_steps if steps is None else int(steps)
+        lr = self.config.adapt_lr if lr is None else float(lr)
+        t = offsets.shape[1]
+        vec = self.style_vectors(torch.tensor([state["index"]], device=self.device)).detach().clone()  # (1, d)
+        vec.requires_grad_(True)
+        opt = torch.optim.Adam([vec], lr=lr)
+        with self._eval_mode():
+            with torch.enable_grad():
+                for _ in range(steps):
+                    pred = self.decode(memory, vec, t, targets=offsets)  # (1, T, 3V)
+                    loss = ((pred - offsets) ** 2).mean()
+                    # Gradients w.r.t. the style vector only: no .grad lands on model parameters.
+                    (grad,) = torch.autograd.grad(loss, [vec])
+                    vec.grad = grad
+                    opt.step()
+            with torch.no_grad():
+                final = float(((self.decode(memory, vec, t, targets=offsets) - offsets) ** 2).mean())
+        fields = {k: v for k, v in state.items() if k not in ("method", "version", "kind", "selection")}
+        return make_style_state(
+            self.name,
+            self.style_version,
+            kind="vector",
+            vector=vec.detach()[0],
+            selection="optimize",
+            steps=steps,
+            final_loss=final,
+            **fields,
+        )
