@@ -48,7 +48,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             return getattr(builtins, name)
         sources = _SAFE_NUMPY.get((module, name)) or _SAFE_OTHER.get((module, name))
         if sources is None:
-            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: not allowed (only numpy arrays and builtins)")
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} (only numpy arrays and builtins)")
         for mod in sources:
             try:
                 return getattr(importlib.import_module(mod), name)
