@@ -70,7 +70,7 @@ def test_malicious_pickle_refused(tmp_path):
     p = tmp_path / "FLAME_masks.pkl"
     with open(p, "wb") as f:
         pickle.dump({"lips": Evil()}, f)
-    with pytest.raises(DataError, match="not allowed"):
+    with pytest.raises(DataError, match="refusing to unpickle"):
         read_flame_masks(p)
 
 

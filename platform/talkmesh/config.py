@@ -96,7 +96,7 @@ class DataConfig:
     window_seconds: float = 3.0
     # Clips kept decoded in memory per process (0 = none). Corpora are never loaded whole.
     cache_clips: int = 32
-    # Synthetic corpus: generated into `<cache>/synthetic-<preset>-<seed>` when root is empty.
+    # Synthetic corpus: generated into `<cache>/synthetic-<preset>-s<seed>-<fps>fps` when root is empty.
     synthetic_preset: Literal["small", "default"] = "small"
     synthetic_seed: int = 0
     # Which motion the synthetic corpus presents: vertices (VOCASET/BIWI-like) or

@@ -148,7 +148,7 @@ class Corpus(abc.ABC):
         """The FLAME-style layer that turns parameters into vertices, if one is available."""
         if not self.cfg.flame_model:
             return None
-        return _load_face_model(self.cfg.flame_model)
+        return load_face_model(self.cfg.flame_model)
 
     def reference_pool(self, subject: str) -> list[SequenceInfo]:
         """Style-reference clips (metrics.md 6.3): the subject's ``reference`` split, or its
@@ -248,7 +248,7 @@ def concat_clips(clips: list[Clip], name: str) -> Clip:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_face_model(path: str) -> FlameLayer:
+def load_face_model(path: str) -> FlameLayer:
     from talkmesh.face.flame import FlameLayer
 
     return FlameLayer.from_file(path)
