@@ -128,3 +128,30 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert code == 2 and "fsp" in err
     code, _, err = run(capsys, "metrics", "--pred", str(tmp_path / "none"), "--format", "biwi", "--root", str(root))
     assert code == 2
+
+
+def test_synthetic_inspect_and_condition_protocol(tmp_path, capsys):
+    """metrics.md 12.9 on the synthetic corpus: 8 condition files per Test-B sequence; the
+    pooled LVE equals the frame-weighted mean of the per-condition LVEs."""
+    root = tmp_path / "synth"
+    code, out, err = run(capsys, "data", "synth", "--out", str(root), "--preset", "small", "--seed", "1")
+    assert code == 0, err
+    assert "test-B" in out
+    summary = inspect_json(capsys, "synthetic", root)
+    assert summary["fps"] == 25 and len(summary["train_subjects"]) == 8
+    corpus = open_corpus(DataConfig(format="synthetic", root=str(root)))
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    seqs = corpus.sequences("test-B")
+    for k, cond in enumerate(corpus.info.train_subjects):  # condition k: every vertex off by 1e-3 * (k + 1)
+        for seq in seqs:
+            verts = corpus.vertices_of(corpus.load(seq)) + np.float32(1e-3 * (k + 1))
+            np.save(pred / f"{seq.name}_condition_{cond}.npy", verts.reshape(verts.shape[0], -1))
+    assert len(list(pred.glob("*.npy"))) == 8 * len(seqs)
+    report = metrics_json(capsys, "synthetic", root, pred, "test-B")
+    conditions = report["splits"]["test-B"]["conditions"]
+    assert len(conditions["conditions"]) == 8
+    per_cond = [conditions["per_condition"][c]["lve"] for c in corpus.info.train_subjects]
+    np.testing.assert_allclose(per_cond, [3 * (1e-3 * (k + 1)) ** 2 for k in range(8)], rtol=1e-3)
+    # every condition covers the same frames, so the frame-weighted mean is the plain mean
+    assert split_metrics(report, "test-B")["lve"] == pytest.approx(np.mean(per_cond), rel=1e-6)
