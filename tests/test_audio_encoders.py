@@ -358,3 +358,14 @@ def test_feature_cache_default_root(tmp_path, monkeypatch):
     enc = tiny(trainable_layers=0)
     cache.get_or_compute(speechish(4000).numpy(), enc)
     assert len(list((tmp_path / "tm" / "features").rglob("*.npy"))) == 1
+
+
+def test_single_padded_item_ignores_its_padding():
+    """A batch of one with lengths < S equals the unpadded item (group-norm CNN, no mask)."""
+    enc = tiny("wav2vec2").eval()
+    x = speechish(8000, 3)
+    padded = torch.cat([x, torch.randn(3000)])[None]  # (1, 11000) with noise past the length
+    with torch.no_grad():
+        a = enc(x[None]).features
+        b = enc(padded, lengths=torch.tensor([8000])).features
+    torch.testing.assert_close(b[:, : a.shape[1]], a, atol=1e-5, rtol=1e-4)

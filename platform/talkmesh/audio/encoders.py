@@ -505,7 +505,7 @@ class AudioEncoder(nn.Module):
 
         x = normalize_waveform(x, lens)  # (B, S)
         padded = bool((lens != s).any())
-        if not padded or self.uses_attention_mask or b == 1:
+        if not padded or self.uses_attention_mask:
             return self._encode(x, lens, targets, padded)
         # Group-norm CNN without attention mask: padding would leak into every frame,
         # so each item runs alone at its own length.
