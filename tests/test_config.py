@@ -19,12 +19,14 @@ from talkmesh.config import (
     replace,
     to_dict,
 )
+from talkmesh.train.config import ExperimentConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
 # Schema of each preset directory under configs/. A new directory must be added here,
-# so no YAML can sit in the repo without being validated.
-PRESET_SCHEMAS = {"data": DataConfig}
+# so no YAML can sit in the repo without being validated. Method directories hold
+# ExperimentConfig presets, whose `model` section is validated by the method's config class.
+PRESET_SCHEMAS = {"data": DataConfig, "faceformer": ExperimentConfig}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,4 +125,7 @@ def test_every_yaml_in_configs_loads():
     for path in files:
         section = path.relative_to(REPO / "configs").parts[0]
         assert section in PRESET_SCHEMAS, f"{path}: no schema registered for configs/{section}/"
-        load_config(PRESET_SCHEMAS[section], path)
+        cfg = load_config(PRESET_SCHEMAS[section], path)
+        if isinstance(cfg, ExperimentConfig):
+            assert cfg.method == section, f"{path}: configs/{section}/ holds a preset for {cfg.method!r}"
+            cfg.method_config()  # preset + model overrides through the method's config class

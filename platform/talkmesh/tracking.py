@@ -1,0 +1,588 @@
+"""MLflow tracking and the model registry; the only module that imports mlflow.
+
+mlflow is imported inside the functions, and the tracking URI is resolved when a function
+runs (never at import): ``MLFLOW_TRACKING_URI``, else an embedded SQLite store
+``sqlite:///<cwd>/mlflow.db``. Every call takes an explicit ``uri`` too, so a Ray worker
+logs to the store the driver chose even where its working directory differs.
+
+Runs are addressed by id through ``MlflowClient`` (no process-global active run), so rank 0
+of a local-mode training run can log while the driver holds its own run id:
+
+    run_id = start_run("talkmesh-faceformer", "faceformer-abc", params=flat, tags=tags)
+    log = RunLogger(run_id)                      # on rank 0
+    log.log_metrics({"train/loss": 0.1}, step=0)
+    log.close()
+    end_run(run_id)
+
+A run started again with the same ``run_name`` in the same experiment is the same MLflow
+run (a resumed Ray Train run continues its MLflow run); params are logged once per run.
+Parent/child runs (sweeps, stages) use ``parent_run_id``.
+
+Models: :func:`log_model` stores a talkmesh method directory (``method.json`` + ``model.pt``,
+see :mod:`talkmesh.train.checkpoint`) as the artifact of an ``mlflow.pyfunc`` model, and
+:func:`register_model` registers it as ``talkmesh-<method>``. :func:`load_registered`
+rebuilds the method from ``models:/talkmesh-<method>@<alias>`` (config + data facts + state
+dict, loaded with ``weights_only=True``); ``mlflow.pyfunc.load_model`` works as well.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from talkmesh.data.corpus import Corpus
+    from talkmesh.methods.base import DataFacts, MotionMethod
+
+__all__ = [
+    "RUN_NAME_TAG",
+    "RunLogger",
+    "dataset_fingerprint",
+    "download_artifacts",
+    "end_run",
+    "find_run",
+    "get_alias_version",
+    "get_run_metrics",
+    "git_commit",
+    "load_registered",
+    "log_artifacts",
+    "log_metrics",
+    "log_model",
+    "log_params",
+    "model_name",
+    "promote_if_better",
+    "register_model",
+    "set_alias",
+    "set_tags",
+    "start_run",
+    "tracking_uri",
+]
+
+RUN_NAME_TAG = "talkmesh.run_name"
+MODEL_ARTIFACT = "talkmesh_method"  # pyfunc artifact key and folder of the method directory
+_MAX_PARAM_CHARS = 6000
+
+
+# --------------------------------------------------------------------------------------
+# Store and runs
+# --------------------------------------------------------------------------------------
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db`` (absolute)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    return uri or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def _client(uri: str | None = None) -> Any:
+    from mlflow import MlflowClient
+
+    uri = uri or tracking_uri()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@contextmanager
+def _fluent(uri: str | None) -> Iterator[Any]:
+    """Point the fluent API at ``uri`` for the duration of a call, then restore it."""
+    import mlflow
+
+    uri = uri or tracking_uri()
+    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield mlflow
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
+
+
+def model_name(method: str) -> str:
+    """Registered model name of a method: ``talkmesh-<method>``."""
+    return f"talkmesh-{method}"
+
+
+def _experiment_id(client: Any, name: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # created concurrently by another process
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def find_run(experiment: str, run_name: str, uri: str | None = None) -> str | None:
+    """Id of the newest live run tagged ``talkmesh.run_name = run_name`` in ``experiment``."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def start_run(
+    experiment: str,
+    run_name: str,
+    *,
+    params: Mapping[str, Any] | None = None,
+    tags: Mapping[str, Any] | None = None,
+    parent_run_id: str | None = None,
+    resume: bool = True,
+    uri: str | None = None,
+) -> str:
+    """Create (or, with ``resume``, reopen) the run ``run_name`` of ``experiment``; return its id.
+
+    Reopening sets the status back to RUNNING and keeps params/metrics. ``params`` are
+    logged once (see :func:`log_params`); ``tags`` are (re)set; ``parent_run_id`` makes
+    a child run (``mlflow.parentRunId``), e.g. a sweep trial or a training stage.
+    """
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+    client = _client(uri)
+    exp_id = _experiment_id(client, experiment)
+    run_id = find_run(experiment, run_name, uri) if resume else None
+    all_tags = {RUN_NAME_TAG: run_name, MLFLOW_RUN_NAME: run_name, **dict(tags or {})}
+    if parent_run_id:
+        all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+    if run_id is None:
+        run_id = client.create_run(exp_id, tags={k: str(v) for k, v in all_tags.items()}, run_name=run_name).info.run_id
+    else:
+        client.update_run(run_id, status="RUNNING")
+        set_tags(run_id, all_tags, uri=uri)
+    if params:
+        log_params(run_id, params, uri=uri)
+    return run_id
+
+
+def end_run(run_id: str, status: str = "FINISHED", uri: str | None = None) -> None:
+    """Mark a run FINISHED / FAILED / KILLED."""
+    _client(uri).set_terminated(run_id, status=status)
+
+
+def set_tags(run_id: str, tags: Mapping[str, Any], uri: str | None = None) -> None:
+    from mlflow.entities import RunTag
+
+    if tags:
+        _client(uri).log_batch(run_id, tags=[RunTag(str(k), str(v)) for k, v in tags.items()])
+
+
+def _param_value(v: Any) -> str:
+    s = json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)
+    return s if len(s) <= _MAX_PARAM_CHARS else s[: _MAX_PARAM_CHARS - 3] + "..."
+
+
+def log_params(run_id: str, params: Mapping[str, Any], uri: str | None = None) -> dict[str, str]:
+    """Log flattened params once per run: keys already logged are skipped (a resumed run
+    keeps its original values; a changed value is reported in a warning, never re-logged).
+    Returns the params that were logged now."""
+    from mlflow.entities import Param
+
+    client = _client(uri)
+    existing = client.get_run(run_id).data.params
+    new: dict[str, str] = {}
+    changed = []
+    for k, v in params.items():
+        s = _param_value(v)
+        if k in existing:
+            if existing[k] != s:
+                changed.append(k)
+            continue
+        new[str(k)] = s
+    if changed:
+        warnings.warn(
+            f"MLflow run {run_id}: params {changed[:5]} differ from the values logged when the run "
+            "started; the original values are kept",
+            stacklevel=2,
+        )
+    items = [Param(k, v) for k, v in new.items()]
+    for i in range(0, len(items), 100):  # the store's batch limit
+        client.log_batch(run_id, params=items[i : i + 100])
+    return new
+
+
+def log_metrics(run_id: str, metrics: Mapping[str, Any], step: int | None = None, uri: str | None = None) -> None:
+    """Log numeric, finite metrics (others are skipped) at ``step``."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [
+        Metric(str(k), float(v), now, int(step or 0))
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+    ]
+    client = _client(uri)
+    for i in range(0, len(items), 500):
+        client.log_batch(run_id, metrics=items[i : i + 500])
+
+
+def log_artifacts(run_id: str, path: str | Path, artifact_path: str | None = None, uri: str | None = None) -> None:
+    """Upload a file or a directory's files (e.g. a checkpoint, a preview video)."""
+    p = Path(path)
+    client = _client(uri)
+    if p.is_dir():
+        client.log_artifacts(run_id, str(p), artifact_path)
+    else:
+        client.log_artifact(run_id, str(p), artifact_path)
+
+
+def download_artifacts(artifact_uri: str, dst: str | Path, uri: str | None = None) -> Path:
+    """Download ``runs:/...``, ``models:/...`` or ``mlflow-artifacts:/...`` into ``dst``; returns the local path."""
+    with _fluent(uri) as mlflow:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(dst)))
+
+
+def get_run_metrics(run_id: str, uri: str | None = None) -> dict[str, float]:
+    """Latest value of every metric of a run."""
+    return dict(_client(uri).get_run(run_id).data.metrics)
+
+
+class RunLogger:
+    """What rank 0 uses during training: metrics per epoch, artifacts, optional system
+    metrics (MLflow's monitor, when ``psutil`` is installed)."""
+
+    def __init__(self, run_id: str, uri: str | None = None, system_metrics: bool = False) -> None:
+        self.run_id = run_id
+        self.uri = uri or tracking_uri()
+        self._monitor: Any = None
+        if system_metrics and _have("psutil"):
+            try:
+                from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+                self._monitor = SystemMetricsMonitor(run_id, resume_logging=True, tracking_uri=self.uri)
+                self._monitor.start()
+            except Exception as e:  # noqa: BLE001 - system metrics are best effort
+                warnings.warn(f"MLflow system metrics not started: {e}", stacklevel=2)
+                self._monitor = None
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        log_metrics(self.run_id, metrics, step, uri=self.uri)
+
+    def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None:
+        log_artifacts(self.run_id, path, artifact_path, uri=self.uri)
+
+    def close(self) -> None:
+        if self._monitor is not None:
+            try:
+                self._monitor.finish()
+            finally:
+                self._monitor = None
+
+
+def _have(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+# --------------------------------------------------------------------------------------
+# Provenance
+# --------------------------------------------------------------------------------------
+
+
+def git_commit(path: str | Path | None = None) -> tuple[str | None, bool | None]:
+    """(commit sha, dirty) of the git work tree holding ``path`` (default: this package),
+    or (None, None) outside a work tree or without git."""
+    where = Path(path) if path else Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=where,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    return (sha or None), bool(status.strip())
+
+
+def dataset_fingerprint(corpus: Corpus) -> str:
+    """sha256 (16 hex) of the corpus index: format, root, fps, and every sequence's name,
+    subject, split and frame count. Equal fingerprints = the same data as indexed."""
+    info = corpus.info
+    h = hashlib.sha256()
+    h.update(json.dumps([info.format, str(info.root), float(info.fps), info.motion]).encode())
+    for s in corpus.sequences():
+        h.update(f"\n{s.name}\t{s.subject}\t{s.split}\t{s.num_frames}".encode())
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------
+# Models and the registry
+# --------------------------------------------------------------------------------------
+
+
+def _pyfunc_class() -> type:
+    """``TalkmeshPyfunc`` (an ``mlflow.pyfunc.PythonModel``), built on first use so that
+    importing this module does not import mlflow; exposed as the module attribute
+    ``talkmesh.tracking.TalkmeshPyfunc`` (PEP 562)."""
+    global _PYFUNC
+    if _PYFUNC is not None:
+        return _PYFUNC
+    import mlflow.pyfunc
+
+    cls = _define_pyfunc(mlflow.pyfunc.PythonModel)
+    cls.__module__ = __name__
+    cls.__qualname__ = "TalkmeshPyfunc"
+    _PYFUNC = cls
+    return _PYFUNC
+
+
+def _define_pyfunc(base: type) -> type:
+    class TalkmeshPyfunc(base):  # type: ignore[misc, valid-type]
+        """pyfunc wrapper of a talkmesh method directory. ``predict`` takes
+        ``{"audio": (S,) float32 16 kHz, "template": (V, 3) float32}`` and the param
+        ``style`` (a training-subject index; -1 = the method's default) and returns
+        ``{"vertices": (T, V, 3)}``."""
+
+        # Inputs are validated by the logged tensor signature, not by type hints (MLflow's
+        # hints describe lists of records); this attribute turns its hint check off.
+        _skip_type_hint_validation = True
+
+        def load_context(self, context):  # noqa: ANN001, ANN201
+            from talkmesh.train.checkpoint import load_method
+
+            self._loaded = load_method(context.artifacts[MODEL_ARTIFACT])
+
+        def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+            import numpy as np
+
+            if hasattr(model_input, "to_dict") and not isinstance(model_input, dict):  # a pandas DataFrame
+                model_input = {k: v[0] for k, v in model_input.to_dict(orient="list").items()}
+            audio = np.asarray(model_input["audio"], dtype=np.float32).reshape(-1)
+            template = model_input.get("template")
+            template = None if template is None else np.asarray(template, dtype=np.float32)
+            style = int((params or {}).get("style", -1))
+            out = self._loaded.method.generate(audio, template, None if style < 0 else style)
+            return {k: v.detach().cpu().numpy() for k, v in out.items()}
+
+    return TalkmeshPyfunc
+
+
+_PYFUNC: type | None = None
+
+# Logged with every model ("models from code"): MLflow runs it to build the pyfunc, so no
+# pickled Python object is stored in the registry.
+_MODEL_CODE = """\
+import mlflow.models
+
+from talkmesh.tracking import TalkmeshPyfunc
+
+mlflow.models.set_model(TalkmeshPyfunc())
+"""
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: the pyfunc class, built lazily
+    if name == "TalkmeshPyfunc":
+        return _pyfunc_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _signature(num_vertices: int) -> Any:
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
+
+    inputs = Schema(
+        [
+            TensorSpec(np.dtype(np.float32), (-1,), "audio"),
+            TensorSpec(np.dtype(np.float32), (num_vertices, 3), "template"),
+        ]
+    )
+    outputs = Schema([TensorSpec(np.dtype(np.float32), (-1, num_vertices, 3), "vertices")])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=ParamSchema([ParamSpec("style", "long", -1)]))
+
+
+def log_model(
+    run_id: str,
+    method: MotionMethod | None = None,
+    *,
+    method_dir: str | Path | None = None,
+    registered_model_name: str | None = None,
+    name: str = "model",
+    extra: Mapping[str, Any] | None = None,
+    uri: str | None = None,
+) -> dict[str, Any]:
+    """Log a method (or an existing method/checkpoint directory) as the pyfunc model
+    ``name`` of run ``run_id``; register it when ``registered_model_name`` is given.
+    Returns {"model_uri", "model_id", "version" (int or None)}."""
+    import torch
+
+    from talkmesh.train.checkpoint import METHOD_FILE, MODEL_FILE, save_method
+
+    if (method is None) == (method_dir is None):
+        raise ValueError("pass exactly one of method= or method_dir=")
+    with tempfile.TemporaryDirectory() as tmp:
+        art = Path(tmp) / MODEL_ARTIFACT
+        if method is not None:
+            save_method(art, method, extra=extra)
+        else:
+            art.mkdir()
+            for f in (METHOD_FILE, MODEL_FILE):
+                src = Path(method_dir) / f  # type: ignore[arg-type]
+                if not src.is_file():
+                    raise FileNotFoundError(f"{method_dir}: no {f}")
+                (art / f).write_bytes(src.read_bytes())
+        info = json.loads((art / METHOD_FILE).read_text())
+        with _fluent(uri) as mlflow:
+            import mlflow.pyfunc
+
+            client = _client(uri)
+            nested = mlflow.active_run() is not None
+            status = client.get_run(run_id).info.status
+            code = Path(tmp) / "talkmesh_pyfunc.py"
+            code.write_text(_MODEL_CODE)
+            with mlflow.start_run(run_id=run_id, nested=nested), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+                model_info = mlflow.pyfunc.log_model(
+                    name=name,
+                    python_model=str(code),
+                    artifacts={MODEL_ARTIFACT: str(art)},
+                    signature=_signature(int(info["facts"]["num_vertices"])),
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
+                    registered_model_name=registered_model_name,
+                    metadata={"talkmesh_method": info["method"], "talkmesh_stage": info.get("stage", "")},
+                )
+            # Leave the run's status as it was (leaving the context manager ends the run).
+            if status == "RUNNING":
+                client.update_run(run_id, status="RUNNING")
+            else:
+                client.set_terminated(run_id, status=status)
+    version = getattr(model_info, "registered_model_version", None)
+    return {
+        "model_uri": model_info.model_uri,
+        "model_id": getattr(model_info, "model_id", None),
+        "version": None if version is None else int(version),
+    }
+
+
+def register_model(
+    method_name: str,
+    run_id: str,
+    method: MotionMethod | None = None,
+    *,
+    method_dir: str | Path | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    uri: str | None = None,
+) -> int:
+    """Log the model in run ``run_id`` and register it as ``talkmesh-<method_name>``;
+    returns the new version number. ``metrics`` (e.g. the selected checkpoint's
+    ``val/lve``) become version tags ``metric.<name>``, which :func:`promote_if_better` compares."""
+    out = log_model(
+        run_id, method, method_dir=method_dir, registered_model_name=model_name(method_name), extra=extra, uri=uri
+    )
+    if out["version"] is None:
+        raise RuntimeError(f"registering {model_name(method_name)} returned no version")
+    version = int(out["version"])
+    client = _client(uri)
+    for k, v in (metrics or {}).items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
+            client.set_model_version_tag(model_name(method_name), str(version), f"metric.{k}", repr(float(v)))
+    return version
+
+
+def _version_metric(client: Any, name: str, version: int, metric: str) -> float | None:
+    mv = client.get_model_version(name, str(version))
+    tag = (mv.tags or {}).get(f"metric.{metric}")
+    if tag is not None:
+        return float(tag)
+    if mv.run_id:
+        value = client.get_run(mv.run_id).data.metrics.get(metric)
+        return None if value is None else float(value)
+    return None
+
+
+def promote_if_better(
+    method_name: str,
+    version: int,
+    metric: str,
+    mode: str = "min",
+    alias: str = "champion",
+    uri: str | None = None,
+) -> bool:
+    """Move ``alias`` to ``version`` when there is no ``alias`` yet, or when ``version`` beats
+    the current holder on ``metric`` (``mode`` min/max; version tag ``metric.<name>``, else
+    the run's latest value). Returns whether ``alias`` now points at ``version``."""
+    client = _client(uri)
+    name = model_name(method_name)
+    current = get_alias_version(method_name, alias, uri=uri)
+    if current == int(version):
+        return True
+    if current is not None:
+        new = _version_metric(client, name, version, metric)
+        old = _version_metric(client, name, current, metric)
+        if new is None:
+            return False
+        if old is not None and not (new < old if mode == "min" else new > old):
+            return False
+    set_alias(method_name, alias, version, uri=uri)
+    return True
+
+
+def set_alias(method_name: str, alias: str, version: int, uri: str | None = None) -> None:
+    """Point ``talkmesh-<method_name>@<alias>`` at ``version``."""
+    _client(uri).set_registered_model_alias(model_name(method_name), alias, str(version))
+
+
+def get_alias_version(method_name: str, alias: str = "champion", uri: str | None = None) -> int | None:
+    """Version behind ``talkmesh-<method_name>@<alias>``, or None when the alias (or model) does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = _client(uri).get_model_version_by_alias(model_name(method_name), alias)
+    except MlflowException:
+        return None
+    return int(mv.version)
+
+
+def load_registered(
+    method: str, alias: str = "champion", device: str = "cpu", uri: str | None = None
+) -> tuple[MotionMethod, DataFacts, Any]:
+    """(method module in eval mode, data facts, method config) of
+    ``models:/talkmesh-<method>@<alias>``, rebuilt from its config + state dict.
+    ``alias`` may also be a version number (``"3"``)."""
+    from talkmesh.train.checkpoint import load_method
+
+    ref = f"models:/{model_name(method)}/{alias}" if str(alias).isdigit() else f"models:/{model_name(method)}@{alias}"
+    with _fluent(uri) as mlflow, tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=tmp))
+        candidates = [local / "artifacts" / MODEL_ARTIFACT, local / MODEL_ARTIFACT]
+        found = next((c for c in candidates if c.is_dir()), None)
+        if found is None:
+            found = next((p.parent for p in local.rglob("method.json")), None)
+        if found is None:
+            raise FileNotFoundError(f"{ref}: no talkmesh method directory in the model's artifacts")
+        loaded = load_method(found, device=device)
+    if loaded.info.get("method") != method:
+        raise ValueError(f"{ref} holds method {loaded.info.get('method')!r}, not {method!r}")
+    return loaded.method, loaded.facts, loaded.config

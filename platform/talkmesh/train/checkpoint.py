@@ -1,0 +1,197 @@
+"""Checkpoint and model directories: one self-describing layout for every method.
+
+A **method directory** holds what rebuilds a trained method without the training code's
+config files::
+
+    method.json   {"format": 1, "method": "faceformer", "config": {...}, "facts": {...}, "stage": "main", ...}
+    model.pt      the method's state_dict (torch.save; loaded with weights_only=True)
+
+A **training checkpoint** (one per epoch, ``epoch-0003/``) is a method directory plus::
+
+    trainer.pt    {"epoch": 3, "optimizer": state_dict, "stage": "main", "global_step": 96}
+    metrics.json  the metrics reported with it (train loss, val/lve, ...)
+
+The registered MLflow model (``talkmesh-<method>``) carries a method directory as its
+artifact, so Serve, the job and the tests rebuild the module the same way
+(:func:`load_method`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from talkmesh.config import to_dict
+
+__all__ = [
+    "METHOD_FILE",
+    "METRICS_FILE",
+    "MODEL_FILE",
+    "TRAINER_FILE",
+    "CheckpointInfo",
+    "LoadedMethod",
+    "checkpoint_dir_name",
+    "list_checkpoints",
+    "load_method",
+    "load_trainer_state",
+    "read_metrics",
+    "save_checkpoint",
+    "save_method",
+    "select_checkpoint",
+]
+
+FORMAT_VERSION = 1
+METHOD_FILE = "method.json"
+MODEL_FILE = "model.pt"
+TRAINER_FILE = "trainer.pt"
+METRICS_FILE = "metrics.json"
+_EPOCH_DIR = re.compile(r"^epoch-(\d{4,})$")
+
+
+def checkpoint_dir_name(epoch: int) -> str:
+    """``epoch-0003``: the directory (and Ray ``checkpoint_dir_name``) of epoch 3 (0-based)."""
+    return f"epoch-{epoch:04d}"
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The method inside a DistributedDataParallel wrapper (or the module itself)."""
+    return getattr(module, "module", module)
+
+
+def _json_safe(value: Any) -> Any:
+    """Metrics for JSON: NaN/inf become None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):
+        return _json_safe(value.item())
+    return value
+
+
+def save_method(directory: str | Path, method: torch.nn.Module, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write ``method.json`` + ``model.pt`` for ``method`` (a MotionMethod, DDP-wrapped or not)."""
+    m = _unwrap(method)
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    info = {
+        "format": FORMAT_VERSION,
+        "method": m.name,
+        "config": to_dict(m.config),
+        "facts": m.facts.to_dict(),
+        "stage": getattr(m, "stage", ""),
+        **dict(extra or {}),
+    }
+    (d / METHOD_FILE).write_text(json.dumps(_json_safe(info), indent=2, sort_keys=True))
+    state = {k: v.detach().to("cpu") for k, v in m.state_dict().items()}
+    torch.save(state, d / MODEL_FILE)
+    return d
+
+
+@dataclasses.dataclass
+class LoadedMethod:
+    """A method rebuilt from a method directory."""
+
+    method: Any  # MotionMethod, in eval mode, on ``device``
+    facts: Any  # DataFacts
+    config: Any  # the method's config dataclass
+    info: dict[str, Any]  # method.json
+
+
+def load_method(directory: str | Path, device: str | torch.device = "cpu") -> LoadedMethod:
+    """Rebuild the method saved in ``directory`` (config + data facts + state dict)."""
+    from talkmesh.methods.base import DataFacts
+    from talkmesh.methods.registry import build_method
+
+    d = Path(directory)
+    meta_path = d / METHOD_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{d}: no {METHOD_FILE}; not a talkmesh method or checkpoint directory")
+    info = json.loads(meta_path.read_text())
+    if info.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{meta_path}: format {info.get('format')!r}, this talkmesh reads {FORMAT_VERSION}")
+    facts = DataFacts.from_dict(info["facts"])
+    method = build_method(info["method"], info["config"], facts)
+    stage = info.get("stage")
+    if stage:
+        method.set_stage(stage)
+    state = torch.load(d / MODEL_FILE, map_location="cpu", weights_only=True)
+    method.load_state_dict(state)
+    method.to(device).eval()
+    return LoadedMethod(method=method, facts=facts, config=method.config, info=info)
+
+
+def save_checkpoint(
+    directory: str | Path,
+    method: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+    metrics: Mapping[str, Any],
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """A training checkpoint: method directory + ``trainer.pt`` (optimizer, epoch) + ``metrics.json``."""
+    d = save_method(directory, method, extra={"epoch": int(epoch)})
+    state = {"epoch": int(epoch), "optimizer": optimizer.state_dict(), "stage": getattr(_unwrap(method), "stage", "")}
+    state.update(dict(extra or {}))
+    torch.save(state, d / TRAINER_FILE)
+    (d / METRICS_FILE).write_text(json.dumps(_json_safe(dict(metrics)), indent=2, sort_keys=True))
+    return d
+
+
+def load_trainer_state(directory: str | Path) -> dict[str, Any]:
+    """``trainer.pt`` of a checkpoint: epoch, optimizer state dict, stage, ..."""
+    return torch.load(Path(directory) / TRAINER_FILE, map_location="cpu", weights_only=True)
+
+
+def read_metrics(directory: str | Path) -> dict[str, Any]:
+    p = Path(directory) / METRICS_FILE
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointInfo:
+    epoch: int
+    path: Path
+    metrics: dict[str, Any]
+
+
+def list_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
+    """Complete checkpoints (``epoch-NNNN/`` with trainer.pt) under a run directory, by epoch."""
+    root = Path(run_dir)
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = _EPOCH_DIR.match(p.name)
+        if m and p.is_dir() and (p / TRAINER_FILE).is_file() and (p / MODEL_FILE).is_file():
+            out.append(CheckpointInfo(int(m.group(1)), p, read_metrics(p)))
+    return sorted(out, key=lambda c: c.epoch)
+
+
+def _score(c: CheckpointInfo, metric: str, mode: str) -> float:
+    v = c.metrics.get(metric)
+    if not isinstance(v, (int, float)) or not math.isfinite(v):
+        return math.inf
+    return float(v) if mode == "min" else -float(v)
+
+
+def select_checkpoint(
+    checkpoints: list[CheckpointInfo], metric: str, mode: str = "min", which: str = "best"
+) -> CheckpointInfo | None:
+    """The last checkpoint, or the best by ``metric`` (ties and missing values: the later wins
+    among equals, checkpoints without the metric lose)."""
+    if not checkpoints:
+        return None
+    if which == "last":
+        return checkpoints[-1]
+    best = min(checkpoints, key=lambda c: (_score(c, metric, mode), -c.epoch))
+    return best if math.isfinite(_score(best, metric, mode)) else checkpoints[-1]

@@ -1,0 +1,358 @@
+"""Evaluate a method on whole sequences of a split (specs/metrics.md), the same way for
+every method: during training (validation) and after it (the test splits).
+
+Protocol per sequence (metrics.md §6):
+
+* one-hot-conditioned methods (they have ``generate_conditions``, e.g. FaceFormer):
+  a subject seen in training (``corpus.subject_index >= 0``) is decoded with its own
+  one-hot; an unseen subject once per training-subject condition, using a fixed seeded
+  subset of at most ``max_conditions`` training subjects where there are more (§6.1);
+* reference-conditioned methods: the style is encoded from the subject's style-reference
+  clip (``corpus.reference_clip``, §6.2-6.3), once per subject.
+
+Predictions are vertices (T, V, 3): the method's ``vertices``, or its FLAME ``params``
+through the corpus face model. Ground truth is ``corpus.vertices_of(clip)`` (parameter
+corpora included). Scores are the project metrics (LVE, FDD, MVE, ...) in native units;
+aggregation matches ``talkmesh metrics`` on the files :func:`save_predictions` writes
+(``<seq>.npy`` / ``<seq>_condition_<subject>.npy``): LVE-type metrics pool the frames of
+every prediction, FDD-type metrics average over predictions, and the unseen-subject
+conditions are also aggregated on their own with per-condition min / max.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from talkmesh import metrics as M
+from talkmesh.data.dataset import match_audio_to_motion
+from talkmesh.scoring import CONDITION_SEP
+
+if TYPE_CHECKING:  # pragma: no cover
+    from talkmesh.data.clip import Clip, SequenceInfo
+    from talkmesh.data.corpus import Corpus
+
+__all__ = [
+    "Prediction",
+    "ScoredPrediction",
+    "condition_subjects",
+    "eval_sequences",
+    "evaluate_method",
+    "flat_metrics",
+    "predict_split",
+    "save_predictions",
+    "score_method",
+    "summarize",
+]
+
+
+@dataclasses.dataclass
+class Prediction:
+    """One decoded sequence: ``condition`` is the training subject whose one-hot was used
+    for an unseen subject (None for a seen subject or a reference-conditioned method)."""
+
+    sequence: str
+    subject: str
+    condition: str | None
+    vertices: np.ndarray  # (T, V, 3) float32
+    seen: bool
+    adapted: bool = False  # decoded with the style ``adapt`` selected on the reference
+
+    @property
+    def filename(self) -> str:
+        """``<seq>.npy`` or ``<seq>_condition_<subject>.npy`` (the ``talkmesh metrics`` convention)."""
+        if self.condition is None:
+            return f"{self.sequence}.npy"
+        return f"{self.sequence}{CONDITION_SEP}{self.condition}.npy"
+
+
+@dataclasses.dataclass
+class ScoredPrediction:
+    sequence: str
+    subject: str
+    condition: str | None
+    seen: bool
+    adapted: bool
+    score: M.SequenceScore
+
+
+# --------------------------------------------------------------------------------------
+# What to decode
+# --------------------------------------------------------------------------------------
+
+
+def eval_sequences(corpus: Corpus, split: str, limit: int = 0) -> list[SequenceInfo]:
+    """The split's sequences; with ``limit`` > 0 a bounded, deterministic subset taken
+    round-robin over subjects (sorted), so quick runs still see every speaker."""
+    seqs = corpus.sequences(split)
+    if limit <= 0 or limit >= len(seqs):
+        return seqs
+    by_subject: dict[str, list[SequenceInfo]] = {}
+    for s in seqs:
+        by_subject.setdefault(s.subject, []).append(s)
+    # Unseen and seen subjects alternate, so a small subset holds both kinds.
+    unseen = [k for k in sorted(by_subject) if corpus.subject_index(k) < 0]
+    seen = [k for k in sorted(by_subject) if corpus.subject_index(k) >= 0]
+    order = [k for pair in itertools.zip_longest(unseen, seen) for k in pair if k is not None]
+    out: list[SequenceInfo] = []
+    queues = [by_subject[k] for k in order]
+    i = 0
+    while len(out) < limit:
+        for q in queues:
+            if i < len(q) and len(out) < limit:
+                out.append(q[i])
+        i += 1
+    return sorted(out, key=lambda s: s.name)
+
+
+def condition_subjects(train_subjects: Sequence[str], max_conditions: int = 8, seed: int = 0) -> list[str]:
+    """Training subjects whose one-hots decode unseen subjects: all of them, or a fixed
+    seeded subset of ``max_conditions`` where there are more (metrics.md §6.1), in one-hot order."""
+    subjects = list(train_subjects)
+    if max_conditions <= 0 or len(subjects) <= max_conditions:
+        return subjects
+    rng = np.random.default_rng(seed)
+    keep = set(rng.choice(len(subjects), size=max_conditions, replace=False).tolist())
+    return [s for i, s in enumerate(subjects) if i in keep]
+
+
+def _reference_seconds(method: Any) -> float:
+    cfg = getattr(method, "config", None)
+    for name in ("reference_seconds", "adapt_seconds"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, (int, float)) and v > 0:
+            return float(v)
+    return 10.0
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to("cpu", torch.float32).numpy()
+    return np.asarray(x, dtype=np.float32)
+
+
+def _ground_truth(corpus: Corpus, clip: Clip) -> tuple[np.ndarray, np.ndarray]:
+    """(T, V, 3) ground-truth vertices and the (V, 3) template of a clip."""
+    from talkmesh.scoring import _template
+
+    gt = M.as_vertices(_to_numpy(corpus.vertices_of(clip)), name=f"{clip.name} ground truth")
+    return gt, _template(corpus, clip, gt.shape[1]).astype(np.float32)
+
+
+def _vertices_of_output(corpus: Corpus, clip: Clip, out: dict[str, Any], num_vertices: int) -> np.ndarray:
+    """(T, V, 3) from a ``generate`` output: its vertices, or its params through the face model."""
+    if "vertices" in out:
+        return M.as_vertices(_to_numpy(out["vertices"]), num_vertices, f"{clip.name} prediction")
+    if "params" in out:
+        layer = corpus.face_model()
+        if layer is None:
+            raise ValueError(f"{clip.name}: the method returned params and the corpus has no face model")
+        params = _to_numpy(out["params"])[:, :53]
+        return M.as_vertices(_to_numpy(layer.vertices_from_params(params, clip.shape)), num_vertices)
+    raise ValueError(f"{clip.name}: generate returned neither 'vertices' nor 'params' ({sorted(out)})")
+
+
+def _method_template(method: Any, clip: Clip, template: np.ndarray) -> Any:
+    """What ``generate`` takes as template: the (V, 3) mesh, or the FLAME shape for methods
+    that declare ``template_input = "shape"``."""
+    return clip.shape if getattr(method, "template_input", "vertices") == "shape" else template
+
+
+def predict_split(
+    method: Any,
+    corpus: Corpus,
+    split: str,
+    *,
+    limit: int = 0,
+    max_conditions: int = 8,
+    seed: int = 0,
+    shard: tuple[int, int] = (0, 1),
+    adapted: bool = False,
+) -> Iterator[tuple[Prediction, np.ndarray, np.ndarray]]:
+    """Decode the split's sequences (this shard's share: every ``world``-th from ``rank``).
+    Yields (prediction, ground truth (T, V, 3), template (V, 3)). ``adapted`` adds, for
+    unseen subjects of one-hot methods, the prediction with the style ``adapt`` picks on
+    the subject's reference clip (metrics.md §6.1 "adapted" row)."""
+    rank, world = shard
+    seqs = eval_sequences(corpus, split, limit)[rank::world]
+    train_subjects = tuple(method.facts.train_subjects)
+    conditions = condition_subjects(train_subjects, max_conditions, seed)
+    onehot = hasattr(method, "generate_conditions")
+    styles: dict[str, Any] = {}
+
+    def style_for(subject: str, fn: str) -> Any:
+        key = f"{fn}:{subject}"
+        if key not in styles:
+            ref = corpus.reference_clip(subject, _reference_seconds(method))
+            styles[key] = getattr(method, fn)(ref)
+        return styles[key]
+
+    for seq in seqs:
+        clip = match_audio_to_motion(corpus.load(seq))
+        gt, tmpl = _ground_truth(corpus, clip)
+        nv = gt.shape[1]
+        tin = _method_template(method, clip, tmpl)
+        k = corpus.subject_index(seq.subject)
+        seen = k >= 0
+        if onehot and seen:
+            out = method.generate(clip.audio, tin, k)
+            yield Prediction(seq.name, seq.subject, None, _vertices_of_output(corpus, clip, out, nv), True), gt, tmpl
+        elif onehot:
+            outs = method.generate_conditions(clip.audio, tin, conditions)
+            for cond, verts in outs.items():
+                v = _vertices_of_output(corpus, clip, {"vertices": verts}, nv)
+                yield Prediction(seq.name, seq.subject, cond, v, False), gt, tmpl
+            if adapted:
+                out = method.generate(clip.audio, tin, style_for(seq.subject, "adapt"))
+                v = _vertices_of_output(corpus, clip, out, nv)
+                yield Prediction(seq.name, seq.subject, None, v, False, adapted=True), gt, tmpl
+        else:
+            out = method.generate(clip.audio, tin, style_for(seq.subject, "encode_style"))
+            yield Prediction(seq.name, seq.subject, None, _vertices_of_output(corpus, clip, out, nv), seen), gt, tmpl
+
+
+# --------------------------------------------------------------------------------------
+# Scores
+# --------------------------------------------------------------------------------------
+
+
+def score_method(
+    method: Any,
+    corpus: Corpus,
+    split: str,
+    *,
+    limit: int = 0,
+    max_conditions: int = 8,
+    seed: int = 0,
+    metrics: Sequence[str] = M.DEFAULT_METRICS,
+    shard: tuple[int, int] = (0, 1),
+    adapted: bool = False,
+    save_dir: str | Path | None = None,
+) -> list[ScoredPrediction]:
+    """Score this shard's predictions of ``split`` (see :func:`predict_split`); with
+    ``save_dir`` also write each prediction file there (adapted ones under ``adapted/``)."""
+    regions = corpus.regions()
+    out: list[ScoredPrediction] = []
+    was_training = bool(getattr(method, "training", False))
+    if hasattr(method, "eval"):
+        method.eval()
+    try:
+        for pred, gt, tmpl in predict_split(
+            method, corpus, split, limit=limit, max_conditions=max_conditions, seed=seed, shard=shard, adapted=adapted
+        ):
+            label = pred.sequence if pred.condition is None else f"{pred.sequence} [{pred.condition}]"
+            if pred.adapted:
+                label += " [adapted]"
+            s = M.score_sequence(pred.vertices, gt, tmpl, regions.lips, regions.upper, metrics, label)
+            out.append(ScoredPrediction(pred.sequence, pred.subject, pred.condition, pred.seen, pred.adapted, s))
+            if save_dir is not None:
+                save_predictions([pred], Path(save_dir) / ("adapted" if pred.adapted else ""))
+    finally:
+        if was_training:
+            method.train()
+    return out
+
+
+def summarize(scored: Iterable[ScoredPrediction], split: str = "", conditions: Sequence[str] = ()) -> dict[str, Any]:
+    """Aggregate scored predictions of one split.
+
+    Returns ``metrics`` (every non-adapted prediction: what ``talkmesh metrics`` reports
+    for the saved files), ``seen`` (own one-hot / own style), ``unseen`` (the §6.1
+    condition aggregation: ``metrics``, ``per_condition``, ``min``, ``max``, ...),
+    ``adapted`` (where computed), the ``conditions`` subset and counts.
+    """
+    items = list(scored)
+    main = [s for s in items if not s.adapted]
+    if not main:
+        raise ValueError(f"no predictions to summarise for split {split!r}")
+    out: dict[str, Any] = {
+        "split": split,
+        "metrics": M.aggregate(s.score for s in main),
+        "sequences": len({s.sequence for s in main}),
+        "predictions": len(main),
+        "frames": sum(s.score.frames for s in main),
+        "conditions": list(conditions),
+    }
+    seen = [s.score for s in main if s.seen]
+    if seen:
+        out["seen"] = M.aggregate(seen)
+    cond = {(s.sequence, s.condition): s.score for s in main if s.condition is not None}
+    if cond:
+        out["unseen"] = M.aggregate_conditions(cond)
+    else:
+        unseen = [s.score for s in main if not s.seen]
+        if unseen:
+            out["unseen"] = {"metrics": M.aggregate(unseen)}
+    adapted = [s.score for s in items if s.adapted]
+    if adapted:
+        out["adapted"] = M.aggregate(adapted)
+    return out
+
+
+def evaluate_method(
+    method: Any,
+    corpus: Corpus,
+    split: str,
+    *,
+    limit: int = 0,
+    max_conditions: int | None = None,
+    seed: int = 0,
+    metrics: Sequence[str] = M.DEFAULT_METRICS,
+    adapted: bool = False,
+    save_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``method`` on whole sequences of ``split``; see :func:`summarize` for the
+    result. ``max_conditions`` defaults to ``corpus.cfg.max_conditions``."""
+    mc = corpus.cfg.max_conditions if max_conditions is None else max_conditions
+    scored = score_method(
+        method, corpus, split, limit=limit, max_conditions=mc, seed=seed, metrics=metrics, adapted=adapted,
+        save_dir=save_dir,
+    )
+    conds = condition_subjects(method.facts.train_subjects, mc, seed) if hasattr(method, "generate_conditions") else []
+    return summarize(scored, split, conds if any(s.condition for s in scored) else [])
+
+
+def flat_metrics(summary: dict[str, Any], prefix: str) -> dict[str, float]:
+    """``{"<prefix>/lve": ..., "<prefix>/seen/lve": ..., "<prefix>/unseen/lve": ...,
+    "<prefix>/unseen/lve_min": ..., "<prefix>/adapted/lve": ...}`` (finite numbers only)."""
+    out: dict[str, float] = {}
+
+    def put(key: str, value: Any) -> None:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value)):
+            out[key] = float(value)
+
+    for m, v in summary["metrics"].items():
+        put(f"{prefix}/{m}", v)
+    for m, v in summary.get("seen", {}).items():
+        put(f"{prefix}/seen/{m}", v)
+    unseen = summary.get("unseen")
+    if unseen:
+        for m, v in unseen["metrics"].items():
+            put(f"{prefix}/unseen/{m}", v)
+        for m, v in unseen.get("min", {}).items():
+            put(f"{prefix}/unseen/{m}_min", v)
+        for m, v in unseen.get("max", {}).items():
+            put(f"{prefix}/unseen/{m}_max", v)
+    for m, v in summary.get("adapted", {}).items():
+        put(f"{prefix}/adapted/{m}", v)
+    return out
+
+
+def save_predictions(predictions: Iterable[Prediction], out_dir: str | Path) -> list[Path]:
+    """Write ``<seq>.npy`` / ``<seq>_condition_<subject>.npy`` as (T, V*3) float32, the
+    layout ``talkmesh metrics --pred DIR`` scores. Returns the written paths."""
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for p in predictions:
+        path = d / p.filename
+        np.save(path, p.vertices.reshape(p.vertices.shape[0], -1).astype(np.float32))
+        paths.append(path)
+    return paths
