@@ -310,9 +310,13 @@ def load_config(
     cls: type[T],
     path: str | Path | None = None,
     overrides: Sequence[str] | Mapping[str, Any] = (),
+    base: Mapping[str, Any] | None = None,
 ) -> T:
-    """Schema ``cls`` <- defaults, then the YAML preset at ``path``, then dotted overrides."""
-    data = load_yaml(path) if path else {}
+    """Schema ``cls`` <- defaults, then ``base``, then the YAML preset at ``path`` (merged key
+    by key over ``base``), then dotted overrides."""
+    data: dict[str, Any] = dict(base or {})
+    if path:
+        data = apply_overrides(data, flatten(load_yaml(path))) if data else load_yaml(path)
     data = apply_overrides(data, overrides)
     try:
         return from_dict(cls, data)

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from talkmesh.config import ConfigError, DataConfig, apply_overrides, from_dict, load_yaml, to_dict
+from talkmesh.config import ConfigError, DataConfig, load_config, to_dict
 
 __all__ = [
     "RUN_NAME",
@@ -191,26 +191,4 @@ def load_experiment(
 ) -> ExperimentConfig:
     """``ExperimentConfig`` <- defaults, ``base``, the YAML preset at ``path``, then dotted
     overrides. Errors name the dotted key (and the file)."""
-    data: dict[str, Any] = dict(base or {})
-    if path:
-        data = apply_overrides(data, _dotted(load_yaml(path)))
-    data = apply_overrides(data, overrides)
-    try:
-        return from_dict(ExperimentConfig, data)
-    except ConfigError as e:
-        if path:
-            raise ConfigError(f"{path}: {e}") from e
-        raise
-
-
-def _dotted(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested mapping -> dotted keys (``model`` stays nested below its own top-level key so
-    a preset's ``model: {}`` does not vanish)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, Mapping) and v:
-            out.update(_dotted(v, key))
-        else:
-            out[key] = v
-    return out
+    return load_config(ExperimentConfig, path, overrides, base=base)
