@@ -1,4 +1,5 @@
-"""Shared test set-up: offline hub, loopback Ray, a private cache directory."""
+"""Shared test set-up: offline hub, loopback Ray, a private cache directory, and one
+loopback-only local Ray cluster (2 CPUs) shared by every test of the session that asks for it."""
 
 from __future__ import annotations
 
@@ -15,3 +16,25 @@ import pytest  # noqa: E402
 def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Generated corpora and feature caches go to a per-session temp dir, never ~/.cache."""
     monkeypatch.setenv("TALKMESH_CACHE", str(tmp_path_factory.getbasetemp() / "talkmesh-cache"))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray bound to 127.0.0.1 with 2 CPUs (and 2 ``TRAIN_DRIVER`` slots for Tune trial
+    drivers), started once per test session."""
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        ray.init(
+            address="local",
+            num_cpus=2,
+            resources={"TRAIN_DRIVER": 2},  # sweeps: trial drivers hold this, not a CPU (notes §3)
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            log_to_driver=True,
+        )
+        started = True
+    yield ray
+    if started:
+        ray.shutdown()

@@ -6,7 +6,6 @@ One loopback-only Ray cluster (2 CPUs) is shared by every test of the session.
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
@@ -18,23 +17,6 @@ from talkmesh.train.config import load_experiment
 from talkmesh.train.runner import run_training
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def ray_cluster():
-    """A local Ray bound to 127.0.0.1 with 2 CPUs, started once per test session."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
-
-    started = False
-    if not ray.is_initialized():
-        ray.init(
-            address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True
-        )
-        started = True
-    yield ray
-    if started:
-        ray.shutdown()
 
 
 def test_two_worker_ddp_training_tracks_and_resumes(ray_cluster, tmp_path):
