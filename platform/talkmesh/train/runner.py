@@ -18,7 +18,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +115,7 @@ def run_training(
     parent_run_id: str | None = None,
     tags: Mapping[str, Any] | None = None,
     tracking_uri: str | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> RunResult:
     """Train ``exp`` with Ray Train and track it in MLflow; see the module docstring.
 
@@ -122,7 +123,8 @@ def run_training(
     (experiment ``exp.experiment_name``) gets the flattened resolved config as params, the
     git commit, the dataset fingerprint, per-epoch metrics from rank 0, and the selected
     checkpoint's files as artifacts (``train.log_checkpoint``); it ends FINISHED, or FAILED
-    when training raises.
+    when training raises. ``callbacks`` are extra Ray Train ``UserCallback``s for the
+    ``RunConfig`` (a sweep passes ``TuneReportCallback`` so every epoch's report reaches Tune).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -183,6 +185,7 @@ def run_training(
                 checkpoint_score_order=t.checkpoint_mode,
             ),
             failure_config=FailureConfig(max_failures=t.max_failures),
+            callbacks=list(callbacks) or None,
         ),
     )
     t0 = time.perf_counter()
