@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +57,11 @@ def parse_args(method: str, argv: Sequence[str] | None = None) -> argparse.Names
     return p.parse_args(argv)
 
 
-def _connect_ray(num_workers: int) -> bool:
+def _connect_ray(num_workers: int, resources: Mapping[str, float] | None = None) -> bool:
     """Attach to ``RAY_ADDRESS`` (ray job submit) or start a loopback-only local Ray.
-    Returns True when this process started Ray (and should shut it down)."""
+    ``resources`` are custom resources the local Ray offers (a sweep's ``TRAIN_DRIVER``
+    slots); an attached cluster keeps its own. Returns True when this process started Ray
+    (and should shut it down)."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before ray is imported
     import ray
 
@@ -71,6 +73,7 @@ def _connect_ray(num_workers: int) -> bool:
     ray.init(
         address="local",  # a new cluster of our own, never one that `ray start` left on this machine
         num_cpus=max(os.cpu_count() or 1, num_workers),
+        resources=dict(resources) if resources else None,
         _node_ip_address="127.0.0.1",
         dashboard_host="127.0.0.1",
     )
