@@ -48,6 +48,7 @@ __all__ = [
     "RunLogger",
     "dataset_fingerprint",
     "download_artifacts",
+    "child_runs",
     "end_run",
     "find_run",
     "get_alias_version",
@@ -180,6 +181,36 @@ def start_run(
 def end_run(run_id: str, status: str = "FINISHED", uri: str | None = None) -> None:
     """Mark a run FINISHED / FAILED / KILLED."""
     _client(uri).set_terminated(run_id, status=status)
+
+
+def child_runs(parent_run_id: str, uri: str | None = None) -> list[dict[str, str]]:
+    """Runs tagged ``mlflow.parentRunId = parent_run_id`` in the parent's experiment, oldest
+    first: ``{"run_id", "run_name", "status"}`` each (status RUNNING / FINISHED / FAILED / KILLED)."""
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    client = _client(uri)
+    exp_id = client.get_run(parent_run_id).info.experiment_id
+    out: list[dict[str, str]] = []
+    token = None
+    while True:
+        page = client.search_runs(
+            [exp_id],
+            filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'",
+            order_by=["attributes.start_time ASC"],
+            max_results=500,
+            page_token=token,
+        )
+        out.extend(
+            {
+                "run_id": r.info.run_id,
+                "run_name": r.data.tags.get(RUN_NAME_TAG, r.info.run_name),
+                "status": r.info.status,
+            }
+            for r in page
+        )
+        token = page.token
+        if not token:
+            return out
 
 
 def set_tags(run_id: str, tags: Mapping[str, Any], uri: str | None = None) -> None:
