@@ -384,3 +384,16 @@ def test_new_champion_readapts_stored_styles(service):
     assert r.status_code == 200, r.text
     assert r.headers["X-Talkmesh-Model"] == f"faceformer-v{version}"
     assert requests.get(f"{url}/v1/styles/{sid}", timeout=30).json()["status"] == "ready"
+
+
+def test_serve_config_file_loads_with_overrides():
+    from talkmesh.serving.launch import read_serve_file
+
+    path = Path(__file__).resolve().parents[1] / "serve" / "config.yaml"
+    doc = read_serve_file(path, ["style_dir=/tmp/styles", "wait_s=2"])
+    app = doc["applications"][0]
+    assert app["import_path"] == "talkmesh.serving.app:build_app"
+    assert app["args"]["style_dir"] == "/tmp/styles" and app["args"]["wait_s"] == 2
+    assert doc["http_options"]["host"] == "127.0.0.1"
+    with pytest.raises(ConfigError, match=r"config.yaml: applications\[0\].args: unknown key.*wiat_s"):
+        read_serve_file(path, ["wiat_s=2"])

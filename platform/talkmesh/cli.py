@@ -4,6 +4,7 @@
     talkmesh data synth --out DIR [--preset small|default] [--seed N] [--fps 25]
     talkmesh metrics --pred DIR --format F --root DIR [--split NAME] [--json] [key=value ...]
     talkmesh face convert --pkl generic_model.pkl --out flame.npz
+    talkmesh serve [--config serve/config.yaml] [key=value ...]
 
 Trailing ``key=value`` arguments are dotted overrides of the data config
 (``data.fps=60`` or ``fps=60``). Errors in the user's data or arguments print one line
@@ -106,6 +107,13 @@ def cmd_face_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from talkmesh.serving.launch import run_serve
+
+    run_serve(args.config, args.overrides)
+    return 0
+
+
 def _json_default(obj: Any) -> Any:
     import numpy as np
 
@@ -154,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--pkl", required=True)
     conv.add_argument("--out", required=True)
     conv.set_defaults(func=cmd_face_convert)
+
+    srv = sub.add_parser("serve", help="run the style service (Ray Serve) of a Serve config file on loopback Ray")
+    srv.add_argument("--config", default="serve/config.yaml", help="Serve config file (default: serve/config.yaml)")
+    srv.add_argument("overrides", nargs="*", help="application args, e.g. method=faceformer style_dir=/srv/styles")
+    srv.set_defaults(func=cmd_serve)
     return p
 
 

@@ -1,0 +1,141 @@
+"""A small HTTP client of the style service (``requests`` only; no Ray).
+
+client = StyleClient("http://127.0.0.1:8000")
+style = client.create_style("ref.wav", "ref_vertices.npy", template="template.npy")  # waits until ready
+motion = client.animate("speech.wav", style["style_id"])            # {"vertices": (T, V, 3), "fps": ...}
+client.animate("speech.wav", style["style_id"], fmt="mp4", out="preview.mp4")
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["ServiceError", "StyleClient"]
+
+PathOrBytes = str | Path | bytes
+
+
+class ServiceError(RuntimeError):
+    """The service answered with an error status."""
+
+    def __init__(self, status: int, detail: Any) -> None:
+        super().__init__(f"HTTP {status}: {detail}")
+        self.status = status
+        self.detail = detail
+
+
+def _payload(x: PathOrBytes | np.ndarray, name: str) -> tuple[str, bytes]:
+    if isinstance(x, np.ndarray):
+        buf = io.BytesIO()
+        np.save(buf, x)
+        return f"{name}.npy", buf.getvalue()
+    if isinstance(x, bytes):
+        return name, x
+    p = Path(x)
+    return p.name, p.read_bytes()
+
+
+class StyleClient:
+    """Client of ``talkmesh.serving.app`` (see its module docstring for the routes)."""
+
+    def __init__(self, url: str, timeout: float = 300.0) -> None:
+        import requests
+
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.session = requests.Session()
+
+    def _check(self, r: Any) -> Any:
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("detail", r.text)
+            except ValueError:
+                detail = r.text
+            raise ServiceError(r.status_code, detail)
+        return r
+
+    def health(self) -> dict[str, Any]:
+        return self._check(self.session.get(f"{self.url}/healthz", timeout=self.timeout)).json()
+
+    def wait_healthy(self, timeout: float = 120.0) -> dict[str, Any]:
+        """Poll ``/healthz`` until the service answers 200 (a deployment is starting)."""
+        import requests
+
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                return self.health()
+            except (requests.RequestException, ServiceError) as e:
+                last = e
+                time.sleep(1.0)
+        raise TimeoutError(f"{self.url}/healthz did not answer within {timeout:g} s: {last}")
+
+    def info(self) -> dict[str, Any]:
+        return self._check(self.session.get(f"{self.url}/v1/info", timeout=self.timeout)).json()
+
+    def create_style(
+        self,
+        audio: PathOrBytes,
+        motion: PathOrBytes | np.ndarray,
+        template: PathOrBytes | np.ndarray | None = None,
+        name: str = "",
+        wait: bool = True,
+        poll_s: float = 1.0,
+    ) -> dict[str, Any]:
+        """POST a reference clip; with ``wait``, poll until the style is ready (or raise)."""
+        files = {"audio": _payload(audio, "audio"), "motion": _payload(motion, "motion")}
+        if template is not None:
+            files["template"] = _payload(template, "template")
+        r = self.session.post(f"{self.url}/v1/styles", files=files, data={"name": name}, timeout=self.timeout)
+        body = self._check(r).json()
+        while wait and body["status"] == "pending":
+            time.sleep(poll_s)
+            body = self.style(body["style_id"])
+        if body["status"] == "failed":
+            raise ServiceError(422, body.get("error", "adaptation failed"))
+        return body
+
+    def style(self, style_id: str) -> dict[str, Any]:
+        return self._check(self.session.get(f"{self.url}/v1/styles/{style_id}", timeout=self.timeout)).json()
+
+    def animate(
+        self,
+        audio: PathOrBytes,
+        style_id: str = "",
+        template: PathOrBytes | np.ndarray | None = None,
+        fmt: str = "npz",
+        preview: bool = False,
+        out: str | Path | None = None,
+        retry_s: float = 120.0,
+    ) -> dict[str, Any]:
+        """POST /v1/animate. Returns ``{name: array}`` (npz/npy/json) or ``{"mp4": bytes}``;
+        with ``out`` the raw response is also written there. A style still being adapted
+        (409) is retried for up to ``retry_s``."""
+        files = {"audio": _payload(audio, "audio")}
+        if template is not None:
+            files["template"] = _payload(template, "template")
+        data = {"style_id": style_id, "format": fmt, "preview": str(bool(preview)).lower()}
+        deadline = time.monotonic() + retry_s
+        while True:
+            r = self.session.post(f"{self.url}/v1/animate", files=files, data=data, timeout=self.timeout)
+            if r.status_code != 409 or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+        self._check(r)
+        if out is not None:
+            Path(out).write_bytes(r.content)
+        if fmt == "mp4":
+            return {"mp4": r.content, "fps": float(r.headers["X-Talkmesh-Fps"])}
+        if fmt == "json":
+            body = r.json()
+            return {**{k: np.asarray(v, dtype=np.float32) for k, v in body["outputs"].items()}, "fps": body["fps"]}
+        if fmt == "npy":
+            return {"vertices": np.load(io.BytesIO(r.content)), "fps": float(r.headers["X-Talkmesh-Fps"])}
+        with np.load(io.BytesIO(r.content), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
