@@ -2,12 +2,15 @@
 
 Each test runs over ``available_methods()`` with the method's ``debug`` preset on a tiny
 in-memory corpus (V = 20, three training subjects) at 25 and 30 fps, so a method added to
-the registry is held to the same contract.
+the registry is held to the same contract. FLAME-parameter methods (``template_input =
+"shape"``) get the same clips (they carry ``params`` and ``head_pose``) with parameter-corpus
+facts and a seeded surrogate face model of V vertices injected with ``set_face_model``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import math
 import subprocess
@@ -128,8 +131,22 @@ class TinyCorpus(Corpus):
         return Regions(lips=np.arange(4), upper=np.arange(10, 16))
 
 
-def facts_for(fps: float) -> DataFacts:
-    return DataFacts.from_corpus(TinyCorpus(fps))
+def facts_for(fps: float, params: bool = False) -> DataFacts:
+    facts = DataFacts.from_corpus(TinyCorpus(fps))
+    if params:  # the params-flavoured corpus: FLAME-56 motion, vertices through a face model
+        facts = dataclasses.replace(facts, motion="params", param_dim=53, has_head_pose=True)
+    return facts
+
+
+def is_flame_method(name: str) -> bool:
+    return getattr(get_method(name), "template_input", "vertices") == "shape"
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_face_model() -> torch.nn.Module:
+    from talkmesh.face.flame import FlameLayer, make_surrogate_flame
+
+    return FlameLayer.from_arrays(**make_surrogate_flame(V, seed=0))
 
 
 def tiny_batch(fps: float) -> dict:
@@ -140,7 +157,11 @@ def tiny_batch(fps: float) -> dict:
 
 def build(name: str, fps: float, **overrides: object) -> MotionMethod:
     torch.manual_seed(0)
-    return build_method(name, dict(overrides), facts_for(fps), preset="debug")
+    flame = is_flame_method(name)
+    model = build_method(name, dict(overrides), facts_for(fps, params=flame), preset="debug")
+    if flame:
+        model.set_face_model(tiny_face_model())
+    return model
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:

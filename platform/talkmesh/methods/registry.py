@@ -29,6 +29,7 @@ __all__ = [
 ]
 
 _METHODS: dict[str, str] = {
+    "adamesh": "talkmesh.methods.adamesh:AdaMesh",
     "faceformer": "talkmesh.methods.faceformer:FaceFormer",
 }
 
