@@ -1,0 +1,302 @@
+"""Ray Tune sweeps (talkmesh.sweep): strict YAML schema and space validation (no Ray), and
+one integration test on the session's local Ray with a real MLflow SQLite store: ASHA,
+Optuna, a TorchTrainer per trial, parent/child runs, registration and the champion rule."""
+
+from __future__ import annotations
+
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from talkmesh.config import ConfigError
+from talkmesh.sweep import Distribution, SweepConfig, SweepError, load_sweep, main
+
+REPO = Path(__file__).resolve().parents[1]
+
+BASE = """\
+method: faceformer
+preset: small
+overrides: [train.num_workers=1]
+"""
+ONE = "space: {model.d_model: {type: choice, values: [16]}}\n"
+
+
+def write(tmp_path: Path, body: str, base: str = BASE) -> Path:
+    p = tmp_path / "sweep.yaml"
+    p.write_text(base + textwrap.dedent(body))
+    return p
+
+
+def load_error(tmp_path: Path, body: str, base: str = BASE) -> str:
+    p = write(tmp_path, body, base)
+    with pytest.raises(ConfigError) as e:
+        load_sweep(p)
+    assert str(p) in str(e.value)  # every error names the file
+    return str(e.value)
+
+
+# --------------------------------------------------------------------------------------
+# Schema and validation (fast, no Ray)
+# --------------------------------------------------------------------------------------
+
+
+def test_the_shipped_faceformer_sweep_loads_and_builds_its_experiment():
+    cfg = load_sweep(REPO / "sweeps" / "faceformer.yaml")
+    assert cfg.method == "faceformer" and cfg.metric == "val/lve" and cfg.mode == "min"
+    assert cfg.scheduler.type == "asha" and cfg.search.type == "optuna"
+    assert set(cfg.space) == {"train.lr", "model.d_model", "model.n_layers", "model.dropout"}
+    exp = cfg.validate()
+    assert exp.train.num_workers == 1 and exp.train.checkpoint_metric == "val/lve"
+    # The sampled values land in the method config.
+    trial = cfg.experiment({"model.d_model": 32, "model.dropout": 0.15, "train.lr": 1e-3})
+    mc = trial.method_config()
+    assert mc.d_model == 32 and mc.dropout == pytest.approx(0.15) and trial.schedule().lr == pytest.approx(1e-3)
+
+
+def test_cli_overrides_and_num_samples_replace_the_yaml_values():
+    cfg = load_sweep(REPO / "sweeps" / "faceformer.yaml", ["train.epochs=2"], num_samples=3, name="mine")
+    assert cfg.num_samples == 3 and cfg.name == "mine" and cfg.overrides[-1] == "train.epochs=2"
+    assert cfg.experiment().schedule().epochs == 2
+
+
+def test_distributions_map_to_tune_domains_and_probe_their_ranges():
+    from ray.tune.search.sample import Categorical, Float
+
+    d = Distribution(type="uniform", low=16.0, high=64.0)
+    probes = d.probe_values()
+    assert probes[:2] == [16.0, 64.0] and 16 < probes[2] < 64 and not float(probes[2]).is_integer()
+    assert isinstance(d.tune_domain(), Float)
+    log = Distribution(type="loguniform", low=1e-4, high=1e-2)
+    assert log.probe_values()[2] == pytest.approx(1e-3) and isinstance(log.tune_domain(), Float)
+    assert isinstance(Distribution(type="choice", values=(1, 2)).tune_domain(), Categorical)
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("num_sample: 3\nspace: {model.d_model: {type: choice, values: [16]}}\n", "unknown key(s) num_sample"),
+        (
+            "num_samples: two\nspace: {model.d_model: {type: choice, values: [16]}}\n",
+            "num_samples: expected an integer",
+        ),
+        ("mode: minimum\nspace: {model.d_model: {type: choice, values: [16]}}\n", "mode: 'minimum' is not one of"),
+        ("space: {model.d_model: {type: choice, values: [16], lo: 1}}\n", "space.model.d_model.lo"),
+        ("space: {model.d_model: {type: choise, values: [16]}}\n", "space.model.d_model.type"),
+        ("space: {model.d_model: {values: [16]}}\n", "space.model.d_model: type: required"),
+        (
+            "space: {model.d_model: {type: choice, values: []}}\n",
+            "space.model.d_model: values: choice needs a non-empty",
+        ),
+        (
+            "space: {model.dropout: {type: uniform, low: 0.3, high: 0.2}}\n",
+            "space.model.dropout: low (0.3) must be < high",
+        ),
+        ("space: {model.dropout: {type: uniform, low: 0.1}}\n", "space.model.dropout: uniform needs both"),
+        ("space: {train.lr: {type: loguniform, low: 0.0, high: 1.0}}\n", "space.train.lr: loguniform needs 0 < low"),
+        ("space: {}\n", "space: empty"),
+        ("space: {train.num_workers: {type: choice, values: [1, 2]}}\n", "space.train.num_workers: set by the sweep"),
+        (
+            "scheduler: {type: asha, max_t: 2, grace_period: 3}\n" + ONE,
+            "scheduler: grace_period: must lie in [1, max_t=2]",
+        ),
+        (
+            "scheduler: {type: asha, reduction_factor: 1}\n" + ONE,
+            "scheduler: reduction_factor: must be > 1",
+        ),
+    ],
+)
+def test_schema_errors_name_the_key_and_the_file(tmp_path, body, expected):
+    assert expected in load_error(tmp_path, body)
+
+
+def test_a_misspelled_space_key_fails_at_load_time(tmp_path):
+    msg = load_error(tmp_path, "space: {model.d_modle: {type: choice, values: [16, 32]}}\n")
+    assert "space.model.d_modle" in msg and "unknown key(s) d_modle" in msg
+    # A loss weight the method does not have (FaceFormer's only term is `rec`).
+    msg = load_error(tmp_path, "space: {model.loss_weights.velocity: {type: loguniform, low: 1.0e-3, high: 1.0}}\n")
+    assert "space.model.loss_weights.velocity" in msg and "valid keys: rec" in msg
+    msg = load_error(tmp_path, "space: {train.lrate: {type: loguniform, low: 1.0e-4, high: 1.0e-2}}\n")
+    assert "space.train.lrate" in msg
+
+
+def test_values_the_method_config_rejects_fail_at_load_time(tmp_path):
+    # 15 is odd: FaceFormer's sinusoidal PPE needs an even d_model.
+    msg = load_error(tmp_path, "space: {model.d_model: {type: choice, values: [16, 15]}}\n")
+    assert "space.model.d_model: 15" in msg and "even" in msg
+    # A float range over an integer field would fail in a trial: caught here, with a hint.
+    msg = load_error(tmp_path, "space: {model.d_model: {type: uniform, low: 16, high: 64}}\n")
+    assert "space.model.d_model" in msg and "expected an integer" in msg and "type: choice" in msg
+    msg = load_error(tmp_path, "space: {model.dropout: {type: uniform, low: 0.5, high: 1.5}}\n")
+    assert "space.model.dropout: 1.5" in msg and "dropout must lie in [0, 1)" in msg
+
+
+def test_the_trial_experiment_is_checked(tmp_path):
+    one = ONE
+    msg = load_error(tmp_path, "overrides: [train.num_workers=0]\n" + one, base="method: faceformer\n")
+    assert "train.num_workers=0; a sweep trial trains with Ray Train workers" in msg
+    assert "preset/overrides" in load_error(
+        tmp_path, "overrides: [train.epochss=3]\n" + one, base="method: faceformer\n"
+    )
+    assert "metric: 'test/lve' is not reported" in load_error(tmp_path, "metric: test/lve\n" + one)
+    assert "train.eval_every=1" in load_error(
+        tmp_path, "overrides: [train.num_workers=1, train.eval_every=2]\n" + one, base="method: faceformer\n"
+    )
+    assert "method: required" in load_error(tmp_path, one, base="preset: small\n")
+    assert "no such preset" in load_error(tmp_path, one, base="method: faceformer\npreset: nope\n")
+
+
+def test_a_cluster_without_driver_slots_is_refused_with_the_fix(monkeypatch):
+    import ray
+
+    from talkmesh import sweep
+
+    cfg = load_sweep(REPO / "sweeps" / "faceformer.yaml")
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    with pytest.raises(SweepError, match=r"""ray start --head --resources='\{"TRAIN_DRIVER": 2\}'"""):
+        sweep._check_cluster(cfg, cfg.validate())
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "TRAIN_DRIVER": 1.0})
+    with pytest.warns(UserWarning, match="at most 1 trials run at once"):
+        sweep._check_cluster(cfg, cfg.validate())
+
+
+def test_runner_exits_2_on_a_bad_sweep_file(tmp_path, capsys):
+    p = write(tmp_path, "space: {model.d_modle: {type: choice, values: [16]}}\n")
+    assert main([str(p), "--num-samples", "2", "train.epochs=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sweep: error:") and "space.model.d_modle" in err
+
+
+def test_sweep_config_built_in_code_is_validated_too():
+    with pytest.raises(ConfigError, match="max_concurrent_trials: must be >= 1"):
+        SweepConfig(method="faceformer", max_concurrent_trials=0, space={"train.lr": Distribution("choice", (1e-3,))})
+
+
+# --------------------------------------------------------------------------------------
+# Integration: a real sweep on the session's local Ray, a real MLflow store
+# --------------------------------------------------------------------------------------
+
+TINY = """\
+method: faceformer
+preset: small
+overrides:
+  - preset=debug
+  - train.num_workers=1
+  - train.batch_size=2
+  - train.torch_threads=1
+  - train.limit_train_batches=2
+  - train.limit_eval_sequences=2
+  - train.preview=false
+  - train.log_checkpoint=false
+  - train.system_metrics=false
+  - train.storage_path={storage}
+metric: val/lve
+mode: min
+"""
+
+
+@pytest.mark.slow
+def test_sweep_runs_trials_tracks_them_and_promotes_only_a_better_model(ray_cluster, tmp_path):
+    from mlflow import MlflowClient
+
+    from talkmesh import tracking
+    from talkmesh.sweep import run_sweep
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    base = TINY.format(storage=tmp_path / "ray")
+    # Optuna (seed 3) proposes learning rates ~1.6e-4 and ~1.5e-5 for the first two trials and
+    # ~3.7e-3 for the third. In 2 batches a rate that high overshoots: worse than both at epoch
+    # 1, so ASHA stops it there (the first two were recorded at that rung before it started).
+    first = write(
+        tmp_path,
+        """\
+        num_samples: 3
+        max_concurrent_trials: 2
+        scheduler: {type: asha, max_t: 2, grace_period: 1, reduction_factor: 2}
+        search: {type: optuna, seed: 3}
+        space:
+          train.lr: {type: loguniform, low: 1.0e-6, high: 1.0e-2}
+          model.dropout: {type: uniform, low: 0.0, high: 0.2}
+        """,
+        base=base.replace("overrides:\n", "overrides:\n  - train.epochs=2\n"),
+    )
+    t0 = time.perf_counter()
+    result = run_sweep(load_sweep(first, name="tiny"), tracking_uri=uri)
+    first_s = time.perf_counter() - t0
+
+    # Three trials with different sampled values, each a Ray Train run named after the trial.
+    assert len(result.trials) == 3
+    assert len({t.params["train.lr"] for t in result.trials}) == 3
+    assert len({t.trial_id for t in result.trials}) == 3
+    for t in result.trials:
+        assert t.run_name == f"tiny-{t.trial_id}" and t.error is None
+        assert Path(result.sweep_dir, "train", t.run_name).is_dir()
+        assert t.epochs >= 1 and t.planned_epochs == 2  # per-epoch reports reached Tune
+    stopped = [t for t in result.trials if t.epochs < t.planned_epochs]
+    assert stopped, "ASHA stopped no trial"
+    assert all(t.status == "KILLED" for t in stopped)
+    assert any(t.status == "FINISHED" and t.epochs == 2 for t in result.trials)
+    assert max(stopped, key=lambda t: t.params["train.lr"]).params["train.lr"] > 1e-3
+
+    # MLflow: one parent run, a child run per trial, none left RUNNING.
+    client = MlflowClient(tracking_uri=uri)
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.run_name == "sweep-tiny" and parent.info.status == "FINISHED"
+    assert result.experiment == "talkmesh-faceformer"
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'"
+    )
+    assert sorted(c.info.run_name for c in children) == sorted(t.run_name for t in result.trials)
+    assert {c.info.status for c in children} <= {"FINISHED", "KILLED"}
+    by_id = {c.info.run_id: c for c in children}
+    for t in result.trials:
+        child = by_id[t.run_id]
+        assert child.info.status == t.status
+        assert float(child.data.params["train.lr"]) == pytest.approx(t.params["train.lr"])  # params logged once
+        assert [m.step for m in client.get_metric_history(t.run_id, "val/lve")] == list(range(t.epochs))
+
+    # The best trial: lowest val/lve over every trial's selected checkpoint; its params,
+    # metrics and the results table are on the parent.
+    best = min((t for t in result.trials if t.metric is not None), key=lambda t: t.metric)
+    assert result.best is not None and result.best.trial_id == best.trial_id
+    assert parent.data.metrics["val/lve"] == pytest.approx(best.metric)
+    assert float(parent.data.params["best.train.lr"]) == pytest.approx(best.params["train.lr"])
+    assert parent.data.tags["talkmesh.best_run_id"] == best.run_id
+    assert parent.data.metrics["sweep/trials"] == 3 and parent.data.metrics["sweep/stopped_early"] == len(stopped)
+    assert [a.path for a in client.list_artifacts(result.parent_run_id)] == ["sweep_results.csv"]
+    table = Path(result.sweep_dir, "sweep_results.csv").read_text().splitlines()
+    assert len(table) == 4 and table[0].startswith("trial_id,status,epochs,val/lve,train.lr,model.dropout")
+
+    # Registered from the best trial's run, with its metrics as version tags, and champion.
+    assert result.version == 1 and result.promoted and result.champion == 1
+    mv = client.get_model_version("talkmesh-faceformer", "1")
+    assert mv.run_id == best.run_id and "champion" in mv.aliases
+    assert float(mv.tags["metric.val/lve"]) == pytest.approx(best.metric)
+    method, facts, config = tracking.load_registered("faceformer", "champion", uri=uri)
+    assert config.dropout == pytest.approx(best.params["model.dropout"])
+
+    # A second sweep whose only trial is worse registers a new version but leaves the champion.
+    worse = write(
+        tmp_path,
+        """\
+        num_samples: 1
+        scheduler: {type: fifo}
+        search: {type: random, seed: 0}
+        space:
+          train.lr: {type: loguniform, low: 5.0e-3, high: 1.0e-2}
+        """,
+        base=base.replace("overrides:\n", "overrides:\n  - train.epochs=1\n"),
+    )
+    t1 = time.perf_counter()
+    again = run_sweep(load_sweep(worse, name="worse"), tracking_uri=uri)
+    second_s = time.perf_counter() - t1
+    assert again.parent_run_id != result.parent_run_id and len(again.trials) == 1
+    assert again.best is not None and again.best.metric > best.metric
+    assert again.version == 2 and not again.promoted and again.champion == 1
+    assert tracking.get_alias_version("faceformer", "champion", uri=uri) == 1
+    assert client.get_run(again.parent_run_id).data.tags["talkmesh.promoted"] == "False"
+    print(
+        f"\nsweep of 3 trials (ASHA stopped {len(stopped)}): {first_s:.1f} s; one-trial sweep: {second_s:.1f} s; "
+        f"best val/lve {best.metric:.3e} (lr {best.params['train.lr']:.2e}) vs worse {again.best.metric:.3e}"
+    )
