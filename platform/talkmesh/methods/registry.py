@@ -31,6 +31,7 @@ __all__ = [
 _METHODS: dict[str, str] = {
     "adamesh": "talkmesh.methods.adamesh:AdaMesh",
     "faceformer": "talkmesh.methods.faceformer:FaceFormer",
+    "mimic": "talkmesh.methods.mimic:Mimic",
 }
 
 
