@@ -160,7 +160,10 @@ def run_job(method: str, args: argparse.Namespace) -> dict[str, Any]:
     print(table)
     print(f"\nMLflow run id  {result.mlflow_run_id}  (experiment {result.experiment})")
     print(f"tracking URI   {uri}")
-    print(f"  browse:      mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    if uri.startswith(("http://", "https://")):
+        print(f"  browse:      {uri}")
+    else:
+        print(f"  browse:      mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
     print(f"Ray run dir    {result.run_dir}  (checkpoints epoch-NNNN/, predictions/)")
     print(f"  score again: talkmesh metrics --pred {pred_root}/<split> --format {corpus.info.format} "
           f"--root {corpus.info.root}")
