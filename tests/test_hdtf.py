@@ -213,3 +213,38 @@ def test_wrong_vertex_count_and_missing_verts(hdtf_root: Path) -> None:
     (d / "RD_F_000" / "verts_new_shape1.npy").unlink()
     with pytest.raises(DataError, match=r"RD_F_000/verts_new_shape1\.npy"):
         open_corpus(cfg_for(hdtf_root)).sequences()
+
+
+def test_style_reference_fallbacks_and_scoring_exclusion(hdtf_root: Path) -> None:
+    """metrics.md 6.3 for 3D-HDTF: other clips of the same id; else the first 6 s of the
+    evaluated clip, which the evaluator then leaves out of the scores."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from talkmesh.train.evaluate import predict_split
+
+    corpus = open_corpus(cfg_for(hdtf_root))
+    ref, skip = corpus.style_reference(corpus.get("WDA_D_000"), seconds=10.0)  # val id 3 has two clips
+    assert skip == 0 and ref.num_frames == 11  # the other clip, WRA_G_000
+    ref, skip = corpus.style_reference(corpus.get("RD_F_000"), seconds=10.0)  # id 5: one clip of 6 frames
+    assert skip == 5 and ref.num_frames == 5  # its own start, all but one frame
+    ref, skip = corpus.style_reference(corpus.get("WRA_B_000"), seconds=10.0)  # seen id: its training clips
+    assert skip == 0 and ref.subject == "1"
+
+    class ReferenceMethod:  # a reference-conditioned method: encode_style + generate
+        facts = SimpleNamespace(train_subjects=("1", "2"))
+        refs: list[int] = []
+
+        def encode_style(self, reference):
+            self.refs.append(reference.num_frames)
+            return {"frames": reference.num_frames}
+
+        def generate(self, audio, template, style):
+            t = int(round(len(audio) / 640))
+            return {"vertices": torch.zeros(t, V, 3) + torch.as_tensor(template)}
+
+    out = {p.sequence: (p, gt) for p, gt, _ in predict_split(ReferenceMethod(), corpus, "test-B")}
+    assert out["RD_F_000"][0].vertices.shape[0] == out["RD_F_000"][1].shape[0] == 1  # 6 frames - 5 reference
+    assert out["RD_E_000"][1].shape[0] == 7 - 6  # 7 frames, its own first 6 were the reference
+    assert sorted(ReferenceMethod.refs) == [5, 6]

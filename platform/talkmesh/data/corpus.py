@@ -174,6 +174,36 @@ class Corpus(abc.ABC):
                 break
         return concat_clips(clips, name=f"{subject}_reference").slice_frames(0, min(total, need))
 
+    def style_reference(self, seq: SequenceInfo, seconds: float, fallback_seconds: float = 6.0) -> tuple[Clip, int]:
+        """The style reference for evaluating ``seq`` (metrics.md 6.3) and how many of
+        ``seq``'s leading frames must then be excluded from scoring.
+
+        The subject's pool (:meth:`reference_clip`) when it has one; else the subject's
+        other clips in the same split, concatenated in sorted order (3D-HDTF: "other clips
+        of the same id"); else the first ``min(fallback_seconds, seconds)`` of ``seq``
+        itself, whose frames are then excluded (returned count > 0)."""
+        if self.reference_pool(seq.subject):
+            return self.reference_clip(seq.subject, seconds), 0
+        others = sorted(
+            (s for s in self._sequences if s.subject == seq.subject and s.split == seq.split and s.name != seq.name),
+            key=lambda s: s.name,
+        )
+        need = int(round(seconds * self.info.fps))
+        if others:
+            clips: list[Clip] = []
+            total = 0
+            for other in others:
+                clips.append(self.load(other))
+                total += clips[-1].num_frames
+                if total >= need:
+                    break
+            return concat_clips(clips, name=f"{seq.name}_reference").slice_frames(0, min(total, need)), 0
+        clip = self.load(seq)
+        n = min(int(round(min(fallback_seconds, seconds) * self.info.fps)), clip.num_frames - 1)
+        if n < 1:
+            raise DataError(f"{seq.name}: no style reference (no pool, no other clip, {clip.num_frames} frame(s))")
+        return clip.slice_frames(0, n), n
+
     def vertices_of(self, clip: Clip) -> np.ndarray:
         """(T, V, 3) vertices of a clip: stored vertices, or the face model applied to the
         FLAME parameters with zero head rotation (datasets.md 6.2)."""

@@ -8,7 +8,9 @@ Protocol per sequence (metrics.md §6):
   one-hot; an unseen subject once per training-subject condition, using a fixed seeded
   subset of at most ``max_conditions`` training subjects where there are more (§6.1);
 * reference-conditioned methods: the style is encoded from the subject's style-reference
-  clip (``corpus.reference_clip``, §6.2-6.3), once per subject.
+  clip (``corpus.style_reference``, §6.2-6.3), once per reference. Where a subject has no
+  pool and no other clip (3D-HDTF), the reference is the first 6 s of the evaluated clip
+  and those frames are excluded from the scores of the predictions that used it.
 
 Predictions are vertices (T, V, 3): the method's ``vertices``, or its FLAME ``params``
 through the corpus face model. Ground truth is ``corpus.vertices_of(clip)`` (parameter
@@ -187,12 +189,16 @@ def predict_split(
     onehot = hasattr(method, "generate_conditions")
     styles: dict[str, Any] = {}
 
-    def style_for(subject: str, fn: str) -> Any:
-        key = f"{fn}:{subject}"
+    def style_for(seq: SequenceInfo, fn: str) -> tuple[Any, int]:
+        """(style, leading frames of ``seq`` excluded from scoring: its own start was the reference)."""
+        ref, skip = corpus.style_reference(seq, _reference_seconds(method))
+        key = f"{fn}:{ref.name}"
         if key not in styles:
-            ref = corpus.reference_clip(subject, _reference_seconds(method))
             styles[key] = getattr(method, fn)(ref)
-        return styles[key]
+        return styles[key], skip
+
+    def cut(v: np.ndarray, skip: int) -> np.ndarray:
+        return v[skip:] if skip else v
 
     for seq in seqs:
         clip = match_audio_to_motion(corpus.load(seq))
@@ -210,12 +216,13 @@ def predict_split(
                 v = _vertices_of_output(corpus, clip, {"vertices": verts}, nv)
                 yield Prediction(seq.name, seq.subject, cond, v, False), gt, tmpl
             if adapted:
-                out = method.generate(clip.audio, tin, style_for(seq.subject, "adapt"))
-                v = _vertices_of_output(corpus, clip, out, nv)
-                yield Prediction(seq.name, seq.subject, None, v, False, adapted=True), gt, tmpl
+                style, skip = style_for(seq, "adapt")
+                v = cut(_vertices_of_output(corpus, clip, method.generate(clip.audio, tin, style), nv), skip)
+                yield Prediction(seq.name, seq.subject, None, v, False, adapted=True), cut(gt, skip), tmpl
         else:
-            out = method.generate(clip.audio, tin, style_for(seq.subject, "encode_style"))
-            yield Prediction(seq.name, seq.subject, None, _vertices_of_output(corpus, clip, out, nv), seen), gt, tmpl
+            style, skip = style_for(seq, "encode_style")
+            v = cut(_vertices_of_output(corpus, clip, method.generate(clip.audio, tin, style), nv), skip)
+            yield Prediction(seq.name, seq.subject, None, v, seen), cut(gt, skip), tmpl
 
 
 # --------------------------------------------------------------------------------------
@@ -312,7 +319,14 @@ def evaluate_method(
     result. ``max_conditions`` defaults to ``corpus.cfg.max_conditions``."""
     mc = corpus.cfg.max_conditions if max_conditions is None else max_conditions
     scored = score_method(
-        method, corpus, split, limit=limit, max_conditions=mc, seed=seed, metrics=metrics, adapted=adapted,
+        method,
+        corpus,
+        split,
+        limit=limit,
+        max_conditions=mc,
+        seed=seed,
+        metrics=metrics,
+        adapted=adapted,
         save_dir=save_dir,
     )
     conds = condition_subjects(method.facts.train_subjects, mc, seed) if hasattr(method, "generate_conditions") else []
