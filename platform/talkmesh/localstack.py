@@ -373,11 +373,18 @@ class LocalStack:
 
     @contextlib.contextmanager
     def client_environ(self) -> Iterator[dict[str, str]]:
-        """Temporarily apply :meth:`env` to ``os.environ`` (for an in-process ``ray.init()`` /
-        ``serve.run`` against the head); the previous values come back afterwards."""
+        """Temporarily apply :meth:`env` to ``os.environ`` (for an in-process
+        ``ray.init(address=stack.ray_address)`` / ``serve.run`` against the head); the
+        previous values come back afterwards.
+
+        Ray reads ``RAY_AUTH_MODE`` into its cached config; when ``ray`` was imported before
+        (with token auth off), the cache is refreshed here, otherwise ``ray.init`` fails with
+        "Authentication token is missing or incorrect". Setting ``RAY_AUTH_MODE=token``
+        before importing ray avoids the question."""
         new = self.env()
         saved = {k: os.environ.get(k) for k in new}
         os.environ.update(new)
+        _refresh_ray_config()
         try:
             yield new
         finally:
@@ -810,6 +817,15 @@ class LocalStack:
             leftovers = _pids_mentioning(str(self.temp_dir))
             if leftovers:
                 _terminate_pids(leftovers, grace_s=5.0)
+
+
+def _refresh_ray_config() -> None:
+    """Make an already imported ray re-read RAY_AUTH_MODE (what ray itself does when it
+    turns token auth on for a new local cluster)."""
+    if "ray._raylet" not in sys.modules:
+        return
+    with contextlib.suppress(Exception):
+        sys.modules["ray._raylet"].Config.initialize("")
 
 
 def _has_cuda_env() -> bool:

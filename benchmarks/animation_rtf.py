@@ -1,0 +1,223 @@
+"""Animation real-time factor: wall time of ``generate`` for 10 s of audio / 10 s, for every
+registered method's ``debug`` preset, FaceFormer's small job model and paper-size
+FaceFormer (VOCASET and BIWI presets), plus the MP4 preview render time. Median of N runs.
+Not part of the test run.
+
+    .venv/bin/python benchmarks/animation_rtf.py [--quick] [--runs N] [--threads T] [--seconds S]
+
+RTF < 1 is faster than real time. No pretrained weights are available offline, so the
+paper-size rows use randomly initialised audio encoders: the tiny test encoder (hidden 32,
+2 layers) and one with the architecture of wav2vec2-base (95 M parameters, random
+weights, saved to a temp dir and loaded like a checkpoint). Compute does not depend on the
+weights' values, so the base-size row is the paper model's cost; the tiny-encoder row
+isolates the decoder. Models are untrained (speed only). ``--threads`` is torch's
+intra-op thread count (default 1: a Serve replica with one CPU gets OMP_NUM_THREADS=1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def median_time(fn, runs: int) -> tuple[float, object]:
+    times, out = [], None
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def long_clip(corpus, seconds: float):
+    """Audio (S,) of exactly ``seconds`` at 16 kHz and the matching ground-truth vertices
+    (T, V, 3), concatenated from the corpus's test clips; plus a subject and its template input."""
+    from talkmesh.data.dataset import match_audio_to_motion
+
+    fps = corpus.info.fps
+    need_s = int(round(seconds * 16000))
+    need_t = int(round(seconds * fps))
+    audio, verts, first = [], [], None
+    for seq in corpus.sequences():
+        clip = match_audio_to_motion(corpus.load(seq))
+        first = first or clip
+        audio.append(clip.audio)
+        if clip.vertices is not None:
+            verts.append(clip.vertices)
+        if sum(a.shape[0] for a in audio) >= need_s:
+            break
+    a = np.concatenate(audio)[:need_s].astype(np.float32)
+    if a.shape[0] < need_s:
+        a = np.pad(a, (0, need_s - a.shape[0]))
+    v = np.concatenate(verts)[:need_t] if verts else None
+    return a, v, first
+
+
+def style_for(method, corpus, subject: str):
+    """The StyleState a service would hold: encode_style on the subject's reference clip."""
+    from talkmesh.train.evaluate import _reference_seconds
+
+    ref = corpus.reference_clip(subject, _reference_seconds(method))
+    return method.encode_style(ref)
+
+
+def template_for(method, corpus, clip):
+    if getattr(method, "template_input", "vertices") == "shape":
+        return clip.shape
+    return corpus.template(clip.subject)
+
+
+def base_size_encoder(tmp: Path) -> Path:
+    """A wav2vec2-base-sized encoder with random weights, saved as a local checkpoint."""
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    d = tmp / "wav2vec2-base-random"
+    if not (d / "config.json").is_file():
+        torch.manual_seed(0)
+        Wav2Vec2Model(Wav2Vec2Config()).save_pretrained(str(d))  # defaults = the base architecture
+    return d
+
+
+def paper_facts(kind: str):
+    """VOCASET / BIWI data facts as numbers (no corpus needed to time generate)."""
+    from talkmesh.methods.base import DataFacts
+
+    if kind == "vocaset":
+        return DataFacts(fps=30.0, num_vertices=5023, train_subjects=tuple(f"S{i}" for i in range(8)))
+    return DataFacts(fps=25.0, num_vertices=23370, train_subjects=tuple(f"S{i}" for i in range(6)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="1 run each, no base-size encoder rows")
+    ap.add_argument("--runs", type=int, default=None, help="runs per row (median; default 5, quick 1)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    ap.add_argument("--seconds", type=float, default=10.0, help="audio length (default 10 s)")
+    args = ap.parse_args()
+    runs = args.runs or (1 if args.quick else 5)
+    torch.set_num_threads(args.threads)
+    secs = args.seconds
+
+    from talkmesh.config import DataConfig
+    from talkmesh.data import open_corpus
+    from talkmesh.methods.base import DataFacts
+    from talkmesh.methods.registry import available_methods, build_method, get_method
+
+    with tempfile.TemporaryDirectory(prefix="tm-rtf-") as tmp_s:
+        tmp = Path(tmp_s)
+        os.environ.setdefault("TALKMESH_CACHE", str(tmp / "cache"))
+        corpora = {
+            "vertex": open_corpus(DataConfig(format="synthetic", synthetic_preset="small")),
+            "flame": open_corpus(DataConfig(format="synthetic", synthetic_preset="small", synthetic_flavour="flame")),
+        }
+        la = os.getloadavg()
+        print(
+            f"{secs:g} s of audio, median of {runs} run(s), torch threads {args.threads}, "
+            f"load average {la[0]:.1f} on {os.cpu_count()} CPUs"
+        )
+        print("models are untrained and audio encoders random (no weights offline): speed only\n")
+        print(f"{'model':66s} {'V':>6s} {'fps':>4s} {'generate s':>10s} {'RTF':>7s} {'style s':>8s}")
+
+        def row(label: str, v: int, fps: float, gen_s: float, style_s: float | None) -> None:
+            st = "-" if style_s is None else f"{style_s:8.3f}"
+            print(f"{label:66s} {v:6d} {fps:4.0f} {gen_s:10.3f} {gen_s / secs:7.3f} {st:>8s}", flush=True)
+
+        preview_source = None
+        # ---- every registered method, debug preset, on the synthetic corpus ------------------
+        for name in available_methods():
+            try:
+                cls = get_method(name)
+                shape_input = getattr(cls, "template_input", "vertices") == "shape"
+                corpus = corpora["flame" if shape_input else "vertex"]
+                facts = DataFacts.from_corpus(corpus)
+                torch.manual_seed(0)
+                method = build_method(name, None, facts, preset="debug").eval()
+                layer = corpus.face_model()
+                if shape_input and layer is not None and hasattr(method, "set_face_model"):
+                    method.set_face_model(layer)
+                audio, gt, clip = long_clip(corpus, secs)
+                tin = template_for(method, corpus, clip)
+                t0 = time.perf_counter()
+                style = style_for(method, corpus, clip.subject)
+                style_s = time.perf_counter() - t0
+                method.generate(audio, tin, style)  # warm-up
+                gen_s, out = median_time(lambda m=method, a=audio, t=tin, s=style: m.generate(a, t, s), runs)
+                row(f"{name} debug (synthetic {'FLAME' if shape_input else 'vertices'})",
+                    facts.num_vertices, facts.fps, gen_s, style_s)  # fmt: skip
+                if name == "faceformer":
+                    preview_source = (out["vertices"], gt, audio, corpus)
+            except Exception as e:  # noqa: BLE001 - a method in progress must not hide the others
+                print(f"{name + ' debug':66s} failed: {type(e).__name__}: {e}")
+                traceback.print_exc(limit=2)
+
+        # ---- FaceFormer at paper size ------------------------------------------------------
+        encoders = [("tiny random encoder", {"tiny": True})]
+        if not args.quick:
+            t0 = time.perf_counter()
+            enc_dir = base_size_encoder(tmp)
+            print(f"(built the random wav2vec2-base-size encoder in {time.perf_counter() - t0:.1f} s)")
+            encoders.append(("wav2vec2-base-size random encoder", {"name_or_path": str(enc_dir)}))
+        audio16 = long_clip(corpora["vertex"], secs)[0]
+        for preset in ("vocaset", "biwi"):
+            facts = paper_facts(preset)
+            template = np.random.default_rng(0).normal(0, 0.05, (facts.num_vertices, 3)).astype(np.float32)
+            for enc_label, enc in encoders:
+                try:
+                    torch.manual_seed(0)
+                    method = build_method("faceformer", {"audio_encoder": enc}, facts, preset=preset).eval()
+                    n_params = sum(p.numel() for p in method.parameters()) / 1e6
+                    method.generate(audio16, template, 0)  # warm-up
+                    gen_s, _ = median_time(lambda m=method, t=template: m.generate(audio16, t, 0), runs)
+                    cfg = method.config
+                    row(f"faceformer {preset} (d {cfg.d_model}, {enc_label}, {n_params:.1f} M params)",
+                        facts.num_vertices, facts.fps, gen_s, None)  # fmt: skip
+                except Exception as e:  # noqa: BLE001
+                    print(f"faceformer {preset} + {enc_label}: failed: {type(e).__name__}: {e}")
+
+        # ---- preview render -----------------------------------------------------------------
+        if preview_source is not None:
+            from talkmesh.render import DEFAULT_SIZE, render_motion
+
+            pred, gt, audio, corpus = preview_source
+            pred = pred.detach().cpu().numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
+            layer = corpus.face_model()
+            faces = getattr(layer, "faces", None) if layer is not None else None
+            faces = faces() if callable(faces) else faces
+            fps = corpus.info.fps
+            lips = corpus.regions().lips
+            rruns = max(1, min(runs, 3))
+            print(
+                f"\npreview render, {pred.shape[0]} frames ({secs:g} s at {fps:g} fps), V={pred.shape[1]}, "
+                f"{DEFAULT_SIZE[0]}x{DEFAULT_SIZE[1]} per panel, H.264 + AAC, median of {rruns}:"
+            )
+            out = tmp / "preview.mp4"
+            r1, _ = median_time(lambda: render_motion(pred, faces, out, fps, audio=audio), rruns)
+            print(
+                f"  prediction only (Serve's preview)          {r1:7.2f} s   RTF {r1 / secs:6.3f}  "
+                f"({out.stat().st_size / 1024:.0f} KiB)"
+            )
+            if gt is not None:
+                n = min(pred.shape[0], gt.shape[0])  # generate's frame count may differ by one from the data's
+                r2, _ = median_time(
+                    lambda: render_motion(pred[:n], faces, out, fps, audio=audio, gt=gt[:n], heat_region=lips), rruns
+                )
+                print(
+                    f"  prediction | ground truth + lip heat map   {r2:7.2f} s   RTF {r2 / secs:6.3f}  "
+                    "(MLflow preview artifact)"
+                )
+        la = os.getloadavg()
+        print(f"\nload average after: {la[0]:.1f} / {la[1]:.1f} / {la[2]:.1f} on {os.cpu_count()} CPUs")
+
+
+if __name__ == "__main__":
+    main()

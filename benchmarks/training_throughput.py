@@ -1,0 +1,238 @@
+"""Training throughput of FaceFormer: a plain PyTorch loop vs Ray Train (local mode, 1 and 2
+TorchTrainer workers over gloo/NCCL). Prints samples/s (training windows/s), the Ray
+overhead as a ratio to the plain loop, and the 2-vs-1-worker scaling. Not part of the test run.
+
+    .venv/bin/python benchmarks/training_throughput.py [--quick] [--gpu] [--batches N] [--epochs E]
+                                                        [--preset small] [key=value ...]
+
+Every variant trains the same model (``configs/faceformer/<preset>.yaml`` plus overrides)
+on the same synthetic corpus with the same loader, optimizer, batch size and torch
+threads per worker, for ``--batches`` batches per epoch and worker. Epoch 0 is warm-up;
+the figure is the mean over the next ``--epochs`` epochs of the train phase only
+(``time/train_s`` the loop reports with each checkpoint; validation and checkpointing
+are outside it). With 2 workers each takes its own ``--batches`` from its shard, so a
+step processes twice the samples. The Ray cluster is a loopback-only
+``talkmesh.localstack.LocalStack`` head (no MLflow server; runs log to a throwaway SQLite store).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "token")  # before ray is imported: the LocalStack head wants the token
+
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load(preset: str, overrides: list[str]):
+    from talkmesh.jobs import find_preset
+    from talkmesh.train.config import load_experiment
+
+    return load_experiment(find_preset("faceformer", preset), overrides, base={"method": "faceformer"})
+
+
+def plain_loop(exp, batches: int, epochs: int, device: str) -> dict:
+    """The training step of talkmesh.train.loop without Ray: same dataset, loader, method,
+    optimizer and threads. Returns per-epoch (samples, seconds) of the timed epochs."""
+    from talkmesh.data import open_corpus
+    from talkmesh.data.dataset import ClipDataset
+    from talkmesh.methods.base import DataFacts
+    from talkmesh.methods.registry import build_method
+
+    t, sched = exp.train, exp.schedule()
+    before = torch.get_num_threads()
+    if t.torch_threads:
+        torch.set_num_threads(t.torch_threads)
+    try:
+        corpus = open_corpus(exp.data)
+        facts = DataFacts.from_corpus(corpus)
+        torch.manual_seed(t.seed)
+        method = build_method(exp.method, exp.model, facts, preset=exp.preset or None).to(device)
+        opt = torch.optim.AdamW(method.trainable_parameters(), lr=sched.lr, weight_decay=t.weight_decay)
+        with_vertices = facts.motion == "params" and facts.num_vertices > 0
+        ds = ClipDataset(corpus, "train", mode="window", seed=t.seed, with_vertices=with_vertices)
+        gen = torch.Generator()
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=sched.batch_size, shuffle=True, collate_fn=ds.collate, generator=gen
+        )
+        steps = min(len(loader), batches)
+        out = []
+        method.train()
+        for epoch in range(1 + epochs):
+            ds.set_epoch(epoch)
+            gen.manual_seed(t.seed * 1_000_003 + epoch)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            n = 0
+            for i, batch in enumerate(loader):
+                if i >= steps:
+                    break
+                loss, logs = method(batch)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                _ = {k: float(v) for k, v in logs.items()}  # the loop reads every log value too
+                n += int(batch["motion_lengths"].shape[0])
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            if epoch > 0:
+                out.append((n, time.perf_counter() - t0))
+        return {"epochs": out, "world": 1, "wall_s": None}
+    finally:
+        torch.set_num_threads(before)
+
+
+def ray_run(exp, tmp: Path, name: str, epochs: int) -> dict:
+    """run_training, then per-epoch samples and time/train_s from the kept checkpoints."""
+    from talkmesh.train.checkpoint import list_checkpoints
+    from talkmesh.train.runner import run_training
+
+    res = run_training(exp, run_name=name, tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
+    cks = list_checkpoints(res.run_dir)
+    if len(cks) < 1 + epochs:
+        raise RuntimeError(f"{name}: expected {1 + epochs} checkpoints, found {len(cks)} in {res.run_dir}")
+    bs = exp.schedule().batch_size
+    out = []
+    for prev, cur in zip(cks, cks[1:], strict=False):
+        m = cur.metrics
+        steps = int(m["step"]) - int(prev.metrics["step"])
+        out.append((steps * bs * int(m["world_size"]), float(m["time/train_s"])))
+    return {"epochs": out, "world": int(cks[-1].metrics["world_size"]), "wall_s": res.wall_s}
+
+
+def rate(r: dict) -> tuple[float, float]:
+    """(samples/s over the timed epochs, relative spread of per-epoch rates)."""
+    n = sum(s for s, _ in r["epochs"])
+    dt = sum(d for _, d in r["epochs"])
+    per = [s / d for s, d in r["epochs"] if d > 0]
+    spread = (max(per) - min(per)) / statistics.mean(per) if len(per) > 1 else 0.0
+    return n / dt, spread
+
+
+def cpu_load() -> str:
+    with contextlib.suppress(OSError):
+        la = os.getloadavg()
+        return f"load average {la[0]:.1f} / {la[1]:.1f} / {la[2]:.1f} on {os.cpu_count()} CPUs"
+    return "load average unknown"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer batches and epochs (a smoke run)")
+    ap.add_argument("--gpu", action="store_true", help="plain loop on cuda, Ray workers with use_gpu=True")
+    ap.add_argument("--batches", type=int, default=None, help="batches per epoch and worker (default 16, quick 6)")
+    ap.add_argument("--epochs", type=int, default=None, help="timed epochs after the warm-up one (default 3, quick 1)")
+    ap.add_argument("--preset", default="small", help="configs/faceformer/<NAME>.yaml (default small: debug model)")
+    ap.add_argument("--skip", default="", help="comma-separated variants to skip: plain,local,1,2")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides for every variant, e.g. model.d_model=64")
+    args = ap.parse_args()
+    batches = args.batches or (6 if args.quick else 16)
+    epochs = args.epochs or (1 if args.quick else 3)
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if args.gpu and not torch.cuda.is_available():
+        sys.exit("--gpu: torch sees no CUDA device on this machine")
+    device = "cuda" if args.gpu else "cpu"
+
+    import logging
+
+    import ray  # sets up its loggers on import; quietened below
+
+    from talkmesh.localstack import LocalStack
+
+    for name in ("ray", "ray.train", "mlflow"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+    with tempfile.TemporaryDirectory(prefix="tm-bench-") as tmp_s:
+        tmp = Path(tmp_s)
+        os.environ.setdefault("TALKMESH_CACHE", str(tmp / "cache"))
+        common = [
+            *args.overrides,
+            f"train.epochs={1 + epochs}",
+            f"train.limit_train_batches={batches}",
+            f"train.eval_every={10_000}",  # validation only after the last epoch (not timed anyway)
+            "train.limit_eval_sequences=1",
+            "train.checkpoint_num_to_keep=0",
+            "train.system_metrics=false",
+            "train.log_checkpoint=false",
+            "train.preview=false",
+            f"train.storage_path={tmp / 'ray'}",
+            f"train.use_gpu={'true' if args.gpu else 'false'}",
+        ]
+        base = load(args.preset, [*common, "train.num_workers=0"])
+        from talkmesh.data import open_corpus
+
+        corpus = open_corpus(base.data)  # generated once here, shared by every variant
+        sched = base.schedule()
+        print(f"FaceFormer preset {base.preset!r} ({args.preset}.yaml), synthetic corpus {corpus.info.root}")
+        print(
+            f"batch {sched.batch_size}/worker, {batches} batches/epoch/worker, 1 warm-up + {epochs} timed epochs, "
+            f"torch threads/worker {base.train.torch_threads or torch.get_num_threads()}, device {device}"
+        )
+        print(f"before: {cpu_load()}\n")
+
+        results: dict[str, dict] = {}
+        # A first in-process run is markedly slower (cold code paths and caches) whichever
+        # variant it is; one untimed pass keeps that out of the comparison.
+        plain_loop(base, batches, 1, device)
+        if "plain" not in skip:
+            results["plain PyTorch loop (no Ray)"] = plain_loop(base, batches, epochs, device)
+        if "local" not in skip:
+            results["Ray Train local mode (num_workers=0)"] = ray_run(base, tmp, "local", epochs)
+        wanted = [n for n in (1, 2) if str(n) not in skip]
+        if wanted:
+            cpus = max(2, os.cpu_count() or 1)
+            with LocalStack(tmp / "stack", num_cpus=cpus, start_mlflow=False) as stack, stack.client_environ():
+                ray.init(address=stack.ray_address, log_to_driver=False)
+                try:
+                    for n in wanted:
+                        exp = load(args.preset, [*common, f"train.num_workers={n}"])
+                        label = f"TorchTrainer {n} worker{'s' if n > 1 else ''} ({'nccl' if args.gpu else 'gloo'})"
+                        results[label] = ray_run(exp, tmp, f"w{n}", epochs)
+                finally:
+                    ray.shutdown()
+
+        print(f"\n{'variant':42s} {'samples/s':>10s} {'spread':>7s} {'vs plain':>9s} {'fit wall s':>11s}")
+        rates = {k: rate(v) for k, v in results.items()}
+        plain = rates.get("plain PyTorch loop (no Ray)", (None, 0))[0]
+        for k, (r, spread) in rates.items():
+            rel = f"{r / plain:.2f}x" if plain else "-"
+            wall = results[k]["wall_s"]
+            wall_s = "-" if wall is None else f"{wall:.1f}"
+            print(f"{k:42s} {r:10.1f} {spread:7.0%} {rel:>9s} {wall_s:>11s}")
+        one = next((v[0] for k, v in rates.items() if k.startswith("TorchTrainer 1 ")), None)
+        two = next((v[0] for k, v in rates.items() if k.startswith("TorchTrainer 2 ")), None)
+        local = rates.get("Ray Train local mode (num_workers=0)", (None, 0))[0]
+        print()
+        if plain and local:
+            print(f"Ray Train local mode / plain loop:  {local / plain:.2f}x the samples/s")
+        if plain and one:
+            print(
+                f"TorchTrainer 1 worker / plain loop: {one / plain:.2f}x the samples/s "
+                f"(Ray overhead in the train phase: {1 - one / plain:+.0%} of the plain rate)"
+            )
+        if one and two:
+            print(
+                f"2 workers / 1 worker:               {two / one:.2f}x the samples/s (ideal 2.00x, "
+                f"efficiency {two / one / 2:.0%})"
+            )
+        print(
+            f"samples = training windows of {base.data.window_seconds:g} s; spread = (max - min) / mean of the "
+            "per-epoch rates; fit wall s = TorchTrainer.fit() incl. worker start-up, validation, checkpoints"
+        )
+        print(f"after: {cpu_load()}")
+
+
+if __name__ == "__main__":
+    main()
