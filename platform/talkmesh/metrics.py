@@ -31,7 +31,9 @@ Motion may be given as (T, V, 3) or flattened (T, V*3).
 
 Also here: the unseen-subject condition aggregation (§6.1), the AdaMesh diversity and pose
 metrics (§8), DEE cross-modal retrieval accuracy (§9), the published scales (§5) and a
-report-table formatter that prints native and scaled values side by side.
+report-table formatter that prints native and scaled values side by side. Style
+consistency (§7.4): ``scs`` and ``speaker_retrieval_accuracy`` score embeddings of a
+separately trained speaker-identity network (``talkmesh.speaker_id`` computes them).
 """
 
 from __future__ import annotations
@@ -90,8 +92,10 @@ __all__ = [
     "sample_diversity",
     "sampled_similarity",
     "scale_of",
+    "scs",
     "score_sequence",
     "score_sequences",
+    "speaker_retrieval_accuracy",
 ]
 
 # --------------------------------------------------------------------------------------
@@ -908,6 +912,72 @@ def retrieval_accuracy(
     same N clips; labels: (N,) emotion labels.
     """
     return retrieval_accuracy_from_similarity(csd_similarity(mu_e, var_e, mu_a, var_a), labels)
+
+
+# --------------------------------------------------------------------------------------
+# Style consistency (§7.4, project DECISION)
+# --------------------------------------------------------------------------------------
+
+
+def _embeddings(x: np.ndarray, what: str) -> np.ndarray:
+    e = np.asarray(x, dtype=np.float64)
+    if e.ndim != 2 or e.shape[0] < 1 or e.shape[1] < 1:
+        raise ValueError(f"{what} must be (N >= 1, D) embeddings, got shape {e.shape}")
+    if not np.isfinite(e).all():
+        raise ValueError(f"{what} hold non-finite values")
+    return e
+
+
+def _unit_rows(e: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), eps)
+
+
+def scs(generated: np.ndarray, reference: np.ndarray) -> float:
+    """``scs`` (style cosine similarity, §7.4, project DECISION): the mean over sequences
+    of cos(f(m_gen_i), f(m_ref_i)).
+
+    generated, reference: (N, D) embeddings of the N generated sequences and of the
+    style reference each was conditioned on (row i with row i), taken from a separately
+    trained speaker-identity network over vertex offsets (``talkmesh.speaker_id``; never
+    the evaluated method's own style encoder). A zero vector has cosine 0 with anything.
+    Higher is better; the range is [-1, 1].
+    """
+    g = _embeddings(generated, "generated embeddings")
+    r = _embeddings(reference, "reference embeddings")
+    if g.shape != r.shape:
+        raise ValueError(f"generated {g.shape} and reference {r.shape} embeddings must pair up row by row")
+    return float(np.mean(np.sum(_unit_rows(g) * _unit_rows(r), axis=1)))
+
+
+def speaker_retrieval_accuracy(
+    generated: np.ndarray,
+    generated_labels: np.ndarray | Sequence[str] | Sequence[int],
+    gallery: np.ndarray,
+    gallery_labels: np.ndarray | Sequence[str] | Sequence[int],
+) -> dict[str, float]:
+    """``speaker_acc`` (project DECISION): does generated motion look like its own speaker?
+
+    Each generated sequence i (embedding (D,), speaker ``generated_labels[i]``) retrieves
+    the gallery embedding with the highest cosine similarity (ties go to the **lowest
+    index**); it is correct when that gallery item has the same speaker label. The gallery
+    is the style-reference embeddings (usually one per speaker). Returns ``accuracy`` and
+    ``chance`` = mean_i (gallery items of speaker i) / (gallery size), the accuracy of a
+    uniformly random pick.
+    """
+    g = _embeddings(generated, "generated embeddings")
+    r = _embeddings(gallery, "gallery embeddings")
+    if g.shape[1] != r.shape[1]:
+        raise ValueError(f"generated ({g.shape[1]}-d) and gallery ({r.shape[1]}-d) embeddings differ in size")
+    yg, yr = np.asarray(generated_labels).ravel(), np.asarray(gallery_labels).ravel()
+    if yg.size != g.shape[0] or yr.size != r.shape[0]:
+        raise ValueError(
+            f"labels do not match the embeddings: {yg.size} labels for {g.shape[0]} generated, "
+            f"{yr.size} for {r.shape[0]} gallery"
+        )
+    sim = _unit_rows(g) @ _unit_rows(r).T  # (N, M)
+    hit = yr[np.argmax(sim, axis=1)] == yg  # np.argmax returns the first maximum
+    chance = np.mean([(yr == y).sum() / yr.size for y in yg])
+    return {"accuracy": float(hit.mean()), "chance": float(chance)}
 
 
 # --------------------------------------------------------------------------------------

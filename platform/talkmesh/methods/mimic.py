@@ -38,8 +38,10 @@ Deviations from the reference code (spec DECISIONS unless noted):
   5. The periodic PE and the biased mask are computed for any length (reference tables:
      600 frames); windows are still limited to ``max_len``.
   6. The GRL weight schedule needs the epoch: :meth:`Mimic.set_epoch` (stored in a
-     buffer, so it survives checkpoints). The shared training loop has no per-epoch hook
-     yet, so under it the schedule stays at epoch 0 (project deviation, reported).
+     buffer, so it survives checkpoints). The shared training loop has no dedicated epoch
+     hook; it calls ``lr_multiplier(epoch)`` every epoch, which Mimic answers with 1.0
+     (constant LR) and uses to set the epoch. A loop without that hook leaves the
+     schedule at epoch 0.
   7. ``items_per_video`` (40 random windows per HDTF video per epoch) is not a method
      setting: an epoch of the shared loop is one item per sequence (project deviation);
      scale ``epochs`` instead.
@@ -657,6 +659,13 @@ class Mimic(MotionMethod):
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         self.epoch.fill_(int(epoch))
+
+    def lr_multiplier(self, epoch: int) -> float:
+        """The shared loop's per-epoch hook: Mimic's learning rate is constant (§5), so 1.0.
+        The loop calls it at the start of every epoch (on every rank, after resuming too);
+        Mimic also takes the epoch from it for the GRL schedule (:meth:`set_epoch`)."""
+        self.set_epoch(epoch)
+        return 1.0
 
     @property
     def grl_weight(self) -> float:
