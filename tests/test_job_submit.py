@@ -113,3 +113,39 @@ def test_ray_job_submit_trains_tracks_and_registers(tmp_path):
     assert stack.leftover_pids() == []
     stack.stop()  # idempotent
     print(f"\nstack start {start_s:.1f} s, faceformer job {job_s:.1f} s, failing job + stop {stop_s:.1f} s")
+
+
+_CHILD = """
+import json, sys, time
+from talkmesh.localstack import LocalStack
+stack = LocalStack(sys.argv[1], num_cpus=1).start()
+groups = [p.pid for p in (stack._ray, stack._mlflow)]
+print(json.dumps({"ports": stack.all_ports(), "groups": groups, "temp": str(stack.temp_dir)}), flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_owner_stops_the_stack(tmp_path):
+    """An interrupted demo (SIGTERM to the process that owns the stack) leaves nothing running."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    from talkmesh.localstack import _pids_in_group, _pids_mentioning
+
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(tmp_path / "stack")], stdout=subprocess.PIPE, text=True)
+    try:
+        line = child.stdout.readline()  # the stack is up when the child prints
+        assert line, f"child exited with {child.wait()} before starting the stack"
+        info = json.loads(line)
+        assert any(is_listening(p) for p in info["ports"])
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=90) == 128 + signal.SIGTERM
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert not any(is_listening(p) for p in info["ports"])
+    assert all(_pids_in_group(g) == [] for g in info["groups"])
+    assert _pids_mentioning(info["temp"]) == []

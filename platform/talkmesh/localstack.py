@@ -134,15 +134,32 @@ def is_listening(port: int, host: str = LOOPBACK, timeout: float = 0.5) -> bool:
         return False
 
 
-def _pdeathsig() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Child: get SIGTERM when the parent dies, even by SIGKILL (Linux), so that a killed
-    demo does not leave a Ray head or an MLflow server behind."""
-    try:
-        import ctypes
+_PRCTL: Any = None
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:  # noqa: BLE001 - best effort, not available everywhere
-        pass
+
+def _pdeathsig_hook() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGTERM when its parent dies, even by
+    SIGKILL (Linux ``PR_SET_PDEATHSIG``), so a killed demo leaves no Ray head or MLflow
+    server behind. ``prctl`` is looked up here, in the parent: between fork and exec the
+    child only calls it (no dynamic loading there, which could deadlock a threaded parent)."""
+    global _PRCTL
+    if not sys.platform.startswith("linux"):
+        return None
+    if _PRCTL is None:
+        try:
+            import ctypes
+
+            _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+        except (OSError, AttributeError):
+            _PRCTL = False
+    if not _PRCTL:
+        return None
+    prctl = _PRCTL
+
+    def hook() -> None:  # pragma: no cover - runs in the child
+        prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+
+    return hook
 
 
 def _pids_mentioning(text: str) -> list[int]:
@@ -276,6 +293,14 @@ class LocalStack:
             (the first MLflow start migrates a fresh database, ~20 s on 2 cores).
         env: extra environment for the Ray head (inherited by its workers and job drivers).
         echo: where progress lines go (None = silent).
+
+    On Linux the services are told to exit (SIGTERM) when the thread that started them
+    ends, so call :meth:`start` from a thread that outlives the stack (normally the main
+    thread). Deploying Serve against the head: ``with stack.client_environ():
+    ray.init(address=stack.ray_address); serve.start(http_options={"host": "127.0.0.1",
+    "port": free_ports(1)[0]}); serve.run(app)``, or ``stack.run_cli(["serve", "deploy",
+    path])`` / ``subprocess.Popen(["serve", "run", path], env=stack.env())``. Serve's
+    actors run on this head, so :meth:`stop` ends them too.
     """
 
     def __init__(
@@ -453,7 +478,7 @@ class LocalStack:
             env=dict(env),
             cwd=str(self.work_dir),
             start_new_session=True,  # own process group: stop() terminates exactly this
-            preexec_fn=_pdeathsig if sys.platform.startswith("linux") else None,
+            preexec_fn=_pdeathsig_hook(),
         )
 
     def _spawn_mlflow(self) -> None:
@@ -471,6 +496,9 @@ class LocalStack:
         env = dict(os.environ)
         for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
             env.pop(k, None)
+        # No GenAI job runner: it starts seven huey consumer processes that tracking and the
+        # model registry do not use (and that outlive a killed server for a while).
+        env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
         self._say(f"[stack] mlflow server on {LOOPBACK}:{self.ports['mlflow']} (store {self.mlflow_db})")
         self._mlflow = self._popen(cmd, "mlflow-server.log", env)
 
