@@ -73,7 +73,21 @@ Deviations (spec DECISIONs unless noted):
  11. Without a reference, ``generate(style=k)`` uses training identity k's mean style
      vector and mean shape (fitted in the pose-index stage) and its pose embedding;
      ``style=None`` the mean over identities and ``default_pose_identity``.
- 12. Long audio: PoseGPT decodes in independent chunks of ``posegpt_max_steps`` codes.
+ 12. Pose context: pose batches are cropped to ``pose_window`` frames; at inference the
+     VQ-VAE encodes/decodes consecutive chunks of ``pose_window`` frames and PoseGPT samples
+     with a sliding context of ``pose_window / pose_downsample`` codes (positions 0..C-1, BOS
+     first), so no position beyond the trained windows is ever used.
+ 14. D8: the VQ-VAE conv stages have no normalisation by default (``pose_vq_norm="none"``;
+     CodeTalker's InstanceNorm is ``"instance"``). InstanceNorm over time removes every
+     window's per-channel mean and scale - for a 3-d rotation signal, the head-motion
+     amplitude and offset that make up a speaker's pose style - so the decoder cannot
+     reconstruct them and the pose-style matrices cannot tell speakers apart (measured on
+     the synthetic corpus; see tests/test_adamesh.py).
+ 13. ``expression_audio="hubert+mel"`` (project option, used by the debug preset): the
+     expression adapter also gets the log-mel frames PoseGPT uses. A frozen, randomly
+     initialised tiny HuBERT carries almost no information about lip motion (ridge-probe
+     R² 0.07 for the jaw opening on the synthetic corpus vs 0.55 for a 16-bin log-mel), so
+     tests could not otherwise learn on CPU. The paper presets keep HuBERT alone.
 """
 
 from __future__ import annotations
@@ -163,6 +177,9 @@ class AdaMeshConfig:
     # ---- audio (§2, D17) ----
     audio_encoder: AudioEncoderConfig = dataclasses.field(default_factory=_hubert)  # frozen
     audio_alignment: Literal["auto", "trim", "interp"] = "auto"  # deviation 5
+    # Expression-adapter input: HuBERT (paper) or HuBERT ⊕ log-mel (PoseGPT's input; the debug
+    # preset's choice, deviation 13).
+    expression_audio: Literal["hubert", "hubert+mel"] = "hubert"
     # ---- expression adapter (§3) ----
     d_model: int = 256
     heads: int = 4
@@ -206,6 +223,13 @@ class AdaMeshConfig:
     pose_vq_heads: int = 4
     pose_vq_ff: int = 1024
     pose_vq_dropout: float = 0.1
+    # Pose context in frames (multiple of pose_downsample): pose training windows are cropped
+    # to it, and inference runs the VQ-VAE on chunks of it and PoseGPT with a sliding context
+    # of pose_window / pose_downsample codes (deviation 12). 128 = the spec's VQ windows.
+    pose_window: int = 128
+    # Normalisation in the VQ-VAE conv stages: CodeTalker's InstanceNorm ("instance"),
+    # BatchNorm ("batch") or none (deviation 14).
+    pose_vq_norm: Literal["instance", "batch", "none"] = "none"
     pose_codebook_size: int = 256
     pose_code_dim: int = 64
     pose_downsample: int = 4  # a power of two: one stride-2 conv per factor 2
@@ -237,6 +261,8 @@ class AdaMeshConfig:
     kmeans_max_frames: int = 200000
     kmeans_iters: int = 50
     min_shared_clusters: int = 1
+    # Features clustered for the pose-style matrix: HuBERT (paper) or HuBERT ⊕ log-mel (debug, deviation 13).
+    pose_cluster_audio: Literal["hubert", "hubert+mel"] = "hubert"
     cache_features: bool = True  # whole-clip HuBERT features on disk (talkmesh.audio.cache)
     # ---- inference ----
     default_pose_identity: int = 0
@@ -322,6 +348,10 @@ class AdaMeshConfig:
             raise ValueError("pose_vq_hidden / posegpt_d must be divisible by their head counts")
         if self.pose_downsample & (self.pose_downsample - 1) or self.pose_downsample < 2:
             raise ValueError(f"pose_downsample must be a power of two >= 2, got {self.pose_downsample}")
+        if self.pose_window < self.pose_downsample or self.pose_window % self.pose_downsample:
+            raise ValueError(f"pose_window={self.pose_window} must be a positive multiple of pose_downsample")
+        if self.pose_window // self.pose_downsample > self.posegpt_max_steps:
+            raise ValueError("pose_window / pose_downsample must not exceed posegpt_max_steps")
         if not self.molora_ranks or any(r < 1 for r in self.molora_ranks):
             raise ValueError(f"molora_ranks must be a non-empty tuple of ranks >= 1, got {self.molora_ranks}")
         bad = sorted(set(self.molora_targets) - {"pw1", "dw", "pw2"})
@@ -368,9 +398,12 @@ class AdaMeshConfig:
     @classmethod
     def debug(cls) -> AdaMeshConfig:
         """Tiny CPU model for tests (§12 debug column): d 32, one block per module, ranks
-        (1, 2), a tiny random HuBERT, a 16-code pose prior, a 2-layer PoseGPT, k = 8."""
+        (1, 2), a tiny random HuBERT (+ log-mel into the expression adapter, deviation 13),
+        a 16-code pose prior, a 2-layer PoseGPT, k = 8."""
         return cls(
             audio_encoder=dataclasses.replace(_hubert(), tiny=True),
+            expression_audio="hubert+mel",
+            pose_cluster_audio="hubert+mel",
             d_model=32,
             heads=2,
             ffn=64,
@@ -396,6 +429,7 @@ class AdaMeshConfig:
             pose_vq_heads=2,
             pose_vq_ff=64,
             pose_vq_dropout=0.0,
+            pose_window=48,
             pose_codebook_size=16,
             pose_code_dim=8,
             pose_vq_lr=1e-3,
@@ -571,13 +605,18 @@ class ExpressionAdapter(nn.Module):
 
 
 class _ConvStage(nn.Module):
-    """[optional nearest x2 upsample] -> Conv1d(k 5, replicate pad, stride s) -> LeakyReLU(0.2) -> InstanceNorm."""
+    """[optional nearest x2 upsample] -> Conv1d(k 5, replicate pad, stride s) -> LeakyReLU(0.2) -> norm."""
 
-    def __init__(self, hidden: int, stride: int, upsample: bool) -> None:
+    def __init__(self, hidden: int, stride: int, upsample: bool, norm: str) -> None:
         super().__init__()
         self.upsample = upsample
         self.conv = nn.Conv1d(hidden, hidden, 5, stride=stride, padding=2, padding_mode="replicate")
-        self.norm = nn.InstanceNorm1d(hidden)
+        norms: dict[str, nn.Module] = {
+            "instance": nn.InstanceNorm1d(hidden),
+            "batch": nn.BatchNorm1d(hidden),
+            "none": nn.Identity(),
+        }
+        self.norm = norms[norm]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, T) -> (B, H, T')
         if self.upsample:
@@ -598,13 +637,13 @@ class PoseVQVAE(nn.Module):
         h, n = cfg.pose_vq_hidden, int(round(math.log2(cfg.pose_downsample)))
         self.downsample = cfg.pose_downsample
         self.enc_in = nn.Linear(POSE_DIM, h)
-        self.enc_convs = nn.ModuleList(_ConvStage(h, 2, False) for _ in range(n))
+        self.enc_convs = nn.ModuleList(_ConvStage(h, 2, False, cfg.pose_vq_norm) for _ in range(n))
         self.enc_proj = nn.Linear(h, h)
         self.enc_tf = _transformer(h, cfg.pose_vq_heads, cfg.pose_vq_ff, cfg.pose_vq_layers, cfg.pose_vq_dropout)
         self.enc_out = nn.Linear(h, cfg.pose_code_dim)
         self.quantizer = VectorQuantizer(cfg.pose_codebook_size, cfg.pose_code_dim, cfg.pose_vq_beta, cfg.pose_vq_mode)
         self.dec_in = nn.Linear(cfg.pose_code_dim, h)
-        self.dec_convs = nn.ModuleList(_ConvStage(h, 1, True) for _ in range(n))
+        self.dec_convs = nn.ModuleList(_ConvStage(h, 1, True, cfg.pose_vq_norm) for _ in range(n))
         self.dec_proj = nn.Linear(h, h)
         self.dec_tf = _transformer(h, cfg.pose_vq_heads, cfg.pose_vq_ff, cfg.pose_vq_layers, cfg.pose_vq_dropout)
         self.dec_out = nn.Linear(h, POSE_DIM)
@@ -636,6 +675,15 @@ class PoseVQVAE(nn.Module):
     def indices(self, x: torch.Tensor) -> torch.Tensor:
         """Code indices (B, T/ds) of normalised poses (B, T, 3)."""
         return self.quantizer.nearest(self.encode(x))
+
+    def encode_chunks(self, x: torch.Tensor, window: int) -> torch.Tensor:
+        """:meth:`encode` over consecutive chunks of ``window`` frames (the trained context)."""
+        return torch.cat([self.encode(x[:, i : i + window]) for i in range(0, x.shape[1], window)], dim=1)
+
+    def decode_chunks(self, idx: torch.Tensor, window_codes: int) -> torch.Tensor:
+        """:meth:`decode_indices` over consecutive chunks of ``window_codes`` codes."""
+        parts = [self.decode_indices(idx[:, i : i + window_codes]) for i in range(0, idx.shape[1], window_codes)]
+        return torch.cat(parts, dim=1)
 
     def decode_indices(self, idx: torch.Tensor) -> torch.Tensor:
         """Code indices (B, L) -> normalised poses (B, L*ds, 3)."""
@@ -715,27 +763,30 @@ class PoseGPT(nn.Module):
         mode: str = "sample",
         temperature: float = 1.0,
         top_k: int = 0,
+        context: int | None = None,
     ) -> torch.Tensor:
-        """Codes (B, L) decoded autoregressively (chunks of ``max_steps``, deviation 12)."""
+        """Codes (B, L) decoded autoregressively. Step j sees the last ``context`` steps
+        (default ``max_steps``) as a training window does: positions 0..C-1, BOS first, then
+        the codes sampled for the earlier steps of the window (deviation 12)."""
         b, total, _ = audio_tokens.shape
-        out: list[torch.Tensor] = []
-        for start in range(0, total, self.max_steps):
-            tok = audio_tokens[:, start : start + self.max_steps]
-            codes = torch.full((b, 1), self.bos, dtype=torch.long, device=tok.device)
-            for j in range(tok.shape[1]):
-                logits = self(tok[:, : j + 1], codes, identity)[:, -1]  # (B, K)
-                if mode == "greedy":
-                    nxt = logits.argmax(-1)
-                else:
-                    logits = logits / temperature
-                    if top_k > 0:
-                        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-                        logits = logits.masked_fill(logits < kth, float("-inf"))
-                    probs = torch.softmax(logits.float(), dim=-1).cpu()
-                    nxt = torch.multinomial(probs, 1, generator=generator)[:, 0].to(tok.device)
-                codes = torch.cat([codes, nxt[:, None]], dim=1)
-            out.append(codes[:, 1:])
-        return torch.cat(out, dim=1)  # (B, L)
+        c = min(context or self.max_steps, self.max_steps)
+        codes = torch.empty(b, 0, dtype=torch.long, device=audio_tokens.device)
+        bos = torch.full((b, 1), self.bos, dtype=torch.long, device=audio_tokens.device)
+        for j in range(total):
+            start = max(0, j - c + 1)
+            codes_in = torch.cat([bos, codes[:, start:j]], dim=1)  # (B, j - start + 1)
+            logits = self(audio_tokens[:, start : j + 1], codes_in, identity)[:, -1]  # (B, K)
+            if mode == "greedy":
+                nxt = logits.argmax(-1)
+            else:
+                logits = logits / temperature
+                if top_k > 0:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = torch.softmax(logits.float(), dim=-1).cpu()
+                nxt = torch.multinomial(probs, 1, generator=generator)[:, 0].to(audio_tokens.device)
+            codes = torch.cat([codes, nxt[:, None]], dim=1)
+        return codes  # (B, L)
 
 
 # --------------------------------------------------------------------------------------
@@ -781,6 +832,7 @@ class AdaMesh(MotionMethod):
     style_version: ClassVar[int] = 1
     stages: ClassVar[tuple[str, ...]] = ("expression", "pose_vq", "posegpt", "pose_index")
     template_input: ClassVar[str] = "shape"  # generate takes a FLAME shape beta (or None), evaluation passes it
+    trains_on_vertices: ClassVar[bool] = False  # the loop need not build face-model vertices for training batches
 
     def __init__(self, config: AdaMeshConfig, facts: DataFacts) -> None:
         super().__init__(config, facts)
@@ -810,7 +862,7 @@ class AdaMesh(MotionMethod):
         self.alignment: str = mode
         h = encoder.hidden_size
 
-        self.expression = ExpressionAdapter(cfg, h)
+        self.expression = ExpressionAdapter(cfg, h + (cfg.mel_bins if cfg.expression_audio == "hubert+mel" else 0))
         self.molora_layers = apply_adapters(
             self.expression,
             lambda name, _m: ".conv." in f".{name}" and name.rsplit(".", 1)[-1] in cfg.molora_targets,
@@ -827,7 +879,9 @@ class AdaMesh(MotionMethod):
         self.register_buffer("pose_std", torch.ones(POSE_DIM))
         self.register_buffer("fitted", torch.zeros(3, dtype=torch.bool))  # expr stats, pose stats, pose index
         n, k = self.num_identities, cfg.pose_kmeans_k
-        self.register_buffer("cluster_centroids", torch.zeros(k, h))
+        self.register_buffer(
+            "cluster_centroids", torch.zeros(k, h + (cfg.mel_bins if cfg.pose_cluster_audio != "hubert" else 0))
+        )
         self.register_buffer("pose_style_matrix", torch.zeros(n, k, cfg.pose_code_dim))
         self.register_buffer("pose_style_counts", torch.zeros(n, k))
         self.register_buffer("identity_style", torch.zeros(n, cfg.d_model))  # mean style vector per identity
@@ -1006,8 +1060,7 @@ class AdaMesh(MotionMethod):
         if params.shape[-1] != EXPR_DIM:
             raise ValueError(f"batch['params'] must be (B, T, {EXPR_DIM}), got {tuple(params.shape)}")
         b, t = params.shape[:2]
-        feats, flen = self._features(batch["audio"], batch.get("audio_lengths"))
-        audio = self._align(feats, flen, 2 * lengths)  # (B, 2T, H)
+        audio = self._expression_audio(self._audio_inputs(batch["audio"], batch.get("audio_lengths"), lengths))
         if audio.shape[1] < 2 * t:
             audio = F.pad(audio, (0, 0, 0, 2 * t - audio.shape[1]))
         y = self._norm_expr(params)  # (B, T, 53)
@@ -1022,7 +1075,7 @@ class AdaMesh(MotionMethod):
 
     def _pose_crop(self, lengths: torch.Tensor) -> int:
         ds = self.config.pose_downsample
-        t = int(lengths.min()) // ds * ds
+        t = min(int(lengths.min()), self.config.pose_window) // ds * ds
         if t < ds:
             raise ValueError(f"AdaMesh pose stages need windows of at least {ds} frames, got {int(lengths.min())}")
         return t
@@ -1042,7 +1095,11 @@ class AdaMesh(MotionMethod):
         )
         return loss, logs
 
-    def _pose_audio(self, audio: torch.Tensor, lengths: torch.Tensor | None, frames: torch.Tensor) -> torch.Tensor:
+    def _expression_audio(self, both: torch.Tensor) -> torch.Tensor:
+        """The expression adapter's part of aligned HuBERT ⊕ log-mel (B, 2T, H + M)."""
+        return both if self.config.expression_audio == "hubert+mel" else both[..., : self._hubert.hidden_size]
+
+    def _audio_inputs(self, audio: torch.Tensor, lengths: torch.Tensor | None, frames: torch.Tensor) -> torch.Tensor:
         """HuBERT ⊕ log-mel (B, 2 max(frames), H + M), each item aligned to 2 frames_b."""
         feats, flen = self._features(audio, lengths)
         mel = self._mel(audio, lengths)[:, : feats.shape[1]]
@@ -1059,7 +1116,7 @@ class AdaMesh(MotionMethod):
         t = self._pose_crop(lengths)
         with torch.no_grad():
             codes = self.pose_vq.indices(self._norm_pose(pose[:, :t]))  # (B, L) frozen prior
-        audio = self._pose_audio(batch["audio"], batch.get("audio_lengths"), lengths)[:, : 2 * t]  # (B, 2t, A)
+        audio = self._audio_inputs(batch["audio"], batch.get("audio_lengths"), lengths)[:, : 2 * t]  # (B, 2t, A)
         tokens = self.posegpt.audio_tokens(audio)  # (B, L, d)
         codes_in = torch.cat([torch.full_like(codes[:, :1], self.posegpt.bos), codes[:, :-1]], dim=1)
         logits = self.posegpt(tokens, codes_in, subject)  # (B, L, K)
@@ -1110,12 +1167,19 @@ class AdaMesh(MotionMethod):
             self.fitted[1] = True
         return {f"{key}_frames": float(total)}
 
-    def _clip_features(self, audio: np.ndarray, cache: Any) -> torch.Tensor:
-        """50 Hz HuBERT features (N, H) of one whole clip, from the disk cache when enabled."""
+    def _clip_features(self, audio: np.ndarray | torch.Tensor, cache: Any = None) -> torch.Tensor:
+        """50 Hz features (N, C) of one whole clip that the pose-style clusters are built on:
+        HuBERT (from the disk cache when enabled) [⊕ log-mel with ``pose_cluster_audio``]."""
+        a = torch.as_tensor(np.asarray(audio, np.float32) if not isinstance(audio, torch.Tensor) else audio)
+        a = a.to(torch.float32)
         if cache is not None:
-            return torch.from_numpy(cache.get_or_compute(np.asarray(audio, np.float32), self._hubert)).to(self.device)
-        feats, _ = self._features(torch.as_tensor(np.asarray(audio, np.float32))[None])
-        return feats[0]
+            feats = torch.from_numpy(cache.get_or_compute(a.cpu().numpy(), self._hubert)).to(self.device)
+        else:
+            feats = self._features(a[None])[0][0]
+        if self.config.pose_cluster_audio == "hubert+mel":
+            mel = self._mel(a[None], None)[0, : feats.shape[0]]
+            feats = torch.cat([feats, F.pad(mel, (0, 0, 0, feats.shape[0] - mel.shape[0]))], dim=-1)
+        return feats
 
     def _clip_pose_stats(self, feats: torch.Tensor, head_pose: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-cluster sums (k, D) and frame counts (k,) of one clip's pre-quantisation pose
@@ -1124,7 +1188,7 @@ class AdaMesh(MotionMethod):
         t = head_pose.shape[0]
         tp = -(-t // ds) * ds  # T padded to a multiple of ds
         pose = torch.cat([head_pose, head_pose[-1:].expand(tp - t, POSE_DIM)]) if tp > t else head_pose
-        z = self.pose_vq.encode(self._norm_pose(pose)[None])[0]  # (tp / ds, D)
+        z = self.pose_vq.encode_chunks(self._norm_pose(pose)[None], self.config.pose_window)[0]  # (tp / ds, D)
         a = self._align(feats[None], torch.tensor([feats.shape[0]]), torch.tensor([2 * t]))[0]  # (2t, H)
         labels = assign(a, self.cluster_centroids)  # (2t,)
         steps = torch.arange(2 * t, device=a.device) // (2 * ds)
@@ -1240,7 +1304,7 @@ class AdaMesh(MotionMethod):
         return {"audio": a, "params": p[:t].to(self.device, torch.float32), "head_pose": pose, "shape": shape, "t": t}
 
     @torch.no_grad()
-    def _retrieve_pose(self, ref: dict[str, Any], feats: torch.Tensor) -> dict[str, Any]:
+    def _retrieve_pose(self, ref: dict[str, Any]) -> dict[str, Any]:
         """§7.4: nearest training identity by the masked mean L2 between pose-style matrices."""
         n = self.num_identities
         if ref["head_pose"] is None or not bool(self.fitted[2]):
@@ -1254,7 +1318,7 @@ class AdaMesh(MotionMethod):
                 "shared_clusters": 0,
             }
         with self._eval_mode():
-            s, c = self._clip_pose_stats(feats, ref["head_pose"])
+            s, c = self._clip_pose_stats(self._clip_features(ref["audio"]), ref["head_pose"])
         s_ref = s / c.clamp_min(1)[:, None]
         dist, shared = pose_style_distances(
             s_ref, c, self.pose_style_matrix, self.pose_style_counts, self.config.min_shared_clusters
@@ -1351,11 +1415,10 @@ class AdaMesh(MotionMethod):
             raise ValueError("encode_style needs a reference clip or a training subject")
         ref = self._reference(reference)
         with self._eval_mode():
-            feats, _ = self._features(ref["audio"][None])
             r, r_mask = self._reference_expression(ref["params"])
             style = self.expression.encode_style(r, r_mask)[0]
             identity = self.expression.encode_identity(ref["shape"][None], r_mask)[0]
-            pose = self._retrieve_pose(ref, feats[0])
+            pose = self._retrieve_pose(ref)
         return self._state("encoded", ref, style, identity, pose, self.config.pose_seed if seed is None else seed)
 
     def adapt(
@@ -1390,8 +1453,7 @@ class AdaMesh(MotionMethod):
         losses: list[float] = []
         done = 0
         with self._eval_mode():
-            feats, flen = self._features(ref["audio"][None])
-            audio = self._align(feats, flen, torch.tensor([2 * t]))  # (1, 2T, H)
+            audio = self._expression_audio(self._audio_inputs(ref["audio"][None], None, torch.tensor([t])))
             y = self._norm_expr(ref["params"])[None]  # (1, T, 53)
             r, r_mask = self._reference_expression(ref["params"])
             shape = ref["shape"][None]
@@ -1422,7 +1484,7 @@ class AdaMesh(MotionMethod):
                 with adapter_values(self.expression, adapted):
                     style = self.expression.encode_style(r, r_mask)[0]
                     identity = self.expression.encode_identity(shape, r_mask)[0]
-                pose = self._retrieve_pose(ref, feats[0])
+                pose = self._retrieve_pose(ref)
         elapsed = time.perf_counter() - t0
         return self._state(
             "adapted",
@@ -1519,12 +1581,11 @@ class AdaMesh(MotionMethod):
         ds = self.config.pose_downsample
         tp = -(-t // ds) * ds
         with self._eval_mode():
-            both = self._pose_audio(a, None, torch.tensor([tp]))  # (1, 2T', H + M)
-            h = self._hubert.hidden_size
+            both = self._audio_inputs(a, None, torch.tensor([tp]))  # (1, 2T', H + M)
             mask = torch.ones(1, t, dtype=torch.bool, device=self.device)
             with adapter_values(self.expression, st.overrides):
                 _, post, _, _ = self.expression(
-                    both[:, : 2 * t, :h],
+                    self._expression_audio(both[:, : 2 * t]),
                     mask,
                     style=st.style[None],
                     identity=None if st.identity is None else st.identity[None],
@@ -1532,6 +1593,7 @@ class AdaMesh(MotionMethod):
                 )
             params = self._denorm_expr(post[0])  # (T, 53)
             gen = torch.Generator().manual_seed(int(st.seed))
+            window = self.config.pose_window // ds  # codes
             codes = self.posegpt.sample(
                 self.posegpt.audio_tokens(both),
                 torch.tensor([st.pose_identity], device=self.device),
@@ -1539,8 +1601,9 @@ class AdaMesh(MotionMethod):
                 self.config.pose_sampling,
                 self.config.pose_temperature,
                 self.config.pose_top_k,
+                context=window,
             )  # (1, T'/ds)
-            head_pose = self._denorm_pose(self.pose_vq.decode_indices(codes)[0, :t])  # (T, 3)
+            head_pose = self._denorm_pose(self.pose_vq.decode_chunks(codes, window)[0, :t])  # (T, 3)
         out = {"params": params, "head_pose": head_pose}
         rot = self.config.vertices_head_pose if head_pose_in_vertices is None else head_pose_in_vertices
         verts = self._vertices(params, head_pose if rot else None, tmpl)

@@ -133,14 +133,16 @@ def load_method(directory: str | Path, device: str | torch.device = "cpu") -> Lo
 def save_checkpoint(
     directory: str | Path,
     method: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     epoch: int,
     metrics: Mapping[str, Any],
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
-    """A training checkpoint: method directory + ``trainer.pt`` (optimizer, epoch) + ``metrics.json``."""
+    """A training checkpoint: method directory + ``trainer.pt`` (optimizer, epoch) + ``metrics.json``.
+    ``optimizer`` None (a fit-only stage) stores an empty optimizer state."""
     d = save_method(directory, method, extra={"epoch": int(epoch)})
-    state = {"epoch": int(epoch), "optimizer": optimizer.state_dict(), "stage": getattr(_unwrap(method), "stage", "")}
+    opt_state = optimizer.state_dict() if optimizer is not None else {}
+    state = {"epoch": int(epoch), "optimizer": opt_state, "stage": getattr(_unwrap(method), "stage", "")}
     state.update(dict(extra or {}))
     torch.save(state, d / TRAINER_FILE)
     (d / METRICS_FILE).write_text(json.dumps(_json_safe(dict(metrics)), indent=2, sort_keys=True))

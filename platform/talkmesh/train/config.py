@@ -159,13 +159,16 @@ class ExperimentConfig:
             raise ConfigError(f"model: {e}") from None
 
     def schedule(self) -> ResolvedSchedule:
-        """epochs / batch size / lr / grad accumulation actually used."""
+        """epochs / batch size / lr / grad accumulation actually used. A method config with a
+        ``stage_schedule(stage) -> dict`` method gives per-stage values (for ``train.stage``)."""
         mc = self.method_config()
+        hook = getattr(mc, "stage_schedule", None)
+        staged = hook(self.train.stage) if callable(hook) else {}
         values = {}
         for f in dataclasses.fields(ResolvedSchedule):
             v = getattr(self.train, f.name)
             if v is None:
-                v = getattr(mc, f.name, None)
+                v = staged.get(f.name, getattr(mc, f.name, None))
             values[f.name] = getattr(_FALLBACK, f.name) if v is None else v
         return ResolvedSchedule(**values)
 

@@ -20,6 +20,18 @@ quick runs). Per worker it
 5. rank 0 logs the metrics of every epoch to MLflow (``talkmesh.tracking``), since Ray
    drops metrics-only reports and keeps no per-epoch history with workers >= 1.
 
+Optional method hooks (duck-typed; methods without them train exactly as above):
+
+* ``fit_stage(dataset) -> dict`` - non-gradient fitting (normalisation statistics, k-means,
+  ...). Called once on a fresh (not resumed) run, after ``train.init_from`` is loaded, on
+  every rank with the training split as whole sequences (a ``ClipDataset``); its logs are
+  reported as ``train/fit/<key>``. A stage whose ``trainable_parameters()`` is empty is
+  fit-only: it runs one epoch without an optimiser (validation, checkpoint, report as usual).
+* ``lr_multiplier(epoch) -> float`` - the epoch's learning rate is ``lr x`` its value
+  (e.g. a StepLR schedule; stateless, so resuming needs no scheduler state).
+* ``trains_on_vertices = False`` - a parameter-corpus method that does not need the face
+  model's vertices in its training batches (skips computing them).
+
 Metric names: ``train/loss`` and every ``train/<term>`` the method logs, ``<split>/lve``,
 ``<split>/fdd``, ... (all predictions), ``<split>/seen/*``, ``<split>/unseen/*`` (+
 ``_min``/``_max`` over conditions), ``epoch``, ``step``, ``time/*``.
@@ -177,16 +189,31 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _load_init_weights(method, t.init_from, config.get("tracking_uri"))
 
         device = ray.train.torch.get_device()
-        model = ray.train.torch.prepare_model(method, parallel_strategy_kwargs={"find_unused_parameters": True})
-        optimizer = torch.optim.AdamW(method.trainable_parameters(), lr=sched.lr, weight_decay=t.weight_decay)
+        fit_logs: dict[str, float] = {}
+        if trainer_state is None and callable(getattr(method, "fit_stage", None)):  # non-gradient fitting
+            method.to(device)
+            fit_ds = ClipDataset(corpus, "train", mode="sequence", seed=t.seed)
+            fit_logs = {f"train/fit/{k}": float(v) for k, v in (method.fit_stage(fit_ds) or {}).items()}
+        params = method.trainable_parameters()
+        fit_only = not params  # e.g. a k-means stage: one epoch, no optimiser
+        if fit_only:
+            model = method.to(device)
+            optimizer = None
+        else:
+            model = ray.train.torch.prepare_model(method, parallel_strategy_kwargs={"find_unused_parameters": True})
+            optimizer = torch.optim.AdamW(params, lr=sched.lr, weight_decay=t.weight_decay)
+        lr_multiplier = getattr(method, "lr_multiplier", None)
+        num_epochs = 1 if fit_only else sched.epochs
         start_epoch, global_step = 0, 0
         if trainer_state is not None:
-            optimizer.load_state_dict(trainer_state["optimizer"])
+            if optimizer is not None:
+                optimizer.load_state_dict(trainer_state["optimizer"])
             start_epoch = int(trainer_state["epoch"]) + 1
             global_step = int(trainer_state.get("global_step", 0))
         torch.manual_seed(t.seed + 7919 * (rank + 1) + start_epoch)  # dropout etc.: per rank, per resume
 
         with_vertices = facts.motion == "params" and facts.num_vertices > 0
+        with_vertices = with_vertices and getattr(method, "trains_on_vertices", True)
         train_ds = ClipDataset(corpus, "train", mode="window", seed=t.seed, with_vertices=with_vertices)
         sampler = (
             DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=t.seed)
@@ -214,7 +241,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             logger = RunLogger(run_id, uri=config.get("tracking_uri"), system_metrics=t.system_metrics)
 
         use_bf16 = t.bf16 and device.type == "cuda"
-        for epoch in range(start_epoch, sched.epochs):
+        for epoch in range(start_epoch, num_epochs):
             # ---- train ----------------------------------------------------------------------
             t0 = time.perf_counter()
             train_ds.set_epoch(epoch)
@@ -222,10 +249,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if isinstance(getattr(loader, "sampler", None), DistributedSampler):
                 loader.sampler.set_epoch(epoch)
             model.train()
+            if optimizer is not None and callable(lr_multiplier):
+                for group in optimizer.param_groups:
+                    group["lr"] = sched.lr * float(lr_multiplier(epoch))
             sums: dict[str, float] = {}
             batches = 0
-            optimizer.zero_grad(set_to_none=True)
-            for i, batch in enumerate(loader):
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=True)
+            for i, batch in enumerate(loader if optimizer is not None else ()):
                 if i >= steps_per_epoch:
                     break
                 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
@@ -251,18 +282,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 for k, v in part_sums.items():
                     totals[k] = totals.get(k, 0.0) + v
             metrics: dict[str, Any] = {f"train/{k}": v / max(n_total, 1) for k, v in totals.items()}
+            if epoch == start_epoch:
+                metrics.update(fit_logs)
             metrics.update(
                 {
                     "epoch": epoch,
                     "step": global_step,
                     "world_size": world,
-                    "lr": optimizer.param_groups[0]["lr"],
+                    "lr": optimizer.param_groups[0]["lr"] if optimizer is not None else 0.0,
                     "time/train_s": train_s,
                 }
             )
 
             # ---- validate (whole sequences, sharded over ranks) -----------------------------
-            if (epoch + 1) % t.eval_every == 0 or epoch + 1 == sched.epochs:
+            if (epoch + 1) % t.eval_every == 0 or epoch + 1 == num_epochs:
                 t1 = time.perf_counter()
                 scored = score_method(
                     method,
@@ -293,7 +326,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 _prune_local(run_dir, t.checkpoint_num_to_keep, t.checkpoint_metric, t.checkpoint_mode)
             if rank == 0:
                 shown = {k: metrics[k] for k in ("train/loss", t.checkpoint_metric) if k in metrics}
-                print(f"[talkmesh] {exp.method} epoch {epoch + 1}/{sched.epochs} {shown}", flush=True)
+                print(f"[talkmesh] {exp.method} epoch {epoch + 1}/{num_epochs} {shown}", flush=True)
     finally:
         if logger is not None:
             logger.close()
