@@ -166,6 +166,42 @@ def test_runner_exits_2_on_a_bad_sweep_file(tmp_path, capsys):
     assert main([str(p), "--num-samples", "2", "train.epochs=1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("sweep: error:") and "space.model.d_modle" in err
+    # `talkmesh sweep` is the same entry.
+    from talkmesh.cli import main as cli_main
+
+    assert cli_main(["sweep", str(p), "train.epochs=1", "--num-samples", "2"]) == 2
+    assert "space.model.d_modle" in capsys.readouterr().err
+
+
+def test_runs_of_stopped_trials_are_closed(tmp_path):
+    """The MLflow side of ASHA stops, without Ray: a run a stopped trial left RUNNING, or
+    FAILED when the stop broke its Train run, is closed KILLED (stopped before its last
+    epoch) or FINISHED (stopped with it); a trial that really failed stays FAILED."""
+    from mlflow import MlflowClient
+
+    from talkmesh import tracking
+    from talkmesh.sweep import TrialSummary, _close_children, _close_trial_runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = tracking.start_run("talkmesh-faceformer", "sweep-s", uri=uri)
+    ids = {n: tracking.start_run("talkmesh-faceformer", f"s-{n}", parent_run_id=parent, uri=uri) for n in "abcde"}
+    for name in "ce":  # run_training ended these itself: "c" broken by the stop, "e" by an error
+        tracking.end_run(ids[name], "FAILED", uri=uri)
+
+    def trial(name: str, epochs: int, error: str | None = None) -> TrialSummary:
+        ck = str(tmp_path / name / "epoch-0000")
+        return TrialSummary(name, f"s-{name}", ids[name], "", {}, epochs, 2, ck, 1.0, {"epoch": 0}, error)
+
+    _close_trial_runs([trial("a", 1), trial("b", 2), trial("c", 2), trial("e", 1, "ValueError: boom")], parent, uri)
+    assert _close_children(parent, uri) == 1  # "d": a child no trial accounts for
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    status = {n: client.get_run(i).info.status for n, i in ids.items()}
+    assert status == {"a": "KILLED", "b": "FINISHED", "c": "FINISHED", "d": "KILLED", "e": "FAILED"}
+    tags = client.get_run(ids["a"]).data.tags
+    assert tags["talkmesh.stopped_after_epochs"] == "1" and tags["talkmesh.selected_epoch"] == "0"
+    assert tags["talkmesh.selected_checkpoint"].endswith("epoch-0000")
+    assert "talkmesh.stopped_after_epochs" not in client.get_run(ids["e"]).data.tags
+    assert sorted(c["status"] for c in tracking.child_runs(parent, uri=uri)) == sorted(status.values())
 
 
 def test_sweep_config_built_in_code_is_validated_too():
@@ -233,14 +269,18 @@ def test_sweep_runs_trials_tracks_them_and_promotes_only_a_better_model(ray_clus
         assert t.run_name == f"tiny-{t.trial_id}" and t.error is None
         assert Path(result.sweep_dir, "train", t.run_name).is_dir()
         assert t.epochs >= 1 and t.planned_epochs == 2  # per-epoch reports reached Tune
+    table = "\n".join(
+        f"{t.trial_id} {t.status} {t.epochs}/{t.planned_epochs} {t.metric} {t.params}" for t in result.trials
+    )
     stopped = [t for t in result.trials if t.epochs < t.planned_epochs]
-    assert stopped, "ASHA stopped no trial"
-    assert all(t.status == "KILLED" for t in stopped)
-    assert any(t.status == "FINISHED" and t.epochs == 2 for t in result.trials)
+    assert stopped, f"ASHA stopped no trial:\n{table}"
+    # Killed mid-run: KILLED (FINISHED only if its run ended before the kill landed).
+    assert {t.status for t in stopped} <= {"KILLED", "FINISHED"}, table
+    assert all(t.status == "FINISHED" for t in result.trials if t.epochs == t.planned_epochs), table
     assert max(stopped, key=lambda t: t.params["train.lr"]).params["train.lr"] > 1e-3
 
     # MLflow: one parent run, a child run per trial, none left RUNNING.
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     parent = client.get_run(result.parent_run_id)
     assert parent.info.run_name == "sweep-tiny" and parent.info.status == "FINISHED"
     assert result.experiment == "talkmesh-faceformer"
@@ -254,7 +294,9 @@ def test_sweep_runs_trials_tracks_them_and_promotes_only_a_better_model(ray_clus
         child = by_id[t.run_id]
         assert child.info.status == t.status
         assert float(child.data.params["train.lr"]) == pytest.approx(t.params["train.lr"])  # params logged once
-        assert [m.step for m in client.get_metric_history(t.run_id, "val/lve")] == list(range(t.epochs))
+        steps = [m.step for m in client.get_metric_history(t.run_id, "val/lve")]
+        # A stopped trial may finish the epoch it was in before the stop reaches it.
+        assert steps == list(range(t.epochs)) if t.status == "FINISHED" else steps[: t.epochs] == list(range(t.epochs))
 
     # The best trial: lowest val/lve over every trial's selected checkpoint; its params,
     # metrics and the results table are on the parent.

@@ -5,6 +5,7 @@
     talkmesh metrics --pred DIR --format F --root DIR [--split NAME] [--json] [key=value ...]
     talkmesh face convert --pkl generic_model.pkl --out flame.npz
     talkmesh serve [--config serve/config.yaml] [key=value ...]
+    talkmesh sweep sweeps/<method>.yaml [--num-samples N] [--name NAME] [--no-register] [key=value ...]
 
 Trailing ``key=value`` arguments are dotted overrides of the data config
 (``data.fps=60`` or ``fps=60``). Errors in the user's data or arguments print one line
@@ -167,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--config", default="serve/config.yaml", help="Serve config file (default: serve/config.yaml)")
     srv.add_argument("overrides", nargs="*", help="application args, e.g. method=faceformer style_dir=/srv/styles")
     srv.set_defaults(func=cmd_serve)
+
+    # Listed for --help only: main() hands `sweep ...` to talkmesh.sweep.main (same as sweeps/run.py).
+    sub.add_parser(
+        "sweep",
+        help="run a Ray Tune sweep: talkmesh sweep sweeps/<method>.yaml [--num-samples N] [key=value ...]",
+    )
     return p
 
 
@@ -174,6 +181,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from talkmesh.audio.io import AudioError
     from talkmesh.data.errors import DataError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sweep"]:  # its own parser: options and key=value overrides may interleave
+        from talkmesh.sweep import main as sweep_main
+
+        return sweep_main(argv[1:], prog="talkmesh sweep")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

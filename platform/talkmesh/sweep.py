@@ -39,6 +39,9 @@ How a sweep runs (notes/ray-mlflow.md §3):
   2-CPU machine the Train workers get the CPUs (a driver holding a CPU deadlocks Train).
   A sweep that starts its own loopback Ray offers ``max_concurrent_trials`` slots; an
   existing cluster must have been started with them (the error says how);
+- a stopped trial's Train controller dies with its trial actor and would leave its
+  placement group (its CPUs) reserved until the sweep ends; the sweep frees it
+  (:mod:`talkmesh._sweep_ray`);
 - MLflow: a parent run ``sweep-<name>`` in ``talkmesh-<method>``; each trial is a child
   run ``<name>-<trial id>`` created by ``run_training(parent_run_id=...)`` (params once);
   after ``tuner.fit()`` children still RUNNING (trials ASHA stopped) are closed as KILLED,
@@ -417,18 +420,20 @@ def _trial_driver(config: dict[str, Any], setup: dict[str, Any]) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from talkmesh._sweep_ray import PlacementGroupRecorder
     from talkmesh.train.config import ExperimentConfig
     from talkmesh.train.runner import run_training
 
     trial_id = ray.tune.get_context().get_trial_id()
+    run_name = f"{setup['sweep']}-{trial_id}"
     exp = from_dict(ExperimentConfig, apply_overrides(setup["experiment"], config))
     run_training(
         exp,
-        run_name=f"{setup['sweep']}-{trial_id}",
+        run_name=run_name,
         parent_run_id=setup["parent_run_id"],
         tags={"talkmesh.sweep": setup["sweep"], "talkmesh.trial_id": trial_id},
         tracking_uri=setup["tracking_uri"],
-        callbacks=[TuneReportCallback()],
+        callbacks=[TuneReportCallback(), PlacementGroupRecorder(str(Path(setup["pg_dir"]) / f"{run_name}.txt"))],
     )
 
 
@@ -518,15 +523,17 @@ def _summaries(grid: Any, cfg: SweepConfig, exp: Any, name: str, train_dir: Path
 
 
 def _close_trial_runs(trials: Sequence[TrialSummary], parent_run_id: str, uri: str) -> None:
-    """Close the MLflow runs of trials the scheduler stopped (their process was killed, so
-    ``run_training`` never ended the run): KILLED when stopped before their last epoch,
-    FINISHED when the stop came with the last epoch's report; the selected checkpoint is
-    tagged as ``run_training`` would have."""
+    """Close the MLflow runs of trials the scheduler stopped: KILLED when stopped before their
+    last epoch, FINISHED when the stop came with the last epoch's report; the selected
+    checkpoint is tagged as ``run_training`` would have. Such a run is still RUNNING (the
+    kill landed before ``run_training`` ended it) or FAILED (the stop broke the Train run
+    first: Tune reported no error for the trial, so the stop, not training, ended it)."""
     from talkmesh import tracking
 
     status = {c["run_id"]: c["status"] for c in tracking.child_runs(parent_run_id, uri=uri)}
     for t in trials:
-        if t.run_id is None or status.get(t.run_id) != "RUNNING":
+        current = status.get(t.run_id) if t.run_id else None
+        if not (current == "RUNNING" or (current == "FAILED" and t.error is None)):
             continue
         tags: dict[str, Any] = {"talkmesh.stopped_after_epochs": t.epochs}
         if t.checkpoint:
@@ -661,8 +668,16 @@ def _run(
 ) -> SweepResult:
     """Tuner.fit, then close stopped trials' runs, summarise, log to the parent, register."""
     from talkmesh import tracking
+    from talkmesh._sweep_ray import PlacementGroupReaper
 
-    setup = {"experiment": to_dict(exp), "sweep": sweep_name, "parent_run_id": parent_id, "tracking_uri": uri}
+    pg_dir = sweep_dir / "placement_groups"
+    setup = {
+        "experiment": to_dict(exp),
+        "sweep": sweep_name,
+        "parent_run_id": parent_id,
+        "tracking_uri": uri,
+        "pg_dir": str(pg_dir),
+    }
     trainable = tune.with_resources(tune.with_parameters(_trial_driver, setup=setup), {TRAIN_DRIVER: 1})
     resumed = bool(tune.Tuner.can_restore(str(sweep_dir)))
     if resumed:
@@ -685,6 +700,7 @@ def _run(
                 name=sweep_name,
                 storage_path=str(sweep_dir.parent),
                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                callbacks=[PlacementGroupReaper(str(pg_dir), sweep_name)],
             ),
         )
     grid = tuner.fit()
