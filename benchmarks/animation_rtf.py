@@ -176,12 +176,12 @@ def main() -> None:
                 traceback.print_exc(limit=2)
 
         # ---- FaceFormer at paper size ------------------------------------------------------
-        encoders = [("tiny random encoder", {"tiny": True})]
+        encoders = [("tiny random enc", {"tiny": True})]
         if not args.quick:
             t0 = time.perf_counter()
             enc_dir = base_size_encoder(tmp)
             print(f"(built the random wav2vec2-base-size encoder in {time.perf_counter() - t0:.1f} s)")
-            encoders.append(("wav2vec2-base-size random encoder", {"name_or_path": str(enc_dir)}))
+            encoders.append(("wav2vec2-base-size random enc", {"name_or_path": str(enc_dir)}))
         audio16 = long_clip(corpora["vertex"], secs)[0]
         for preset in ("vocaset", "biwi"):
             facts = paper_facts(preset)
@@ -194,7 +194,7 @@ def main() -> None:
                     method.generate(audio16, template, 0)  # warm-up
                     gen_t, _ = timings(lambda m=method, t=template: m.generate(audio16, t, 0), runs)
                     cfg = method.config
-                    row(f"faceformer {preset} (d {cfg.d_model}, {enc_label}, {n_params:.1f} M params)",
+                    row(f"faceformer {preset} (d {cfg.d_model}, {enc_label}, {n_params:.1f} M)",
                         facts.num_vertices, facts.fps, gen_t, None)  # fmt: skip
                 except Exception as e:  # noqa: BLE001
                     print(f"faceformer {preset} + {enc_label}: failed: {type(e).__name__}: {e}")

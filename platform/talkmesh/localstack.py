@@ -52,7 +52,6 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -241,8 +240,9 @@ def _default_num_cpus() -> int:
     return max(2, os.cpu_count() or 1)
 
 
-# Stacks still running at interpreter exit or on SIGTERM/SIGHUP are stopped.
-_LIVE: weakref.WeakSet[LocalStack] = weakref.WeakSet()
+# Stacks still running at interpreter exit or on SIGTERM/SIGHUP are stopped (held here
+# until stopped, so a dropped reference does not leak the services).
+_LIVE: set[LocalStack] = set()
 _HANDLERS_INSTALLED = False
 _LOCK = threading.Lock()
 
