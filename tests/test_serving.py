@@ -397,3 +397,73 @@ def test_serve_config_file_loads_with_overrides():
     assert doc["http_options"]["host"] == "127.0.0.1"
     with pytest.raises(ConfigError, match=r"config.yaml: applications\[0\].args: unknown key.*wiat_s"):
         read_serve_file(path, ["wiat_s=2"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["mimic", "adamesh"])
+def test_service_serves_every_reference_method(service, method):
+    """The same service contract for the reference-conditioned methods: Mimic (vertex
+    styles, weighted style mixing) and AdaMesh (FLAME parameters, MoLoRA adaptation in the
+    background, head pose), each as its own application next to FaceFormer's."""
+    import requests
+    from ray import serve
+
+    from talkmesh import tracking
+    from talkmesh.data import open_corpus
+    from talkmesh.methods.base import DataFacts
+    from talkmesh.methods.registry import build_method
+    from talkmesh.serving.app import build_app
+
+    root, uri = service["root"], service["uri"]
+    flame = method == "adamesh"
+    corpus = open_corpus(
+        DataConfig(format="synthetic", root=str(root / "synth"), synthetic_flavour="flame" if flame else "vertex")
+    )
+    facts = DataFacts.from_corpus(corpus)
+    torch.manual_seed(0)
+    model = build_method(method, None, facts, preset="debug")
+    run_id = tracking.start_run(f"talkmesh-{method}", f"serve-test-{method}", uri=uri)
+    version = tracking.register_model(method, run_id, model, uri=uri)
+    tracking.set_alias(method, "champion", version, uri=uri)
+    tracking.end_run(run_id, uri=uri)
+    args = {**service["args"], "method": method, "style_dir": str(root / f"styles-{method}"), "wait_s": 0.0}
+    if flame:  # vertices through the corpus's FLAME-structured face model
+        args.update(faces="", face_model=str(corpus.root / "face_model.npz"), adapt_options={"steps": 3})
+    serve.run(build_app(args), name=f"talkmesh-{method}", route_prefix=f"/{method}")
+    url = f"{service['url']}/{method}"
+    assert requests.get(f"{url}/healthz", timeout=60).json()["method"] == method
+
+    ids = []
+    for subject in corpus.subjects("test-B")[:2]:
+        ref = corpus.reference_clip(subject, 4.0)
+        motion = np.concatenate([ref.params, ref.head_pose], axis=1) if flame else ref.vertices
+        files = {"audio": ("r.wav", _wav(len(motion) / facts.fps, 16000)), "motion": ("m.npy", _npy(motion))}
+        if not flame:
+            files["template"] = ("t.npy", _npy(ref.template))
+        r = requests.post(f"{url}/v1/styles", files=files, timeout=120)
+        assert r.status_code in (201, 202), r.text  # wait_s=0: answered at once, adapted in the background
+        sid = r.json()["style_id"]
+        deadline = time.time() + 120
+        while (st := requests.get(f"{url}/v1/styles/{sid}", timeout=30).json())["status"] == "pending":
+            assert time.time() < deadline
+            time.sleep(0.5)
+        assert st["status"] == "ready", st
+        ids.append(sid)
+
+    files = {"audio": ("a.wav", _wav(2.0))}
+    r = requests.post(f"{url}/v1/animate", files=files, data={"style_id": ids[0]}, timeout=120)
+    assert r.status_code == 200, r.text
+    z = np.load(io.BytesIO(r.content))
+    frames = model.frames_for_audio(32000)
+    assert z["vertices"].shape == (frames, facts.num_vertices, 3)
+    if flame:
+        assert z["params"].shape == (frames, 53) and z["head_pose"].shape == (frames, 3)
+    else:  # weighted mixing of two stored styles; the endpoints are the styles themselves
+        mixed = requests.post(
+            f"{url}/v1/animate", files=files, data={"style_id": f"{ids[0]}:0.5,{ids[1]}:0.5"}, timeout=120
+        )
+        assert mixed.status_code == 200, mixed.text
+        assert np.load(io.BytesIO(mixed.content))["vertices"].shape == z["vertices"].shape
+        pure = requests.post(f"{url}/v1/animate", files=files, data={"style_id": f"{ids[0]}:1,{ids[1]}:0"}, timeout=120)
+        np.testing.assert_allclose(np.load(io.BytesIO(pure.content))["vertices"], z["vertices"], atol=1e-5)
+    serve.delete(f"talkmesh-{method}")

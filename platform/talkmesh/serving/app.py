@@ -81,7 +81,10 @@ class ServeConfig:
     alias: str = "champion"
     tracking_uri: str = ""  # "" = MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
     style_dir: str = "./outputs/styles"  # the style store (shared storage on a cluster)
-    faces: str = ""  # .npy (F, 3) mesh triangles for preview videos; "" = point splats
+    faces: str = ""  # .npy (F, 3) mesh triangles for preview videos; "" = the face model's, else points
+    # FLAME model file (generic_model.pkl or npz) for FLAME-parameter methods, so that they
+    # return vertices too (never stored in the registry: licence). "" = parameters only.
+    face_model: str = ""
     adapt_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # kwargs of method.adapt
     adapt_workers: int = 1  # concurrent adaptations per replica
     adapt_timeout_s: float = 900.0  # a pending adaptation older than this reads as failed
@@ -149,6 +152,15 @@ class StyleModel:
         self.facts = self.method.facts
         self.store = StyleStore(self.cfg.style_dir)
         self.faces = _load_faces(self.cfg.faces, self.facts.num_vertices)
+        if self.cfg.face_model:
+            from talkmesh.data.corpus import load_face_model
+
+            layer = load_face_model(self.cfg.face_model)
+            if hasattr(self.method, "set_face_model"):
+                self.method.set_face_model(layer)
+            if self.faces is None:
+                faces = layer.faces() if callable(layer.faces) else layer.faces
+                self.faces = np.asarray(faces, dtype=np.int64)
         self.pool = concurrent.futures.ThreadPoolExecutor(self.cfg.adapt_workers, thread_name_prefix="adapt")
         self.jobs: dict[str, concurrent.futures.Future] = {}
         log.info("talkmesh serving %s (%s), model key %s", self.cfg.method, self.model_ref, self.model_key)
