@@ -26,7 +26,12 @@ REPO = Path(__file__).resolve().parents[1]
 # Schema of each preset directory under configs/. A new directory must be added here,
 # so no YAML can sit in the repo without being validated. Method directories hold
 # ExperimentConfig presets, whose `model` section is validated by the method's config class.
-PRESET_SCHEMAS = {"data": DataConfig, "faceformer": ExperimentConfig, "mimic": ExperimentConfig}
+PRESET_SCHEMAS = {
+    "adamesh": ExperimentConfig,
+    "data": DataConfig,
+    "faceformer": ExperimentConfig,
+    "mimic": ExperimentConfig,
+}
 
 
 @dataclasses.dataclass(frozen=True)

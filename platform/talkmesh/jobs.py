@@ -12,18 +12,27 @@ corpus's test splits (predictions saved next to the run for ``talkmesh metrics``
 the metrics and the table to the same MLflow run; register ``talkmesh-<method>`` and
 move ``@champion`` to it when it beats the current champion on the validation metric
 (or there is none); print the run id and where to look.
+
+Multi-stage methods (``stages`` has more than one entry, e.g. AdaMesh) run their stages in
+order as child runs of one MLflow parent run; each stage starts from the previous stage's
+selected checkpoint (``train.init_from``). ``--stage NAME --init-from URI`` re-runs one stage
+alone (inputs from an earlier run's artifacts: ``runs:/<id>/checkpoints/epoch-NNNN``, a
+checkpoint directory or ``models:/...``). The last stage's checkpoint is evaluated and
+registered from the parent run. Methods whose config has an empty ``face_model`` field get
+the corpus's face-model file there, so the registered model can build vertices when served.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["find_preset", "main", "parse_args", "run_job"]
+__all__ = ["find_preset", "main", "parse_args", "run_job", "run_stages"]
 
 
 def find_preset(method: str, preset: str) -> Path:
@@ -53,6 +62,8 @@ def parse_args(method: str, argv: Sequence[str] | None = None) -> argparse.Names
     p.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (0 = in-process, no Ray)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (train.use_gpu=true)")
     p.add_argument("--no-register", action="store_true", help="skip registering the model")
+    p.add_argument("--stage", default=None, help="multi-stage methods: run only this stage")
+    p.add_argument("--init-from", default=None, help="the stage's input weights: runs:/..., models:/... or a directory")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3 model.d_model=32")
     return p.parse_args(argv)
 
@@ -95,15 +106,31 @@ def run_job(method: str, args: argparse.Namespace) -> dict[str, Any]:
         overrides.append(f"train.num_workers={args.num_workers}")
     if args.gpu:
         overrides.append("train.use_gpu=true")
+    stage, init_from = getattr(args, "stage", None), getattr(args, "init_from", None)
+    if init_from:
+        overrides.append(f"train.init_from={init_from}")
     exp = load_experiment(find_preset(method, args.preset), overrides, base={"method": method})
     if exp.method != method:
         from talkmesh.config import ConfigError
 
         raise ConfigError(f"preset {args.preset} trains {exp.method!r}, not {method!r}")
+    exp = _with_face_model(exp)
+    from talkmesh.methods.registry import get_method
+
+    stages = tuple(get_method(method).stages)
+    if stage is not None and stage not in stages:
+        from talkmesh.config import ConfigError
+
+        raise ConfigError(f"--stage {stage}: {method} has stages {list(stages)}")
 
     started = _connect_ray(exp.train.num_workers) if exp.train.num_workers > 0 else False
     try:
-        result = run_training(exp)
+        if len(stages) > 1:
+            result = run_stages(exp, [stage] if stage else list(stages))
+        else:
+            if stage:
+                exp = dataclasses.replace(exp, train=dataclasses.replace(exp.train, stage=stage))
+            result = run_training(exp)
     finally:
         if started:
             import ray
@@ -175,6 +202,76 @@ def run_job(method: str, args: argparse.Namespace) -> dict[str, Any]:
         "version": version,
         "champion": champion,
     }
+
+
+def _with_face_model(exp: Any) -> Any:
+    """``exp`` with ``model.face_model`` set to the corpus's face-model file when the method
+    config has that field, it is empty, and the corpus has a face model."""
+    mc = exp.method_config()
+    if not hasattr(mc, "face_model") or mc.face_model:
+        return exp
+    from talkmesh.data import open_corpus
+
+    layer = open_corpus(exp.data).face_model()
+    source = getattr(layer, "source", "") if layer is not None else ""
+    if not source or not Path(source).is_file():
+        return exp
+    return dataclasses.replace(exp, model={**exp.model, "face_model": str(Path(source).resolve())})
+
+
+def run_stages(exp: Any, stages: Sequence[str], *, tracking_uri: str | None = None) -> Any:
+    """Train ``stages`` in order as child runs of one MLflow parent run (``exp.train.run_name``
+    or a default name; children ``<parent>-<stage>``). The first stage starts from
+    ``train.init_from`` (if any), each later one from the previous stage's selected
+    checkpoint. Returns the last stage's ``RunResult`` with the parent's run id and name
+    (evaluation and registration go to the parent run). The parent ends FINISHED, or FAILED
+    when a stage raises."""
+    from talkmesh import tracking
+    from talkmesh.config import flatten
+    from talkmesh.train.runner import default_run_name, run_training
+
+    if not stages:
+        raise ValueError("run_stages: no stages to run")
+    uri = tracking_uri or tracking.tracking_uri()
+    parent_name = exp.train.run_name or default_run_name(exp.method)
+    parent_id = tracking.start_run(
+        exp.experiment_name,
+        parent_name,
+        params={k: v for k, v in flatten(exp.resolved()).items() if not k.startswith("train.")},
+        tags={"talkmesh.method": exp.method, "talkmesh.stages": ",".join(stages), "talkmesh.staged": "parent"},
+        uri=uri,
+    )
+    init_from = exp.train.init_from
+    result = None
+    epochs = 0
+    try:
+        for stage in stages:
+            train = dataclasses.replace(exp.train, stage=stage, init_from=init_from, run_name=f"{parent_name}-{stage}")
+            result = run_training(
+                dataclasses.replace(exp, train=train),
+                parent_run_id=parent_id,
+                tags={"talkmesh.stage": stage},
+                tracking_uri=uri,
+            )
+            if result.selected_checkpoint is None:
+                raise RuntimeError(f"stage {stage} ({result.run_name}) produced no checkpoint")
+            init_from = result.selected_checkpoint
+            epochs += result.epochs
+            stage_tags = {
+                f"talkmesh.stage.{stage}.run_id": result.mlflow_run_id,
+                f"talkmesh.stage.{stage}.checkpoint": result.selected_checkpoint,
+            }
+            tracking.set_tags(parent_id, stage_tags, uri=uri)
+            print(f"[talkmesh] {exp.method} stage {stage} done: {result.selected_checkpoint}", flush=True)
+    except BaseException as e:
+        tracking.end_run(parent_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", uri=uri)
+        raise
+    assert result is not None
+    metrics = {k: v for k, v in result.selected_metrics.items() if isinstance(v, (int, float))}
+    tracking.log_metrics(parent_id, metrics, step=epochs, uri=uri)
+    tracking.set_tags(parent_id, {"talkmesh.selected_checkpoint": result.selected_checkpoint}, uri=uri)
+    tracking.end_run(parent_id, "FINISHED", uri=uri)
+    return dataclasses.replace(result, mlflow_run_id=parent_id, run_name=parent_name, epochs=epochs)
 
 
 def main(method: str, argv: Sequence[str] | None = None) -> int:

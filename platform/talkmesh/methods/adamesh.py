@@ -96,6 +96,7 @@ import contextlib
 import dataclasses
 import math
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
 
@@ -853,6 +854,7 @@ class AdaMesh(MotionMethod):
         encoder.eval()
         object.__setattr__(self, "_hubert", encoder)
         object.__setattr__(self, "_face", None)
+        object.__setattr__(self, "_face_missing", False)
         rate = encoder.output_rate
         mode = cfg.audio_alignment
         if mode == "auto":
@@ -953,10 +955,21 @@ class AdaMesh(MotionMethod):
         object.__setattr__(self, "_face", layer)
 
     def face_model(self) -> FlameLayer | None:
-        """The injected face model, else the one in ``config.face_model`` (loaded once), else None."""
-        if self._face is None and self.config.face_model:
+        """The injected face model, else the one in ``config.face_model`` (loaded once), else
+        None. A configured file that is missing gives a warning and None (no vertices)."""
+        if self._face is None and self.config.face_model and not self._face_missing:
+            from pathlib import Path
+
             from talkmesh.data.corpus import load_face_model
 
+            if not Path(self.config.face_model).expanduser().is_file():
+                warnings.warn(
+                    f"adamesh: face_model {self.config.face_model} not found; generate returns params and head "
+                    "pose without vertices (inject a FlameLayer with set_face_model)",
+                    stacklevel=2,
+                )
+                object.__setattr__(self, "_face_missing", True)
+                return None
             self.set_face_model(load_face_model(self.config.face_model))
         return self._face
 

@@ -65,6 +65,7 @@ class TrainConfig:
     max_failures: int = 0  # worker-group restarts from the latest checkpoint
     eval_every: int = 1  # validate every N epochs (and always after the last one)
     eval_split: str = "val"
+    eval_adapted: bool = False  # validation also decodes unseen subjects with adapt() (``<split>/adapted/*``)
     limit_train_batches: int = 0  # per epoch and worker; 0 = all (quick runs)
     limit_eval_sequences: int = 0  # per evaluated split; 0 = all (quick runs)
     # ---- where things go ----

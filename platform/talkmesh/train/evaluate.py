@@ -181,7 +181,8 @@ def predict_split(
     """Decode the split's sequences (this shard's share: every ``world``-th from ``rank``).
     Yields (prediction, ground truth (T, V, 3), template (V, 3)). ``adapted`` adds, for
     unseen subjects of one-hot methods, the prediction with the style ``adapt`` picks on
-    the subject's reference clip (metrics.md §6.1 "adapted" row)."""
+    the subject's reference clip (metrics.md §6.1 "adapted" row); for reference-conditioned
+    methods, the prediction with the style ``adapt`` returns for that reference."""
     rank, world = shard
     seqs = eval_sequences(corpus, split, limit)[rank::world]
     train_subjects = tuple(method.facts.train_subjects)
@@ -223,6 +224,10 @@ def predict_split(
             style, skip = style_for(seq, "encode_style")
             v = cut(_vertices_of_output(corpus, clip, method.generate(clip.audio, tin, style), nv), skip)
             yield Prediction(seq.name, seq.subject, None, v, seen), cut(gt, skip), tmpl
+            if adapted and not seen:  # reference-conditioned methods: the style ``adapt`` returns
+                style, skip = style_for(seq, "adapt")
+                v = cut(_vertices_of_output(corpus, clip, method.generate(clip.audio, tin, style), nv), skip)
+                yield Prediction(seq.name, seq.subject, None, v, False, adapted=True), cut(gt, skip), tmpl
 
 
 # --------------------------------------------------------------------------------------

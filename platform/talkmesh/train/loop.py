@@ -305,6 +305,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     max_conditions=exp.data.max_conditions,
                     seed=t.seed,
                     shard=(rank, world),
+                    adapted=t.eval_adapted,
                 )
                 scored = [s for part in _all_gather(scored, world) for s in part]
                 summary = summarize(scored, t.eval_split, conditions)
