@@ -318,6 +318,16 @@ def test_sweep_runs_trials_tracks_them_and_promotes_only_a_better_model(ray_clus
     method, facts, config = tracking.load_registered("faceformer", "champion", uri=uri)
     assert config.dropout == pytest.approx(best.params["model.dropout"])
 
+    # The same name again restores the finished sweep: no new trial, run or model version.
+    t2 = time.perf_counter()
+    restored = run_sweep(load_sweep(first, name="tiny"), tracking_uri=uri)
+    restore_s = time.perf_counter() - t2
+    assert restored.resumed and restored.parent_run_id == result.parent_run_id
+    assert sorted(t.trial_id for t in restored.trials) == sorted(t.trial_id for t in result.trials)
+    assert restored.best is not None and restored.best.trial_id == best.trial_id and restored.version == 1
+    assert len(tracking.child_runs(result.parent_run_id, uri=uri)) == 3
+    assert client.get_run(result.parent_run_id).info.status == "FINISHED"
+
     # A second sweep whose only trial is worse registers a new version but leaves the champion.
     worse = write(
         tmp_path,
@@ -339,6 +349,7 @@ def test_sweep_runs_trials_tracks_them_and_promotes_only_a_better_model(ray_clus
     assert tracking.get_alias_version("faceformer", "champion", uri=uri) == 1
     assert client.get_run(again.parent_run_id).data.tags["talkmesh.promoted"] == "False"
     print(
-        f"\nsweep of 3 trials (ASHA stopped {len(stopped)}): {first_s:.1f} s; one-trial sweep: {second_s:.1f} s; "
+        f"\nsweep of 3 trials (ASHA stopped {len(stopped)}): {first_s:.1f} s; restored {restore_s:.1f} s; "
+        f"one-trial sweep: {second_s:.1f} s; "
         f"best val/lve {best.metric:.3e} (lr {best.params['train.lr']:.2e}) vs worse {again.best.metric:.3e}"
     )

@@ -1,4 +1,10 @@
-"""Ray-side helpers of :mod:`talkmesh.sweep`: free the placement groups of stopped trials.
+"""Ray-side helpers of :mod:`talkmesh.sweep`: epoch-counted Tune reports, and freeing the
+placement groups of stopped trials.
+
+:class:`EpochTuneReportCallback` is Ray Train's ``TuneReportCallback`` (rank 0's metrics of
+every report go to Tune) that also sets ``epochs_done`` from the loop's ``epoch``: ASHA counts
+in it, so a trial whose Train run resumed from a checkpoint (a Tune retry, a restored sweep)
+is compared at its true epoch, not at the number of reports since it restarted.
 
 Why: when ASHA stops a trial, Tune terminates the trial's actor, which kills the Ray Train
 controller it owns before that controller can remove its workers' placement group. A
@@ -28,8 +34,21 @@ from typing import Any
 
 from ray import tune
 from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+from ray.tune.integration.ray_train import TuneReportCallback
 
-__all__ = ["PlacementGroupReaper", "PlacementGroupRecorder", "remove_recorded"]
+from talkmesh.sweep import EPOCHS_DONE
+
+__all__ = ["EpochTuneReportCallback", "PlacementGroupReaper", "PlacementGroupRecorder", "remove_recorded"]
+
+
+class EpochTuneReportCallback(TuneReportCallback):
+    """``TuneReportCallback`` adding ``epochs_done`` = rank 0's ``epoch`` + 1 (runs in the
+    Ray Train controller; construct it inside the Tune trial)."""
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        if metrics and isinstance(metrics[0].get("epoch"), (int, float)):
+            metrics = [{**metrics[0], EPOCHS_DONE: int(metrics[0]["epoch"]) + 1}, *metrics[1:]]
+        super().after_report(run_context, metrics, checkpoint)
 
 
 class PlacementGroupRecorder(WorkerGroupCallback):

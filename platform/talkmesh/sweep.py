@@ -31,7 +31,7 @@ How a sweep runs (notes/ray-mlflow.md §3):
 - ``Tuner`` around a trial driver (:func:`_trial_driver`) that runs
   :func:`talkmesh.train.runner.run_training`, i.e. one ``TorchTrainer`` per trial, with the
   trial's sampled overrides; Ray Train's ``TuneReportCallback`` forwards each epoch's
-  report (rank 0's metrics) to Tune, so one training iteration = one epoch;
+  report (rank 0's metrics, plus ``epochs_done``) to Tune;
 - ASHA (``max_t``/``grace_period`` in epochs) stops weak trials early; OptunaSearch
   (seeded) proposes the values; ``metric``/``mode`` drive both, and also rank each trial's
   checkpoints (``train.checkpoint_metric``/``checkpoint_mode`` are set to them);
@@ -79,6 +79,7 @@ from typing import Any, Literal
 from talkmesh.config import ConfigError, apply_overrides, flatten, from_dict, load_config, to_dict
 
 __all__ = [
+    "EPOCHS_DONE",
     "TRAIN_DRIVER",
     "Distribution",
     "SchedulerConfig",
@@ -109,7 +110,10 @@ _RESERVED_KEYS = (
 )
 
 _TAG_REGISTERED = "talkmesh.registered_version"
-_TAG_REGISTERED_CKPT = "talkmesh.registered_checkpoint"
+
+# Tune result key ASHA counts in: epochs the trial's Train run has completed (the loop's
+# 0-based ``epoch`` + 1), so a trial resumed mid-way is compared at its true epoch.
+EPOCHS_DONE = "epochs_done"
 
 
 # --------------------------------------------------------------------------------------
@@ -175,8 +179,8 @@ class Distribution:
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
-    """Trial scheduler. ``asha``: async successive halving over training iterations
-    (= epochs: every epoch reports once); ``fifo``: every trial runs to the end."""
+    """Trial scheduler. ``asha``: asynchronous successive halving over completed epochs
+    (every epoch reports once); ``fifo``: every trial runs to the end."""
 
     type: Literal["asha", "fifo"] = "asha"
     max_t: int = 4  # epochs a trial may run at most (ASHA's top rung)
@@ -418,9 +422,8 @@ def _trial_driver(config: dict[str, Any], setup: dict[str, Any]) -> None:
     (``config``: dotted key -> value) through ``run_training``, a child MLflow run of the
     sweep, with every epoch's report forwarded to Tune."""
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
-    from talkmesh._sweep_ray import PlacementGroupRecorder
+    from talkmesh._sweep_ray import EpochTuneReportCallback, PlacementGroupRecorder
     from talkmesh.train.config import ExperimentConfig
     from talkmesh.train.runner import run_training
 
@@ -433,7 +436,10 @@ def _trial_driver(config: dict[str, Any], setup: dict[str, Any]) -> None:
         parent_run_id=setup["parent_run_id"],
         tags={"talkmesh.sweep": setup["sweep"], "talkmesh.trial_id": trial_id},
         tracking_uri=setup["tracking_uri"],
-        callbacks=[TuneReportCallback(), PlacementGroupRecorder(str(Path(setup["pg_dir"]) / f"{run_name}.txt"))],
+        callbacks=[
+            EpochTuneReportCallback(),
+            PlacementGroupRecorder(str(Path(setup["pg_dir"]) / f"{run_name}.txt")),
+        ],
     )
 
 
@@ -454,7 +460,7 @@ def _scheduler(cfg: SweepConfig) -> Any:
 
     s = cfg.scheduler
     return ASHAScheduler(
-        time_attr="training_iteration",
+        time_attr=EPOCHS_DONE,
         max_t=s.max_t,
         grace_period=s.grace_period,
         reduction_factor=s.reduction_factor,
