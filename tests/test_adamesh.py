@@ -1,0 +1,667 @@
+"""AdaMesh specifics (specs/adamesh.md §4, §6-§9, §14) on the debug preset.
+
+Fast tests use the contract module's tiny in-memory clips. The stage tests train the pose
+prior and PoseGPT briefly on the synthetic corpus (FLAME flavour); the learning checks
+(``@pytest.mark.slow``) train all four stages on it and measure adaptation and retrieval
+on the unseen speakers against the corpus's recorded speaker styles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from talkmesh.config import DataConfig
+from talkmesh.data import open_corpus
+from talkmesh.data.corpus import concat_clips
+from talkmesh.data.dataset import ClipDataset, collate_clips, match_audio_to_motion
+from talkmesh.data.synthetic import STYLE_RANGES, speaker_styles
+from talkmesh.methods import build_method
+from talkmesh.methods.adamesh import (
+    AdaMesh,
+    AdaMeshConfig,
+    ExpressionAdapter,
+    log_mel,
+    mel_filterbank,
+    pose_style_distances,
+)
+from talkmesh.methods.base import DataFacts, StyleStateError, check_style_state
+from talkmesh.nn.lora import MoLoRA, adapter_parameters, apply_adapters, molora_parameter_count
+from talkmesh.train.config import load_experiment
+from test_methods_contract import SUBJECTS, V, make_clip, tiny_face_model
+
+FACTS = DataFacts(fps=25.0, num_vertices=V, train_subjects=SUBJECTS, motion="params", param_dim=53, has_head_pose=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_intra_op_thread():
+    """Tiny models run fastest on one thread; one thread also makes adaptation bitwise
+    reproducible (multi-threaded CPU reductions are not)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def model(facts: DataFacts = FACTS, seed: int = 0, face: bool = True, **overrides: object) -> AdaMesh:
+    torch.manual_seed(seed)
+    m = build_method("adamesh", dict(overrides), facts, preset="debug")
+    assert isinstance(m, AdaMesh)
+    if face:
+        m.set_face_model(tiny_face_model())
+    return m
+
+
+def perturb(m: AdaMesh, scale: float = 0.05) -> None:
+    """Move every trained (non-MoLoRA) weight so outputs depend on all of them."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for stage in ("expression", "pose_vq", "posegpt"):
+            m.set_stage(stage)
+            for p in m.trainable_parameters():
+                p.add_(scale * torch.randn(p.shape, generator=g))
+    m.set_stage("expression")
+
+
+def batch(fps: float = 25.0, seconds: tuple[float, float] = (1.6, 1.2)) -> dict:
+    clips = [make_clip("S1", seconds[0], fps, 1), make_clip("S3", seconds[1], fps, 2)]
+    return collate_clips(clips, [SUBJECTS.index(c.subject) for c in clips])
+
+
+def serve_reference(seconds: float = 2.0, head_pose: bool = True) -> dict:
+    """A reference exactly as the Serve app sends it: numpy arrays, 16 kHz audio."""
+    clip = make_clip("U1", seconds, 25.0, 7)
+    rng = np.random.default_rng(0)
+    ref = {
+        "audio": clip.audio.astype(np.float32),
+        "params": (clip.params + 0.1 * rng.normal(size=clip.params.shape)).astype(np.float32),
+    }
+    if head_pose:
+        t = np.arange(clip.num_frames) / 25.0
+        ref["head_pose"] = (0.05 * np.stack([np.sin(t), np.cos(2 * t), 0 * t], 1)).astype(np.float32)
+    return ref
+
+
+# --------------------------------------------------------------------------------------
+# Shapes and configuration (§12, §14.1)
+# --------------------------------------------------------------------------------------
+
+
+def test_shapes_of_every_part():
+    m = model().eval()
+    b = batch()
+    t = int(b["motion_lengths"].max())
+    both = m._audio_inputs(b["audio"], b["audio_lengths"], b["motion_lengths"])
+    h, mel = m.audio_encoder.hidden_size, m.config.mel_bins
+    assert both.shape == (2, 2 * t, h + mel)
+    y = m._norm_expr(b["params"])
+    mid, post, style, ident = m.expression(both, b["motion_mask"], y, b["motion_mask"], torch.zeros(2, 100))
+    assert mid.shape == post.shape == (2, t, 53) and style.shape == ident.shape == (2, m.config.d_model)
+    pose = torch.randn(2, 48, 3)
+    rec, vq = m.pose_vq(pose)
+    assert rec.shape == (2, 48, 3) and vq.indices.shape == (2, 12)
+    tokens = m.posegpt.audio_tokens(torch.randn(2, 96, h + mel))
+    assert tokens.shape == (2, 12, m.config.posegpt_d)
+    logits = m.posegpt(tokens, vq.indices, torch.tensor([0, 2]))
+    assert logits.shape == (2, 12, m.config.pose_codebook_size)
+    out = m.generate(make_clip("S2", 1.3, 25.0, 3).audio, None)
+    n = m.frames_for_audio(int(1.3 * 16000))
+    assert out["params"].shape == (n, 53) and out["head_pose"].shape == (n, 3) and out["vertices"].shape == (n, V, 3)
+
+
+def test_frame_rules_for_25_and_30_fps():
+    m25 = model(face=False)
+    assert m25.alignment == "trim"
+    assert m25.frames_for_audio(160000) == (((160000 - 400) // 320) + 1) // 2 == 249  # §8: floor(frames / 2)
+    m30 = model(dataclasses.replace(FACTS, fps=30.0), face=False)
+    assert m30.alignment == "interp" and abs(m30.frames_for_audio(160000) - 300) <= 1
+    with pytest.raises(ValueError, match="trim"):
+        model(dataclasses.replace(FACTS, fps=30.0), audio_alignment="trim")
+
+
+def test_log_mel_matches_the_hubert_frame_count():
+    fb = mel_filterbank(201, 16)
+    assert fb.shape == (16, 201) and torch.all(fb >= 0) and torch.all(fb.sum(1) > 0)
+    audio = torch.randn(2, 16000)
+    mel = log_mel(audio, torch.tensor([16000, 8000]), fb)
+    assert mel.shape == (2, (16000 - 400) // 320 + 1, 16)
+    assert torch.all(mel[1, (8000 - 400) // 320 + 1 :] == 0)
+
+
+def test_config_validation_and_stage_schedules():
+    cfg = AdaMeshConfig()
+    assert cfg.molora_ranks == (1, 2, 4, 8) and cfg.posegpt_layers == 6 and cfg.pose_kmeans_k == 512
+    assert cfg.stage_schedule("expression") == {"epochs": 50, "batch_size": 8, "lr": 1e-4}
+    assert cfg.stage_schedule("pose_vq") == {"epochs": 200, "batch_size": 32, "lr": 1e-4}
+    assert cfg.stage_schedule("posegpt") == {"epochs": 100, "batch_size": 16, "lr": 1e-4}
+    assert cfg.stage_schedule("pose_index")["epochs"] == 1
+    with pytest.raises(ValueError, match="unknown stage"):
+        cfg.stage_schedule("nope")
+    for bad, match in (
+        ({"molora_ranks": ()}, "molora_ranks"),
+        ({"molora_targets": ("pw1", "attn")}, "molora_targets"),
+        ({"pose_downsample": 3}, "pose_downsample"),
+        ({"pose_window": 10}, "pose_window"),
+        ({"audio_encoder": dataclasses.replace(cfg.audio_encoder, trainable_layers=-1)}, "frozen"),
+        ({"heads": 3}, "heads"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            dataclasses.replace(cfg, **bad)
+    # The experiment schedule follows train.stage; explicit train.* values win.
+    base = ["method=adamesh", "preset=debug", "model.pose_vq_epochs=7", "model.posegpt_lr=0.002"]
+    assert load_experiment(None, [*base, "train.stage=pose_vq"]).schedule().epochs == 7
+    assert load_experiment(None, [*base, "train.stage=posegpt"]).schedule().lr == 0.002
+    assert load_experiment(None, [*base, "train.stage=posegpt", "train.lr=0.1"]).schedule().lr == 0.1
+
+
+def test_lr_multiplier_is_step_lr_per_stage():
+    m = model(face=False, lr_step=5, lr_gamma=0.5, pose_vq_lr_step=20)
+    assert [m.lr_multiplier(e) for e in (0, 4, 5, 10)] == [1.0, 1.0, 0.5, 0.25]
+    m.set_stage("pose_vq")
+    assert m.lr_multiplier(19) == 1.0 and m.lr_multiplier(20) == 0.5
+    m.set_stage("posegpt")
+    assert m.lr_multiplier(100) == 1.0
+
+
+# --------------------------------------------------------------------------------------
+# MoLoRA (§4, §14.2-§14.3)
+# --------------------------------------------------------------------------------------
+
+
+def _select(name: str, _m: object) -> bool:
+    return ".conv." in f".{name}" and name.rsplit(".", 1)[-1] in ("pw1", "dw", "pw2")
+
+
+def test_molora_is_an_exact_no_op_at_initialisation():
+    cfg = AdaMeshConfig.debug()
+    torch.manual_seed(0)
+    plain = ExpressionAdapter(cfg, 48).eval()
+    torch.manual_seed(0)
+    wrapped = ExpressionAdapter(cfg, 48)
+    apply_adapters(wrapped, _select, lambda s: MoLoRA(s, cfg.molora_ranks))
+    wrapped.eval()
+    x, mask = torch.randn(2, 20, 48), torch.ones(2, 10, dtype=torch.bool)
+    ref, shape = torch.randn(2, 6, 53), torch.randn(2, 100)
+    a = plain(x, mask, ref, mask[:, :6], shape)
+    b = wrapped(x, mask, ref, mask[:, :6], shape)
+    for u, v in zip(a, b, strict=True):
+        torch.testing.assert_close(u, v, rtol=0, atol=1e-7)
+
+
+def test_molora_placement_and_parameter_count_at_paper_sizes():
+    cfg = AdaMeshConfig()
+    adapter = ExpressionAdapter(cfg, 8)  # the audio width does not touch the adapted layers
+    names = apply_adapters(adapter, _select, lambda s: MoLoRA(s, cfg.molora_ranks))
+    assert len(names) == 27  # 9 Conformer blocks x (pw1, dw, pw2), §4.2
+    assert {n.split(".")[0] for n in names} == {"audio_encoder", "style_encoder", "identity_encoder", "decoder"}
+    params = adapter_parameters(adapter)
+    assert sum(p.numel() for p in params.values()) == 209493
+    shapes = [adapter.get_submodule(n).base.weight.shape for n in names]
+    assert molora_parameter_count(shapes, cfg.molora_ranks) == 209493
+
+
+def test_trainable_parameters_per_stage():
+    m = model(face=False)
+    molora = {id(p) for p in m.adaptation_parameters().values()}
+    groups = {}
+    for stage in m.stages:
+        m.set_stage(stage)
+        params = m.trainable_parameters()
+        assert all(p.requires_grad for p in params)
+        assert not molora & {id(p) for p in params}, f"MoLoRA trains in {stage}"
+        groups[stage] = {id(p) for p in params}
+    assert groups["pose_index"] == set()
+    assert groups["expression"] == {id(p) for p in m.expression.parameters()} - molora
+    assert groups["pose_vq"] == {id(p) for p in m.pose_vq.parameters()}
+    assert groups["posegpt"] == {id(p) for p in m.posegpt.parameters()}
+    with pytest.raises(RuntimeError, match="fit_stage"):
+        m(batch())
+    assert sorted(m.state_dict()) == sorted(model(face=False).state_dict())  # HuBERT not in the state dict
+    assert not any(k.startswith("audio_encoder") for k in m.state_dict())
+
+
+def test_pretraining_step_leaves_molora_at_zero():
+    m = model(face=False).train()
+    opt = torch.optim.AdamW(m.trainable_parameters(), lr=1e-2)
+    for _ in range(2):
+        loss, logs = m(batch())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert set(logs) >= {"l1_mid", "l1_post", "l1_mid_weighted", "l1_post_weighted", "loss"}
+    for name, p in m.adaptation_parameters().items():
+        if name.endswith(".B"):
+            assert torch.count_nonzero(p) == 0, name
+        assert p.grad is None, name
+
+
+# --------------------------------------------------------------------------------------
+# Adaptation and the style interface (§6, §9, §14.4)
+# --------------------------------------------------------------------------------------
+
+
+def test_adapt_trains_only_molora_and_never_mutates_the_model():
+    m = model()
+    perturb(m)
+    m.train()
+    before = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    audio = make_clip("S2", 1.2, 25.0, 4).audio
+    out_before = m.generate(audio, None)
+    ref = serve_reference()
+    state = m.adapt(ref, steps=6)
+    for k, v in m.state_dict().items():  # weights, BatchNorm running statistics, buffers
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in m.parameters())
+    assert m.training
+    for k, v in m.generate(audio, None).items():
+        assert torch.equal(v, out_before[k]), k
+    names = {f"molora/{k}" for k in m.adaptation_parameters()}
+    assert names == {k for k in state if k.startswith("molora/")}
+    moved = [k for k in names if k.endswith(".B") and torch.count_nonzero(state[k]) > 0]
+    assert moved, "adaptation left every MoLoRA B at zero"
+    for k in names:  # only MoLoRA tensors are in the state; the model's own stay as they were
+        name = k[len("molora/") :]
+        assert state[k].shape == m.adaptation_parameters()[name].shape
+    assert state["adapt_steps"] == 6 and state["kind"] == "adapted"
+    assert state["adapt_loss_last"] < state["adapt_loss_first"]
+    adapted = m.generate(audio, None, style=state)
+    assert not torch.equal(adapted["params"], m.generate(audio, None, style=m.encode_style(ref))["params"])
+
+
+def test_adapt_is_seeded_deterministic_and_bounded():
+    m = model(adapt_crop_s=1.0)
+    perturb(m)
+    ref = serve_reference(seconds=3.0)  # longer than the crops: the seed picks where they start
+    a, b = m.adapt(ref, steps=4, seed=3), m.adapt(ref, steps=4, seed=3)
+    c = m.adapt(ref, steps=4, seed=4)
+    for k, v in a.items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, b[k]), k
+    assert any(not torch.equal(a[k], c[k]) for k in a if k.startswith("molora/")), "another seed draws other crops"
+    assert m.adapt(ref, steps=0)["adapt_steps"] == 0
+    t0 = time.perf_counter()
+    bounded = m.adapt(ref, steps=10_000, max_seconds=0.3)
+    assert time.perf_counter() - t0 < 5.0 and 0 < bounded["adapt_steps"] < 10_000
+    assert bounded["adapt_seconds"] < 5.0
+    with pytest.raises(ValueError, match="max_seconds"):
+        m.adapt(ref, max_seconds=0)
+
+
+def test_style_states_round_trip_through_weights_only_load():
+    m = model()
+    perturb(m)
+    audio = make_clip("S2", 1.0, 25.0, 8).audio
+    for ref in (serve_reference(), serve_reference(head_pose=False)):
+        for state in (m.encode_style(ref), m.adapt(ref, steps=3), m.encode_style(subject="S2")):
+            check_style_state(state, method="adamesh", version=1)
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            loaded = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+            assert loaded.keys() == state.keys()
+            a = m.generate(audio, None, style=state)
+            b = m.generate(audio, None, style=loaded)
+            for k in a:
+                assert torch.equal(a[k], b[k]), k
+    enc = m.encode_style(serve_reference(head_pose=False))
+    assert not any(k.startswith("molora/") for k in enc)
+    assert enc["pose_identity"] == m.config.default_pose_identity and enc["pose_selection"].startswith("default")
+    assert enc["style_vector"].shape == (m.config.d_model,) and enc["ref_expression"].shape == (50, 53)
+
+
+def test_bad_styles_and_references_are_clear_errors():
+    m = model()
+    state = m.adapt(serve_reference(), steps=1)
+    audio = make_clip("S2", 1.0, 25.0, 8).audio
+    name = next(k for k in state if k.startswith("molora/"))
+    bad_states = [
+        ({**state, "method": "faceformer"}, "method"),
+        ({**state, "style_vector": torch.zeros(3)}, "style_vector"),
+        ({**state, "pose_identity": 99}, "pose_identity"),
+        ({**state, "num_identities": 7}, "training identities"),
+        ({**state, name: torch.zeros(1)}, name),
+        ({k: v for k, v in state.items() if k != name}, "MoLoRA"),
+        ({**state, "molora/nope": torch.zeros(1)}, "nope"),
+    ]
+    for bad, match in bad_states:
+        with pytest.raises(StyleStateError, match=match):
+            m.generate(audio, None, style=bad)
+    with pytest.raises(ValueError, match="'params'"):
+        m.encode_style({"audio": audio})
+    with pytest.raises(ValueError, match=r"\(T, 53\)"):
+        m.adapt({"audio": audio, "params": np.zeros((10, 50), np.float32)})
+    with pytest.raises(ValueError, match="head_pose"):
+        m.encode_style({**serve_reference(), "head_pose": np.zeros((3, 3), np.float32)})
+    with pytest.raises(ValueError, match="template"):
+        m.generate(audio, np.zeros((7, 2), np.float32))
+    with pytest.raises(ValueError, match="not a training subject"):
+        m.generate(audio, None, style="U9")
+
+
+def test_generate_templates_and_head_pose_in_vertices():
+    m = model()
+    perturb(m)
+    audio = make_clip("S2", 1.0, 25.0, 8).audio
+    layer = tiny_face_model()
+    beta = torch.randn(100) * 0.5
+    out = m.generate(audio, beta)
+    expected = layer(beta[None], out["params"][:, :50], out["params"][:, 50:53])
+    torch.testing.assert_close(out["vertices"], expected)  # FLAME(beta, expression, jaw), no head rotation
+    tmpl = torch.randn(V, 3) * 0.1
+    out_t = m.generate(audio, tmpl)
+    # A (V, 3) mesh gets the zero-shape model's expression/jaw displacements added to it.
+    neutral = layer(None, torch.zeros(1, 50), torch.zeros(1, 3))
+    moved = layer(None, out_t["params"][:, :50], out_t["params"][:, 50:53])
+    torch.testing.assert_close(out_t["vertices"], tmpl + moved - neutral)
+    rotated = m.generate(audio, None, head_pose_in_vertices=True)
+    plain = m.generate(audio, None)
+    torch.testing.assert_close(rotated["params"], plain["params"])
+    assert not torch.allclose(rotated["vertices"], plain["vertices"])
+    no_face = model(face=False)
+    assert "vertices" not in no_face.generate(audio, None)
+    with pytest.warns(UserWarning, match="not found"):
+        missing = model(face=False, face_model="/nonexistent/flame.npz")
+        assert "vertices" not in missing.generate(audio, None)
+
+
+def test_pose_style_distance_masks_absent_clusters():
+    k, d = 5, 3
+    ref = torch.randn(k, d)
+    ref_counts = torch.tensor([3.0, 0.0, 2.0, 0.0, 1.0])  # clusters 1 and 3 absent from the reference
+    base = torch.randn(k, d)
+    other = base.clone()
+    other[[1, 3]] += 10.0  # differs only on clusters the reference lacks
+    counts = torch.ones(2, k)
+    dist, shared = pose_style_distances(ref, ref_counts, torch.stack([base, other]), counts)
+    assert dist[0] == dist[1] and shared.tolist() == [3, 3]
+    expected = torch.linalg.vector_norm(ref - base, dim=-1)[[0, 2, 4]].mean()
+    torch.testing.assert_close(dist[0], expected)
+    dist, _ = pose_style_distances(ref, ref_counts, torch.stack([base, other]), counts, min_shared=4)
+    assert torch.isinf(dist).all()
+
+
+# --------------------------------------------------------------------------------------
+# The synthetic corpus: fitted stages, stage tests
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def flame_corpus(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:  # module scope: the per-test cache env is not set yet
+        mp.setenv("TALKMESH_CACHE", str(tmp_path_factory.getbasetemp() / "talkmesh-cache"))
+        corpus = open_corpus(DataConfig(format="synthetic", synthetic_flavour="flame", window_seconds=2.0))
+        assert corpus.info.num_train_subjects == 8  # generated now, inside the patched environment
+        yield corpus
+
+
+def train_stage(m: AdaMesh, corpus, stage: str, epochs: int, seed: int = 0) -> list[dict[str, float]]:
+    """The training loop's per-stage work without Ray (fit_stage, AdamW, StepLR hook)."""
+    m.set_stage(stage)
+    m.fit_stage(ClipDataset(corpus, "train", mode="sequence"))
+    sched = m.config.stage_schedule(stage)
+    ds = ClipDataset(corpus, "train", mode="window", seed=seed)
+    loader = torch.utils.data.DataLoader(
+        ds,
+        batch_size=sched["batch_size"],
+        shuffle=True,
+        collate_fn=ds.collate,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    opt = torch.optim.AdamW(m.trainable_parameters(), lr=sched["lr"], weight_decay=0.01)
+    history = []
+    for epoch in range(epochs):
+        ds.set_epoch(epoch)
+        for g in opt.param_groups:
+            g["lr"] = sched["lr"] * m.lr_multiplier(epoch)
+        m.train()
+        if stage == "pose_vq":
+            m.pose_vq.quantizer.reset_usage()
+        sums: dict[str, float] = {}
+        n = 0
+        for b in loader:
+            loss, logs = m(b)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            n += 1
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v
+        history.append({k: v / n for k, v in sums.items()})
+    return history
+
+
+@pytest.fixture(scope="module")
+def pose_trained(flame_corpus):
+    """Pose prior + PoseGPT trained briefly from scratch (the stage tests)."""
+    facts = DataFacts.from_corpus(flame_corpus)
+    m = model(facts, face=False)
+    m.set_stage("pose_vq")
+    m.fit_stage(ClipDataset(flame_corpus, "train", mode="sequence"))
+    x = torch.cat(
+        [m._norm_pose(torch.as_tensor(flame_corpus.load(s).head_pose[:48])) for s in flame_corpus.sequences("val")[:16]]
+    ).reshape(16, 48, 3)
+    with torch.no_grad():
+        m.eval()
+        untrained = float((m.pose_vq(x)[0] - x).abs().mean())
+    t0 = time.perf_counter()
+    vq = train_stage(m, flame_corpus, "pose_vq", 10)
+    gpt = train_stage(m, flame_corpus, "posegpt", 8)
+    with torch.no_grad():
+        m.eval()
+        trained = float((m.pose_vq(x)[0] - x).abs().mean())
+        m.pose_vq.quantizer.reset_usage()
+        m.pose_vq.quantizer.train()
+        m.pose_vq.quantizer(m.pose_vq.encode(x))
+        held_out_usage = m.pose_vq.quantizer.usage()
+    print(f"\npose stages trained in {time.perf_counter() - t0:.1f} s")
+    return m, vq, gpt, untrained, trained, held_out_usage
+
+
+def test_pose_vq_uses_its_codes_and_reconstructs(pose_trained):
+    _, vq, _, untrained, trained, held_out_usage = pose_trained
+    last = vq[-1]
+    print(
+        f"pose VQ: rec L1 (normalised, held-out) {untrained:.3f} -> {trained:.3f}; last epoch usage "
+        f"{last['code_usage']:.2f}, perplexity {last['perplexity']:.2f}; held-out usage {held_out_usage:.2f}"
+    )
+    assert last["code_usage"] > 0.25 and held_out_usage > 0.25  # §14.7: more than 25 % of the codes used
+    assert last["perplexity"] > 3.0
+    assert trained < 0.8 * untrained
+    assert vq[-1]["rec"] < vq[0]["rec"]
+
+
+def test_posegpt_cross_entropy_falls(pose_trained):
+    m, _, gpt, *_ = pose_trained
+    log_k = math.log(m.config.pose_codebook_size)
+    print(
+        f"PoseGPT CE {gpt[0]['code_ce']:.3f} -> {gpt[-1]['code_ce']:.3f} (log K = {log_k:.3f}), "
+        f"accuracy {gpt[-1]['code_accuracy']:.2f}"
+    )
+    assert gpt[-1]["code_ce"] < 0.8 * gpt[0]["code_ce"]
+    assert gpt[-1]["code_ce"] < 0.7 * log_k  # §14.8
+
+
+# --------------------------------------------------------------------------------------
+# Learning checks (Done means): adaptation and retrieval on the unseen speakers
+# --------------------------------------------------------------------------------------
+
+UNSEEN = ("S09", "S10", "S11", "S12")  # val speakers S09/S10, test speakers S11/S12
+
+
+@pytest.fixture(scope="module")
+def trained(flame_corpus):
+    """All four stages on the synthetic corpus (FLAME flavour), debug preset, seed 0."""
+    facts = DataFacts.from_corpus(flame_corpus)
+    m = model(facts, face=False)
+    t0 = time.perf_counter()
+    train_stage(m, flame_corpus, "expression", 25)
+    train_stage(m, flame_corpus, "pose_vq", 25)
+    train_stage(m, flame_corpus, "posegpt", 20)
+    m.set_stage("pose_index")
+    m.fit_stage(ClipDataset(flame_corpus, "train", mode="sequence"))
+    m.eval()
+    print(f"\nall stages trained in {time.perf_counter() - t0:.1f} s")
+    return m
+
+
+def held_out(corpus, subject: str) -> list:
+    """The speaker's clips outside its reference pool (val speakers: val; test speakers: test-B)."""
+    return [
+        match_audio_to_motion(corpus.load(s))
+        for s in corpus.sequences()
+        if s.subject == subject and s.split in ("val", "test-B")
+    ]
+
+
+def expression_errors(m: AdaMesh, corpus, clips: list, style) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Pooled LVE (metrics.py convention, vertices through the corpus face model) and the
+    predicted / recorded normalised params of the clips."""
+    from talkmesh import metrics as M
+
+    layer, regions = corpus.face_model(), corpus.regions()
+    scores, preds, gts = [], [], []
+    for clip in clips:
+        out = m.generate(clip.audio, clip.shape, style)
+        t = min(out["params"].shape[0], clip.num_frames)
+        pred = layer.vertices_from_params(out["params"][:t].numpy(), clip.shape)
+        gt = corpus.vertices_of(clip)[:t]
+        scores.append(M.score_sequence(pred, gt, corpus.template(clip.subject), regions.lips, regions.upper, ["lve"]))
+        preds.append(m._norm_expr(out["params"][:t]))
+        gts.append(m._norm_expr(torch.as_tensor(clip.params[:t])))
+    lve = M.aggregate(scores)["lve"]
+    return lve, torch.cat(preds), torch.cat(gts)
+
+
+def stats_distance(pred: torch.Tensor, gt: torch.Tensor) -> float:
+    """Expression statistics of a speaker: per-dimension mean and std of the normalised
+    params over its held-out frames; the distance is the mean absolute difference."""
+    return float((pred.mean(0) - gt.mean(0)).abs().mean() + (pred.std(0) - gt.std(0)).abs().mean())
+
+
+@pytest.mark.slow
+def test_adaptation_lowers_lve_and_moves_expression_statistics_to_the_speaker(trained, flame_corpus):
+    m = trained
+    styles = speaker_styles(flame_corpus.root)
+    rows = []
+    for subject in UNSEEN:
+        ref = flame_corpus.reference_clip(subject, 10.0)
+        clips = held_out(flame_corpus, subject)
+        t0 = time.perf_counter()
+        adapted_state = m.adapt(ref, seed=0)
+        secs = time.perf_counter() - t0
+        lve_u, pred_u, gt = expression_errors(m, flame_corpus, clips, m.encode_style(ref))
+        lve_a, pred_a, _ = expression_errors(m, flame_corpus, clips, adapted_state)
+        frames = gt.shape[0]
+        amp_u = float(pred_u[:, 50].std() * m.expr_std[50])
+        amp_a = float(pred_a[:, 50].std() * m.expr_std[50])
+        amp_gt = float(gt[:, 50].std() * m.expr_std[50])
+        rows.append(
+            (
+                subject,
+                frames,
+                lve_u,
+                lve_a,
+                stats_distance(pred_u, gt),
+                stats_distance(pred_a, gt),
+                amp_u,
+                amp_a,
+                amp_gt,
+                styles[subject]["articulation_gain"],
+                secs,
+            )
+        )
+    print(
+        "\nspeaker frames  LVE unadapted  LVE adapted  stats-dist unadapted  adapted  "
+        "jaw std unadapted/adapted/recorded  articulation_gain  adapt s"
+    )
+    for r in rows:
+        print(
+            f"{r[0]}  {r[1]:5d}  {r[2]:.3e}  {r[3]:.3e}  {r[4]:.3f}  {r[5]:.3f}  "
+            f"{r[6]:.4f}/{r[7]:.4f}/{r[8]:.4f}  {r[9]:.3f}  {r[10]:.1f}"
+        )
+    frames = np.array([r[1] for r in rows])
+    lve_u = float((np.array([r[2] for r in rows]) * frames).sum() / frames.sum())
+    lve_a = float((np.array([r[3] for r in rows]) * frames).sum() / frames.sum())
+    dist_u = float(np.mean([r[4] for r in rows]))
+    dist_a = float(np.mean([r[5] for r in rows]))
+    gains = np.array([r[9] for r in rows])
+    corr_u = float(np.corrcoef(gains, [r[6] for r in rows])[0, 1])
+    corr_a = float(np.corrcoef(gains, [r[7] for r in rows])[0, 1])
+    print(
+        f"pooled LVE unadapted {lve_u:.4e} adapted {lve_a:.4e} ({lve_a / lve_u:.2f}x); expression-statistics "
+        f"distance {dist_u:.3f} -> {dist_a:.3f}; corr(jaw std, recorded articulation_gain) "
+        f"{corr_u:.2f} -> {corr_a:.2f}"
+    )
+    assert lve_a < lve_u
+    assert dist_a < 0.9 * dist_u
+    assert sum(r[5] < r[4] for r in rows) >= 3  # statistics move toward the speaker for most speakers
+
+
+def _head_style_distance(styles: dict, a: str, b: str) -> float:
+    """Recorded head-motion style distance: |Δ amplitude| + |Δ frequency|, each over its range."""
+    out = 0.0
+    for key in ("head_amplitude", "head_frequency"):
+        lo, hi = STYLE_RANGES[key]
+        out += abs(styles[a][key] - styles[b][key]) / (hi - lo)
+    return out
+
+
+@pytest.mark.slow
+def test_pose_retrieval_picks_speakers_with_closer_head_motion_style(trained, flame_corpus):
+    m = trained
+    styles = speaker_styles(flame_corpus.root)
+    train_ids = list(m.facts.train_subjects)
+    frames = int(round(10.0 * flame_corpus.info.fps))
+    # Seen identities: a 10 s held-out clip (their val + test-A sequences) retrieves them (§14.9).
+    hits = 0
+    for k, subject in enumerate(train_ids):
+        clips = [
+            match_audio_to_motion(flame_corpus.load(s))
+            for s in flame_corpus.sequences()
+            if s.subject == subject and s.split in ("val", "test-A")
+        ]
+        ref = concat_clips(clips, f"{subject}_heldout").slice_frames(0, frames)
+        hits += m.encode_style(ref)["pose_identity"] == k
+    # Unseen speakers: three 10 s references each (reference pool, two halves of the held-out clips).
+    got, chance = [], []
+    for subject in UNSEEN:
+        clips = held_out(flame_corpus, subject)
+        refs = [
+            flame_corpus.reference_clip(subject, 10.0),
+            concat_clips(clips[:4], "a").slice_frames(0, frames),
+            concat_clips(clips[4:], "b").slice_frames(0, frames),
+        ]
+        for ref in refs:
+            state = m.encode_style(ref)
+            assert state["pose_selection"] == "masked cluster distance" and state["shared_clusters"] >= 1
+            got.append(_head_style_distance(styles, subject, train_ids[state["pose_identity"]]))
+            chance.append(float(np.mean([_head_style_distance(styles, subject, t) for t in train_ids])))
+    print(
+        f"\nseen identities retrieved: {hits}/{len(train_ids)} (chance {1 / len(train_ids):.2f}); unseen speakers: "
+        f"recorded head-style distance to the retrieved identity {np.mean(got):.3f} vs chance {np.mean(chance):.3f} "
+        f"over {len(got)} references"
+    )
+    assert hits >= len(train_ids) // 2
+    assert np.mean(got) < 0.85 * np.mean(chance)
+
+
+@pytest.mark.slow
+def test_identity_pose_embeddings_order_the_generated_head_motion(trained, flame_corpus):
+    """§14.8: for identical audio, the high-amplitude training identity's embedding gives
+    more head motion than the low-amplitude one's."""
+    m = trained
+    styles = speaker_styles(flame_corpus.root)
+    amps = {s: styles[s]["head_amplitude"] for s in m.facts.train_subjects}
+    low, high = min(amps, key=amps.get), max(amps, key=amps.get)
+    clip = held_out(flame_corpus, "S11")[0]
+    stds = {s: float(m.generate(clip.audio, None, s)["head_pose"].std(0).mean()) for s in (low, high)}
+    print(
+        f"\nhead-pose std with {low} (amplitude {amps[low]:.3f}): {stds[low]:.4f}; "
+        f"with {high} (amplitude {amps[high]:.3f}): {stds[high]:.4f}"
+    )
+    assert stds[high] > stds[low]
