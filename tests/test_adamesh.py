@@ -665,3 +665,89 @@ def test_identity_pose_embeddings_order_the_generated_head_motion(trained, flame
         f"with {high} (amplitude {amps[high]:.3f}): {stds[high]:.4f}"
     )
     assert stds[high] > stds[low]
+
+
+# --------------------------------------------------------------------------------------
+# The staged job (jobs/adamesh.py): stages as MLflow child runs, one stage re-run alone
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_staged_job_trains_evaluates_registers_and_reruns_one_stage(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from talkmesh import tracking
+    from talkmesh.jobs import parse_args, run_job
+    from talkmesh.train.checkpoint import MODEL_FILE, load_method
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    base = [
+        "train.num_workers=0",
+        "model.epochs=2",
+        "model.pose_vq_epochs=1",
+        "model.posegpt_epochs=1",
+        "train.eval_every=1",
+        "train.limit_eval_sequences=2",
+        "train.preview=false",
+        "train.system_metrics=false",
+        f"train.storage_path={tmp_path / 'ray'}",
+    ]
+    out = run_job("adamesh", parse_args("adamesh", [*base, "train.run_name=staged"]))
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    parent = client.get_run(out["run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["talkmesh.stages"] == ",".join(AdaMesh.stages)
+    children = tracking.child_runs(out["run_id"], uri=uri)
+    assert [c["run_name"] for c in children] == [f"staged-{s}" for s in AdaMesh.stages]
+    assert all(c["status"] == "FINISHED" for c in children)
+    runs = {c["run_name"].split("-", 1)[1]: client.get_run(c["run_id"]) for c in children}
+    for stage, run in runs.items():
+        assert run.data.tags["talkmesh.stage"] == stage and run.data.params["train.stage"] == stage
+    assert runs["pose_vq"].data.params["train.init_from"].endswith("epoch-0001")  # the expression run's pick
+    assert "train/fit/params_frames" in runs["expression"].data.metrics
+    assert "train/fit/head_pose_frames" in runs["pose_vq"].data.metrics
+    assert runs["pose_index"].data.metrics["train/fit/kmeans_frames"] > 0
+    assert "train/code_ce" in runs["posegpt"].data.metrics and "train/perplexity" in runs["pose_vq"].data.metrics
+    # Evaluated (with the adapted row for the unseen test speakers) and registered from the parent.
+    assert {"test/test-B/lve", "test/test-B/adapted/lve"} <= set(client.get_run(out["run_id"]).data.metrics)
+    assert out["version"] == 1 and out["champion"] == 1
+    loaded = load_method(out["checkpoint"]).method
+    assert loaded.stage == "pose_index" and bool(loaded.fitted.all())
+    state = loaded.adapt(serve_reference_for(loaded), steps=2)
+    gen = loaded.generate(np.zeros(16000, np.float32) + 0.01, None, style=state)
+    assert gen["vertices"].shape[1:] == (loaded.facts.num_vertices, 3)  # face model file recorded in the config
+
+    # Re-run PoseGPT alone on the pose_vq run's artifact; expression and prior come from it.
+    rerun = run_job(
+        "adamesh",
+        parse_args(
+            "adamesh",
+            [
+                "--stage",
+                "posegpt",
+                "--init-from",
+                f"runs:/{runs['pose_vq'].info.run_id}/checkpoints/epoch-0000",
+                "--no-register",
+                *base,
+                "train.run_name=rerun",
+            ],
+        ),
+    )
+    assert [c["run_name"] for c in tracking.child_runs(rerun["run_id"], uri=uri)] == ["rerun-posegpt"]
+    before = torch.load(f"{runs['pose_vq'].data.tags['talkmesh.selected_checkpoint']}/{MODEL_FILE}", weights_only=True)
+    after = torch.load(f"{rerun['checkpoint']}/{MODEL_FILE}", weights_only=True)
+    for k in before:
+        if k.startswith(("expression.", "pose_vq.")):
+            assert torch.equal(before[k], after[k]), k
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("posegpt."))
+
+
+def serve_reference_for(m: AdaMesh) -> dict:
+    """A Serve-shaped reference of the model's own fps: audio (S,), params (T, 53), head_pose (T, 3)."""
+    t = int(round(3.0 * m.facts.fps))
+    rng = np.random.default_rng(1)
+    return {
+        "audio": (0.1 * rng.normal(size=int(round(t * m.facts.samples_per_frame)))).astype(np.float32),
+        "params": (0.2 * rng.normal(size=(t, 53))).astype(np.float32),
+        "head_pose": (0.02 * rng.normal(size=(t, 3))).astype(np.float32),
+    }
