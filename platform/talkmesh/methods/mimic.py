@@ -692,7 +692,10 @@ class Mimic(MotionMethod):
         else:
             out = enc(audio, audio_lengths)  # (B, N, H) at 50 Hz
             feats = self.audio_aligner(out.features, num_frames=frames, lengths=out.lengths).features  # (B, T, H)
-        return self.audio_proj(feats)  # (B, T, d)
+        a = self.audio_proj(feats)  # (B, T, d)
+        if b > 1 and bool((frames != a.shape[1]).any()):
+            a = a * (torch.arange(a.shape[1], device=a.device)[None] < frames[:, None].to(a.device))[..., None]
+        return a
 
     def content_codes(self, offsets: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """E_c: offsets (B, T, 3V) -> content codes (B, T, d)."""
