@@ -56,7 +56,8 @@ Deviations (spec DECISIONs unless noted):
      decay is ``train.weight_decay`` (0.01 in the presets, Q1).
   7. Windows: every stage trains on ``data.window_seconds`` windows (the spec's 128- and
      256-frame pose windows exceed most MEAD clips); each pose batch is cropped to its
-     shortest item, rounded down to a multiple of ``pose_downsample`` frames.
+     shortest item (at most ``pose_window`` frames), rounded down to a multiple of
+     ``pose_downsample`` frames.
   8. Vertices (§8.4) are produced when a face model is available (injected with
      :meth:`AdaMesh.set_face_model`, or the file in ``face_model``), **without** the head
      rotation by default, so LVE/FDD follow datasets.md §6.2 (``vertices_head_pose=True``
@@ -77,22 +78,29 @@ Deviations (spec DECISIONs unless noted):
      VQ-VAE encodes/decodes consecutive chunks of ``pose_window`` frames and PoseGPT samples
      with a sliding context of ``pose_window / pose_downsample`` codes (positions 0..C-1, BOS
      first), so no position beyond the trained windows is ever used.
+ 13. ``expression_audio`` / ``pose_cluster_audio = "hubert+mel"`` (project options, used by
+     the debug preset): the expression adapter and the pose-style clusters also get the
+     log-mel frames PoseGPT uses. A frozen, randomly
+     initialised tiny HuBERT carries almost no information about lip motion (ridge-probe
+     R² 0.07 for the jaw opening on the synthetic corpus vs 0.55 for a 16-bin log-mel), so
+     tests could not otherwise learn on CPU. The paper presets keep HuBERT alone.
  14. D8: the VQ-VAE conv stages have no normalisation by default (``pose_vq_norm="none"``;
      CodeTalker's InstanceNorm is ``"instance"``). InstanceNorm over time removes every
      window's per-channel mean and scale - for a 3-d rotation signal, the head-motion
      amplitude and offset that make up a speaker's pose style - so the decoder cannot
-     reconstruct them and the pose-style matrices cannot tell speakers apart (measured on
-     the synthetic corpus; see tests/test_adamesh.py).
- 13. ``expression_audio="hubert+mel"`` (project option, used by the debug preset): the
-     expression adapter also gets the log-mel frames PoseGPT uses. A frozen, randomly
-     initialised tiny HuBERT carries almost no information about lip motion (ridge-probe
-     R² 0.07 for the jaw opening on the synthetic corpus vs 0.55 for a 16-bin log-mel), so
-     tests could not otherwise learn on CPU. The paper presets keep HuBERT alone.
+     reconstruct them and the pose-style matrices cannot tell speakers apart (synthetic
+     corpus, debug preset: with InstanceNorm 0 of 8 training speakers retrieved themselves
+     from held-out clips and the reconstruction L1 stalled at ~80 % of the untrained value;
+     without it 6 of 8, test_pose_retrieval_picks_speakers_with_closer_head_motion_style).
+ 15. The debug preset adapts with 60 AdamW steps at 5e-3 on 4 x 4 s crops instead of the §12
+     debug column's 30 steps at 1e-2 on 2 x 1 s crops, which over-fit a 10 s reference of
+     the synthetic speakers and raised their held-out LVE.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import time
@@ -947,14 +955,15 @@ class AdaMesh(MotionMethod):
 
     # ---- face model (injected dependency, README G10) ---------------------------------
     def set_face_model(self, layer: FlameLayer | None) -> None:
-        """Use ``layer`` (a FlameLayer with 50 expression components) to build vertices."""
+        """Use ``layer`` (a FlameLayer with 50 expression components) to build vertices. The
+        model keeps its own copy (moved with the model), so a shared layer is never moved."""
         if layer is not None:
             if getattr(layer, "n_expr", None) != N_EXPRESSION:
                 raise ValueError(f"face model must have {N_EXPRESSION} expression components, got {layer.n_expr}")
             nv = self.facts.num_vertices
             if nv and layer.num_vertices != nv:
                 raise ValueError(f"face model has {layer.num_vertices} vertices, the data facts say {nv}")
-            layer = layer.to(self.device)
+            layer = copy.deepcopy(layer).to(self.device)
         object.__setattr__(self, "_face", layer)
 
     def face_model(self) -> FlameLayer | None:
@@ -1483,9 +1492,10 @@ class AdaMesh(MotionMethod):
                     mask = torch.ones(len(starts), crop, dtype=torch.bool, device=self.device)
                     b = len(starts)
                     with adapter_values(self.expression, lora):
-                        mid, post, _, _ = self.expression(
-                            ab, mask, r.expand(b, -1, -1), r_mask.expand(b, -1), shape.expand(b, -1)
-                        )
+                        # The style encoder sees the whole reference once per step (shared by the crops).
+                        style = self.expression.encode_style(r, r_mask).expand(b, -1)
+                        identity = self.expression.encode_identity(shape, r_mask).expand(b, -1)
+                        mid, post, _, _ = self.expression(ab, mask, style=style, identity=identity)
                     loss, _ = weighted_loss(
                         {"l1_mid": _masked_l1(mid, yb, mask), "l1_post": _masked_l1(post, yb, mask)}, weights
                     )
