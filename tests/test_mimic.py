@@ -34,7 +34,7 @@ from talkmesh.methods.mimic import (
 from talkmesh.nn.grl import GradientReversal, grad_reverse
 from talkmesh.nn.motion_encoder import MotionSequenceEncoder, masked_instance_norm
 from talkmesh.nn.saln import StyleAdaptiveLayerNorm
-from talkmesh.speaker_id import SpeakerIdConfig, SpeakerIdNet, train_speaker_id
+from talkmesh.speaker_id import SpeakerIdConfig, SpeakerIdNet, style_consistency, train_speaker_id
 from test_methods_contract import SUBJECTS, TinyCorpus, V, make_clip
 
 FACTS25 = DataFacts(fps=25.0, num_vertices=V, train_subjects=SUBJECTS, lip_indices=(0, 1, 2, 3))
@@ -793,10 +793,16 @@ class StyledCorpus(TinyCorpus):
         return styled_clip(seq.subject, 2.0, self._fps, 7 * j + SUBJECTS.index(seq.subject))
 
 
-def test_speaker_id_network_trains_saves_and_loads(tmp_path):
-    corpus = StyledCorpus(25.0)
-    cfg = dataclasses.replace(SpeakerIdConfig.small(), steps=200, d_model=16, window_frames=30, lr=3e-3)
-    net = train_speaker_id(corpus, cfg)
+SPEAKER_CFG = dataclasses.replace(SpeakerIdConfig.small(), steps=200, d_model=16, window_frames=30, lr=3e-3)
+
+
+@pytest.fixture(scope="module")
+def speaker_net() -> SpeakerIdNet:
+    return train_speaker_id(StyledCorpus(25.0), SPEAKER_CFG)
+
+
+def test_speaker_id_network_trains_saves_and_loads(speaker_net, tmp_path):
+    corpus, net = StyledCorpus(25.0), speaker_net
     assert net.train_info["accuracy"] > 0.8 and not net.training
     clip = corpus.load(corpus.sequences("train")[5])
     emb = net.embed_motion(clip.vertices, clip.template)
@@ -809,11 +815,20 @@ def test_speaker_id_network_trains_saves_and_loads(tmp_path):
     again = SpeakerIdNet.load(path)
     np.testing.assert_allclose(again.embed_motion(clip.vertices, clip.template), emb, rtol=1e-6)
     assert again.fingerprint() == net.fingerprint() and again.subjects == SUBJECTS
-    assert train_speaker_id(corpus, cfg).fingerprint() == net.fingerprint()  # seeded
+    assert train_speaker_id(corpus, SPEAKER_CFG).fingerprint() == net.fingerprint()  # seeded
     with pytest.raises(ValueError, match="steps"):
         SpeakerIdConfig(steps=0)
     with pytest.raises(ValueError):
         net.embed_motion(clip.vertices[:, :5], clip.template)
+
+
+def test_style_consistency_scores_a_method(trained, speaker_net):
+    res = style_consistency(trained, StyledCorpus(25.0), "train", speaker_net, limit=6)
+    assert res["sequences"] == 6 and res["speakers"] == list(SUBJECTS)
+    assert -1.0 <= res["scs"] <= 1.0 and 0.0 <= res["speaker_acc"] <= 1.0
+    assert res["speaker_acc_chance"] == pytest.approx(1 / 3)
+    assert res["gt_speaker_acc"] == 1.0 and 0.0 < res["gt_scs"] <= 1.0
+    assert res["fingerprint"] == speaker_net.fingerprint()
 
 
 # --------------------------------------------------------------------------------------
