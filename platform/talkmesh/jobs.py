@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["find_preset", "main", "parse_args", "run_job", "run_stages"]
+__all__ = ["connect_ray", "find_preset", "main", "parse_args", "run_job", "run_stages"]
 
 
 def find_preset(method: str, preset: str) -> Path:
@@ -68,7 +68,7 @@ def parse_args(method: str, argv: Sequence[str] | None = None) -> argparse.Names
     return p.parse_args(argv)
 
 
-def _connect_ray(num_workers: int, resources: Mapping[str, float] | None = None) -> bool:
+def connect_ray(num_workers: int, resources: Mapping[str, float] | None = None) -> bool:
     """Attach to ``RAY_ADDRESS`` (ray job submit) or start a loopback-only local Ray.
     ``resources`` are custom resources the local Ray offers (a sweep's ``TRAIN_DRIVER``
     slots); an attached cluster keeps its own. Returns True when this process started Ray
@@ -123,7 +123,7 @@ def run_job(method: str, args: argparse.Namespace) -> dict[str, Any]:
 
         raise ConfigError(f"--stage {stage}: {method} has stages {list(stages)}")
 
-    started = _connect_ray(exp.train.num_workers) if exp.train.num_workers > 0 else False
+    started = connect_ray(exp.train.num_workers) if exp.train.num_workers > 0 else False
     try:
         if len(stages) > 1:
             result = run_stages(exp, [stage] if stage else list(stages))

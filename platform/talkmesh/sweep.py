@@ -616,7 +616,7 @@ def run_sweep(
 
     from talkmesh import tracking
     from talkmesh.config import replace
-    from talkmesh.jobs import _connect_ray
+    from talkmesh.jobs import connect_ray
     from talkmesh.train.runner import submission_id
 
     t0 = time.perf_counter()
@@ -630,7 +630,7 @@ def run_sweep(
 
     started = False
     if not ray.is_initialized():
-        started = _connect_ray(exp.train.num_workers, {TRAIN_DRIVER: cfg.max_concurrent_trials})
+        started = connect_ray(exp.train.num_workers, {TRAIN_DRIVER: cfg.max_concurrent_trials})
     try:
         _check_cluster(cfg, exp)
         commit, dirty = tracking.git_commit()

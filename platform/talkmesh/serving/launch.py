@@ -53,13 +53,13 @@ def read_serve_file(path: str | Path, overrides: Sequence[str] = ()) -> dict[str
 def run_serve(path: str | Path, overrides: Sequence[str] = (), *, blocking: bool = True) -> dict[str, Any]:
     """Deploy the first application of the Serve config file; see the module docstring.
     Returns {"url", "name"}; with ``blocking`` it only returns after Ctrl-C."""
-    from talkmesh.jobs import _connect_ray
+    from talkmesh.jobs import connect_ray
 
     doc = read_serve_file(path, overrides)
     app = doc["applications"][0]
     http = dict(doc.get("http_options") or {})
     host, port = str(http.get("host", "127.0.0.1")), int(http.get("port", 8000))
-    started = _connect_ray(1)
+    started = connect_ray(1)
     from ray import serve
 
     try:
