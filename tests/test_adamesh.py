@@ -751,3 +751,45 @@ def serve_reference_for(m: AdaMesh) -> dict:
         "params": (0.2 * rng.normal(size=(t, 53))).astype(np.float32),
         "head_pose": (0.02 * rng.normal(size=(t, 3))).astype(np.float32),
     }
+
+
+def _sync_worker(rank: int, port: int, queue) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from talkmesh.train.loop import _sync_buffers
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        m = model(face=False)
+        with torch.no_grad():  # each rank's own BatchNorm statistics / fitted flags
+            m.expr_std.fill_(2.0 + rank)
+            m.fitted[1] = bool(rank)
+            m.expression.postnet.bn1.running_mean.fill_(float(rank))
+        _sync_buffers(m, 2)
+        queue.put((rank, float(m.expr_std[0]), bool(m.fitted[1]), float(m.expression.postnet.bn1.running_mean[0])))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_validation_syncs_rank_zero_buffers_before_scoring():
+    """Under DDP each rank updates its BatchNorm statistics on its own batches; the loop
+    copies rank 0's buffers (incl. bool ones, which gloo cannot send) before validating."""
+    import socket
+
+    import torch.multiprocessing as tmp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = tmp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_sync_worker, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = sorted(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert results == [(0, 2.0, False, 0.0), (1, 2.0, False, 0.0)]

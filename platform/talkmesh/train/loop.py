@@ -73,6 +73,22 @@ def _all_gather(obj: Any, world: int) -> list[Any]:
     return out
 
 
+def _sync_buffers(module: torch.nn.Module, world: int) -> None:
+    """Copy rank 0's buffers (e.g. BatchNorm running statistics, which each rank updates on
+    its own batches) to every rank."""
+    import torch.distributed as dist
+
+    if world <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return
+    for buf in module.buffers():
+        if buf.dtype == torch.bool:  # gloo has no bool: go through uint8
+            t = buf.detach().to(torch.uint8)
+            dist.broadcast(t, src=0)
+            buf.data.copy_(t.to(torch.bool))
+        else:
+            dist.broadcast(buf.data, src=0)
+
+
 @contextlib.contextmanager
 def _resume_source(local_mode: bool, run_dir: Path) -> Iterator[Path | None]:
     """Directory of the checkpoint to resume from, or None for a fresh start."""
@@ -297,6 +313,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # ---- validate (whole sequences, sharded over ranks) -----------------------------
             if (epoch + 1) % t.eval_every == 0 or epoch + 1 == num_epochs:
                 t1 = time.perf_counter()
+                _sync_buffers(method, world)  # every rank validates the weights rank 0 checkpoints
                 scored = score_method(
                     method,
                     corpus,
