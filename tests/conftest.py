@@ -38,3 +38,16 @@ def ray_cluster():
     yield ray
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_intra_op_thread():
+    """Tiny models run fastest on one thread, and a busy 2-CPU machine makes two threads
+    spin-wait (10x+ slower); the previous setting is restored afterwards. Modules opt in
+    with ``pytestmark = pytest.mark.usefixtures("one_intra_op_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -39,14 +39,7 @@ from test_methods_contract import SUBJECTS, V, make_clip, tiny_face_model
 FACTS = DataFacts(fps=25.0, num_vertices=V, train_subjects=SUBJECTS, motion="params", param_dim=53, has_head_pose=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Tiny models run fastest on one thread; one thread also makes adaptation bitwise
-    reproducible (multi-threaded CPU reductions are not)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def model(facts: DataFacts = FACTS, seed: int = 0, face: bool = True, **overrides: object) -> AdaMesh:

@@ -28,14 +28,7 @@ FACTS25 = DataFacts(fps=25.0, num_vertices=V, train_subjects=SUBJECTS)
 FACTS30 = dataclasses.replace(FACTS25, fps=30.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Tiny models run fastest on one thread, and a busy 2-CPU machine makes two threads
-    spin-wait (10x+ slower); the previous setting is restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def model(facts: DataFacts = FACTS25, seed: int = 0, **overrides: object) -> FaceFormer:

@@ -48,14 +48,7 @@ SUBJECTS = ("S1", "S2", "S3")
 FPS_CASES = [25.0, 30.0]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Tiny models run fastest on one thread, and a busy 2-CPU machine makes two threads
-    spin-wait (10x+ slower); the previous setting is restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 # --------------------------------------------------------------------------------------

@@ -42,14 +42,7 @@ FACTS30 = dataclasses.replace(FACTS25, fps=30.0)
 TERMS = ("rec_a", "rec_c", *AUX_TERMS)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Tiny models run fastest on one thread, and a busy 2-CPU machine makes two threads
-    spin-wait (10x+ slower); the previous setting is restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def model(facts: DataFacts = FACTS25, seed: int = 0, **overrides: object) -> Mimic:

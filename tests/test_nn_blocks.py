@@ -29,13 +29,7 @@ from talkmesh.nn.lora import (
 )
 from talkmesh.nn.vq import VectorQuantizer, code_perplexity
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 # --------------------------------------------------------------------------------------
