@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(PY) -m talkmesh.demo
+	$(PY) -m talkmesh.dev.demo
 
 # pytest exits 5 when it collected nothing; that is reported, not treated as a failure.
 test: setup

@@ -25,11 +25,11 @@ def timed(fn, repeat: int = 1) -> tuple[float, object]:
 
 
 def main() -> None:
-    from talkmesh import metrics
     from talkmesh.config import DataConfig
     from talkmesh.data import open_corpus
     from talkmesh.data.dataset import ClipDataset
     from talkmesh.data.synthetic import generate_corpus
+    from talkmesh.eval import metrics
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", choices=["small", "default"], default="default")

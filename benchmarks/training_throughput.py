@@ -13,7 +13,7 @@ reports with each checkpoint; validation and checkpointing are outside it). The 
 timed epoch and the mean over all of them are printed; ratios use the fastest (other
 processes on a shared machine only ever slow an epoch down). With 2 workers each takes
 its own ``--batches`` from its shard, so a step processes twice the samples. The Ray
-cluster is a loopback-only ``talkmesh.localstack.LocalStack`` head (no MLflow server;
+cluster is a loopback-only ``talkmesh.dev.localstack.LocalStack`` head (no MLflow server;
 runs log to a throwaway SQLite store).
 """
 
@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def load(preset: str, overrides: list[str]):
-    from talkmesh.jobs import find_preset
+    from talkmesh.ops.jobs import find_preset
     from talkmesh.train.config import load_experiment
 
     return load_experiment(find_preset("faceformer", preset), overrides, base={"method": "faceformer"})
@@ -153,7 +153,7 @@ def main() -> None:
 
     import ray  # sets up its loggers on import; quietened below
 
-    from talkmesh.localstack import LocalStack
+    from talkmesh.dev.localstack import LocalStack
 
     for name in ("ray", "ray.train", "mlflow"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -13,7 +13,7 @@ Presets: configs/adamesh/{small,mead}.yaml; trailing key=value are dotted overri
 
 import sys
 
-from talkmesh.jobs import main
+from talkmesh.ops.jobs import main
 
 if __name__ == "__main__":
     sys.exit(main("adamesh"))

@@ -9,7 +9,7 @@ Presets: configs/faceformer/{small,vocaset,biwi}.yaml; trailing key=value are do
 
 import sys
 
-from talkmesh.jobs import main
+from talkmesh.ops.jobs import main
 
 if __name__ == "__main__":
     sys.exit(main("faceformer"))

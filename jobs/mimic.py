@@ -10,7 +10,7 @@ Presets: configs/mimic/{small,hdtf,vocaset,biwi}.yaml; trailing key=value are do
 
 import sys
 
-from talkmesh.jobs import main
+from talkmesh.ops.jobs import main
 
 if __name__ == "__main__":
     sys.exit(main("mimic"))

@@ -514,7 +514,7 @@ def held_out(corpus, subject: str) -> list:
 def expression_errors(m: AdaMesh, corpus, clips: list, style) -> tuple[float, torch.Tensor, torch.Tensor]:
     """Pooled LVE (metrics.py convention, vertices through the corpus face model) and the
     predicted / recorded normalised params of the clips."""
-    from talkmesh import metrics as M
+    from talkmesh.eval import metrics as M
 
     layer, regions = corpus.face_model(), corpus.regions()
     scores, preds, gts = [], [], []
@@ -669,8 +669,8 @@ def test_identity_pose_embeddings_order_the_generated_head_motion(trained, flame
 def test_staged_job_trains_evaluates_registers_and_reruns_one_stage(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
-    from talkmesh import tracking
-    from talkmesh.jobs import parse_args, run_job
+    from talkmesh.ops import tracking
+    from talkmesh.ops.jobs import parse_args, run_job
     from talkmesh.train.checkpoint import MODEL_FILE, load_method
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -222,7 +222,7 @@ def test_style_reference_fallbacks_and_scoring_exclusion(hdtf_root: Path) -> Non
 
     import torch
 
-    from talkmesh.train.evaluate import predict_split
+    from talkmesh.eval.evaluate import predict_split
 
     corpus = open_corpus(cfg_for(hdtf_root))
     ref, skip = corpus.style_reference(corpus.get("WDA_D_000"), seconds=10.0)  # val id 3 has two clips

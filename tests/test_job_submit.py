@@ -1,5 +1,5 @@
 """`ray job submit` of jobs/faceformer.py against a real local Ray head, tracked by a real
-MLflow server (SQLite backend, proxied artifacts): both started by talkmesh.localstack on
+MLflow server (SQLite backend, proxied artifacts): both started by talkmesh.dev.localstack on
 127.0.0.1 with ports chosen at run time, and stopped afterwards.
 
 The head is its own cluster (own ports, own temp dir), independent of the session-wide
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from talkmesh import tracking
-from talkmesh.localstack import LocalStack, StackError, free_ports, is_listening
+from talkmesh.dev.localstack import LocalStack, StackError, free_ports, is_listening
+from talkmesh.ops import tracking
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,7 +117,7 @@ def test_ray_job_submit_trains_tracks_and_registers(tmp_path):
 
 _CHILD = """
 import json, sys, time
-from talkmesh.localstack import LocalStack
+from talkmesh.dev.localstack import LocalStack
 stack = LocalStack(sys.argv[1], num_cpus=1).start()
 groups = [p.pid for p in (stack._ray, stack._mlflow)]
 print(json.dumps({"ports": stack.all_ports(), "groups": groups, "temp": str(stack.temp_dir)}), flush=True)
@@ -133,7 +133,7 @@ def test_sigterm_to_the_owner_stops_the_stack(tmp_path):
     import subprocess
     import sys
 
-    from talkmesh.localstack import _pids_in_group, _pids_mentioning
+    from talkmesh.dev.localstack import _pids_in_group, _pids_mentioning
 
     child = subprocess.Popen([sys.executable, "-c", _CHILD, str(tmp_path / "stack")], stdout=subprocess.PIPE, text=True)
     try:

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
-from talkmesh import metrics as M
+from talkmesh.eval import metrics as M
 
 V = 12
 LIPS = np.array([0, 1, 2, 3])

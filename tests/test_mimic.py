@@ -13,10 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from talkmesh import metrics as M
 from talkmesh.config import ConfigError, DataConfig
 from talkmesh.data.clip import Clip, SequenceInfo
 from talkmesh.data.dataset import collate_clips
+from talkmesh.eval import metrics as M
+from talkmesh.eval.speaker_id import SpeakerIdConfig, SpeakerIdNet, style_consistency, train_speaker_id
 from talkmesh.methods import build_config, build_method
 from talkmesh.methods.base import DataFacts, StyleStateError, load_style_state, save_style_state
 from talkmesh.methods.mimic import (
@@ -34,7 +35,6 @@ from talkmesh.methods.mimic import (
 from talkmesh.nn.grl import GradientReversal, grad_reverse
 from talkmesh.nn.motion_encoder import MotionSequenceEncoder, masked_instance_norm
 from talkmesh.nn.saln import StyleAdaptiveLayerNorm
-from talkmesh.speaker_id import SpeakerIdConfig, SpeakerIdNet, style_consistency, train_speaker_id
 from test_methods_contract import SUBJECTS, TinyCorpus, V, make_clip
 
 FACTS25 = DataFacts(fps=25.0, num_vertices=V, train_subjects=SUBJECTS, lip_indices=(0, 1, 2, 3))

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from talkmesh import metrics as M
 from talkmesh.config import DataConfig
 from talkmesh.data.clip import Clip, SequenceInfo
 from talkmesh.data.corpus import Corpus, CorpusInfo
 from talkmesh.data.regions import Regions
-from talkmesh.scoring import ScoringError, format_report, score_directory
+from talkmesh.eval import metrics as M
+from talkmesh.eval.scoring import ScoringError, format_report, score_directory
 
 V = 10
 LIPS = np.array([0, 1, 2])

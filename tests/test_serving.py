@@ -197,11 +197,11 @@ def service(ray_cluster, tmp_path_factory):
     SQLite store, served by the real Serve app on 127.0.0.1."""
     from ray import serve
 
-    from talkmesh import tracking
     from talkmesh.data import open_corpus
     from talkmesh.data.synthetic import generate_corpus
     from talkmesh.methods.base import DataFacts
     from talkmesh.methods.registry import build_method
+    from talkmesh.ops import tracking
     from talkmesh.serving.app import build_app
 
     root = tmp_path_factory.mktemp("serve")
@@ -363,7 +363,7 @@ def test_new_champion_readapts_stored_styles(service):
     import requests
     from ray import serve
 
-    from talkmesh import tracking
+    from talkmesh.ops import tracking
     from talkmesh.serving.app import build_app
 
     url, ref, uri = service["url"], service["reference"], service["uri"]
@@ -408,10 +408,10 @@ def test_service_serves_every_reference_method(service, method):
     import requests
     from ray import serve
 
-    from talkmesh import tracking
     from talkmesh.data import open_corpus
     from talkmesh.methods.base import DataFacts
     from talkmesh.methods.registry import build_method
+    from talkmesh.ops import tracking
     from talkmesh.serving.app import build_app
 
     root, uri = service["root"], service["uri"]

@@ -1,4 +1,4 @@
-"""Ray Tune sweeps (talkmesh.sweep): strict YAML schema and space validation (no Ray), and
+"""Ray Tune sweeps (talkmesh.ops.sweep): strict YAML schema and space validation (no Ray), and
 one integration test on the session's local Ray with a real MLflow SQLite store: ASHA,
 Optuna, a TorchTrainer per trial, parent/child runs, registration and the champion rule."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from talkmesh.config import ConfigError
-from talkmesh.sweep import Distribution, SweepConfig, SweepError, load_sweep, main
+from talkmesh.ops.sweep import Distribution, SweepConfig, SweepError, load_sweep, main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -150,7 +150,7 @@ def test_the_trial_experiment_is_checked(tmp_path):
 def test_a_cluster_without_driver_slots_is_refused_with_the_fix(monkeypatch):
     import ray
 
-    from talkmesh import sweep
+    from talkmesh.ops import sweep
 
     cfg = load_sweep(REPO / "sweeps" / "faceformer.yaml")
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
@@ -179,8 +179,8 @@ def test_runs_of_stopped_trials_are_closed(tmp_path):
     epoch) or FINISHED (stopped with it); a trial that really failed stays FAILED."""
     from mlflow import MlflowClient
 
-    from talkmesh import tracking
-    from talkmesh.sweep import TrialSummary, _close_children, _close_trial_runs
+    from talkmesh.ops import tracking
+    from talkmesh.ops.sweep import TrialSummary, _close_children, _close_trial_runs
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent = tracking.start_run("talkmesh-faceformer", "sweep-s", uri=uri)
@@ -236,8 +236,8 @@ mode: min
 def test_sweep_runs_trials_tracks_them_and_promotes_only_a_better_model(ray_cluster, tmp_path):
     from mlflow import MlflowClient
 
-    from talkmesh import tracking
-    from talkmesh.sweep import run_sweep
+    from talkmesh.ops import tracking
+    from talkmesh.ops.sweep import run_sweep
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     base = TINY.format(storage=tmp_path / "ray")

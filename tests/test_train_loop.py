@@ -13,11 +13,17 @@ import numpy as np
 import pytest
 import torch
 
-from talkmesh import metrics as M
-from talkmesh import tracking
 from talkmesh.config import ConfigError, flatten
 from talkmesh.data import open_corpus
-from talkmesh.scoring import score_directory
+from talkmesh.eval import metrics as M
+from talkmesh.eval.evaluate import (
+    condition_subjects,
+    eval_sequences,
+    evaluate_method,
+    save_predictions,
+)
+from talkmesh.eval.scoring import score_directory
+from talkmesh.ops import tracking
 from talkmesh.train.checkpoint import (
     METHOD_FILE,
     METRICS_FILE,
@@ -28,12 +34,6 @@ from talkmesh.train.checkpoint import (
     load_trainer_state,
 )
 from talkmesh.train.config import ExperimentConfig, load_experiment
-from talkmesh.train.evaluate import (
-    condition_subjects,
-    eval_sequences,
-    evaluate_method,
-    save_predictions,
-)
 from talkmesh.train.runner import run_training
 
 # Debug FaceFormer on the small synthetic corpus, bounded for a 2-CPU machine.
@@ -288,7 +288,7 @@ def test_trained_faceformer_beats_a_static_template_on_unseen_speakers(tmp_path)
 
 
 def test_save_predictions_file_names(tmp_path):
-    from talkmesh.train.evaluate import Prediction
+    from talkmesh.eval.evaluate import Prediction
 
     v = np.zeros((5, 4, 3), np.float32)
     paths = save_predictions(
@@ -304,7 +304,7 @@ def test_save_predictions_file_names(tmp_path):
 
 
 def test_job_trains_evaluates_and_registers(tmp_path, monkeypatch, capsys):
-    from talkmesh.jobs import main
+    from talkmesh.ops.jobs import main
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from talkmesh import tracking
+from talkmesh.ops import tracking
 from talkmesh.train.checkpoint import list_checkpoints, load_method, load_trainer_state
 from talkmesh.train.config import load_experiment
 from talkmesh.train.runner import run_training

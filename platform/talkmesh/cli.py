@@ -92,7 +92,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 def cmd_metrics(args: argparse.Namespace) -> int:
     from talkmesh.data import open_corpus
-    from talkmesh.scoring import format_report, score_directory
+    from talkmesh.eval.scoring import format_report, score_directory
 
     cfg = _data_config(args.format, args.root, args.overrides)
     report = score_directory(open_corpus(cfg), Path(args.pred), split=args.split)
@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("overrides", nargs="*", help="application args, e.g. method=faceformer style_dir=/srv/styles")
     srv.set_defaults(func=cmd_serve)
 
-    # Listed for --help only: main() hands `sweep ...` to talkmesh.sweep.main (same as sweeps/run.py).
+    # Listed for --help only: main() hands `sweep ...` to talkmesh.ops.sweep.main (same as sweeps/run.py).
     sub.add_parser(
         "sweep",
         help="run a Ray Tune sweep: talkmesh sweep sweeps/<method>.yaml [--num-samples N] [key=value ...]",
@@ -183,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["sweep"]:  # its own parser: options and key=value overrides may interleave
-        from talkmesh.sweep import main as sweep_main
+        from talkmesh.ops.sweep import main as sweep_main
 
         return sweep_main(argv[1:], prog="talkmesh sweep")
     parser = build_parser()

@@ -1,6 +1,6 @@
 """A temporal encoder over per-frame motion vectors (vertex offsets): the stack of Mimic's
 content and style encoders (specs/mimic.md §2.1-§2.2), also the speaker-identity network
-behind the SCS metric (specs/metrics.md §7.4, :mod:`talkmesh.speaker_id`).
+behind the SCS metric (specs/metrics.md §7.4, :mod:`talkmesh.eval.speaker_id`).
 
     (B, T, D_in) -> Linear(D_in -> d)
                  -> n_convs x [Conv1d(d -> d, kernel k, stride 1, padding k // 2, no bias) -> norm -> ReLU]

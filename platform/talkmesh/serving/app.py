@@ -327,7 +327,7 @@ class StyleModel:
 
 def _load_model(cfg: ServeConfig) -> tuple[Any, str, int | None, str]:
     """(method in eval mode, model reference, registry version or None, model key)."""
-    from talkmesh import tracking
+    from talkmesh.ops import tracking
     from talkmesh.train.checkpoint import MODEL_FILE, load_method
 
     uri = cfg.tracking_uri or None

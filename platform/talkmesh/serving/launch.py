@@ -53,7 +53,7 @@ def read_serve_file(path: str | Path, overrides: Sequence[str] = ()) -> dict[str
 def run_serve(path: str | Path, overrides: Sequence[str] = (), *, blocking: bool = True) -> dict[str, Any]:
     """Deploy the first application of the Serve config file; see the module docstring.
     Returns {"url", "name"}; with ``blocking`` it only returns after Ctrl-C."""
-    from talkmesh.jobs import connect_ray
+    from talkmesh.ops.jobs import connect_ray
 
     doc = read_serve_file(path, overrides)
     app = doc["applications"][0]

@@ -14,10 +14,10 @@ quick runs). Per worker it
    shards the training windows with a seeded ``DistributedSampler``
    (``prepare_data_loader``), with ``set_epoch`` every epoch;
 4. per epoch: trains on windows, validates on whole sequences of ``train.eval_split``
-   (sharded over ranks, gathered, scored as in :mod:`talkmesh.train.evaluate`), and
+   (sharded over ranks, gathered, scored as in :mod:`talkmesh.eval.evaluate`), and
    calls ``ray.train.report(metrics, checkpoint, checkpoint_dir_name="epoch-NNNN")`` on
    **every** rank (a barrier) with a checkpoint written by rank 0 only;
-5. rank 0 logs the metrics of every epoch to MLflow (``talkmesh.tracking``), since Ray
+5. rank 0 logs the metrics of every epoch to MLflow (``talkmesh.ops.tracking``), since Ray
    drops metrics-only reports and keeps no per-epoch history with workers >= 1.
 
 Optional method hooks (duck-typed; methods without them train exactly as above):
@@ -115,7 +115,7 @@ def _load_init_weights(method: torch.nn.Module, source: str, uri: str | None) ->
 
     path = Path(source).expanduser()
     if re.match(r"^[A-Za-z][\w+.-]*:/", source) and not path.exists():
-        from talkmesh.tracking import download_artifacts
+        from talkmesh.ops.tracking import download_artifacts
 
         with tempfile.TemporaryDirectory() as tmp:
             local = download_artifacts(source, tmp, uri=uri)
@@ -167,9 +167,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from talkmesh.data import open_corpus
     from talkmesh.data.dataset import ClipDataset
+    from talkmesh.eval.evaluate import condition_subjects, flat_metrics, score_method, summarize
     from talkmesh.methods.base import DataFacts
     from talkmesh.methods.registry import build_method
-    from talkmesh.train.evaluate import condition_subjects, flat_metrics, score_method, summarize
 
     exp = from_dict(ExperimentConfig, config["experiment"])
     t = exp.train
@@ -252,7 +252,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         run_id = config.get("mlflow_run_id")
         if rank == 0 and run_id:
-            from talkmesh.tracking import RunLogger
+            from talkmesh.ops.tracking import RunLogger
 
             logger = RunLogger(run_id, uri=config.get("tracking_uri"), system_metrics=t.system_metrics)
 

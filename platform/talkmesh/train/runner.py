@@ -6,7 +6,7 @@
 
 ``train.num_workers=0`` runs the loop in-process (Ray Train local mode: no cluster);
 ``N >= 1`` needs a Ray cluster (``ray.init`` is the caller's business, see
-:mod:`talkmesh.jobs`). Running again with the same ``run_name`` (and storage path)
+:mod:`talkmesh.ops.jobs`). Running again with the same ``run_name`` (and storage path)
 resumes from the latest checkpoint, and continues the same MLflow run.
 """
 
@@ -86,7 +86,7 @@ def make_preview(method: Any, corpus: Any, split: str, out_dir: str | Path) -> l
     import warnings
 
     from talkmesh.data.dataset import match_audio_to_motion
-    from talkmesh.train.evaluate import predict_split, save_predictions
+    from talkmesh.eval.evaluate import predict_split, save_predictions
 
     out = Path(out_dir)
     pred, gt, _ = next(iter(predict_split(method, corpus, split, limit=1, max_conditions=1)))
@@ -129,8 +129,8 @@ def run_training(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from talkmesh import tracking
     from talkmesh.data import open_corpus
+    from talkmesh.ops import tracking
     from talkmesh.train.loop import train_loop_per_worker
 
     t = exp.train

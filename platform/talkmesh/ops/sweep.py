@@ -41,14 +41,14 @@ How a sweep runs (notes/ray-mlflow.md §3):
   existing cluster must have been started with them (the error says how);
 - a stopped trial's Train controller dies with its trial actor and would leave its
   placement group (its CPUs) reserved until the sweep ends; the sweep frees it
-  (:mod:`talkmesh._sweep_ray`);
+  (:mod:`talkmesh.ops._sweep_ray`);
 - MLflow: a parent run ``sweep-<name>`` in ``talkmesh-<method>``; each trial is a child
   run ``<name>-<trial id>`` created by ``run_training(parent_run_id=...)`` (params once);
   after ``tuner.fit()`` children still RUNNING (trials ASHA stopped) are closed as KILLED,
   and the parent gets the best trial's params and metrics and ``sweep_results.csv``;
 - the best trial's selected checkpoint is registered as ``talkmesh-<method>`` (its
   metrics as version tags) and ``@champion`` moves to it only when it beats the current
-  champion on ``metric`` (:func:`talkmesh.tracking.promote_if_better`).
+  champion on ``metric`` (:func:`talkmesh.ops.tracking.promote_if_better`).
 
 Names and resume: the sweep name is ``name`` (YAML or ``--name``), else
 ``<method>-<ray job submission id>`` under ``ray job submit``, else
@@ -250,7 +250,7 @@ class SweepConfig:
     def experiment(self, params: Mapping[str, Any] | None = None) -> Any:
         """The trial ``ExperimentConfig``: the preset, the fixed overrides, the sweep's metric
         and mode as the checkpoint ranking, then ``params`` (dotted key -> value)."""
-        from talkmesh.jobs import find_preset
+        from talkmesh.ops.jobs import find_preset
         from talkmesh.train.config import ExperimentConfig, load_experiment
 
         try:
@@ -423,7 +423,7 @@ def _trial_driver(config: dict[str, Any], setup: dict[str, Any]) -> None:
     sweep, with every epoch's report forwarded to Tune."""
     import ray.tune
 
-    from talkmesh._sweep_ray import EpochTuneReportCallback, PlacementGroupRecorder
+    from talkmesh.ops._sweep_ray import EpochTuneReportCallback, PlacementGroupRecorder
     from talkmesh.train.config import ExperimentConfig
     from talkmesh.train.runner import run_training
 
@@ -494,7 +494,7 @@ def _pin_corpus(exp: Any) -> Any:
 
 
 def _summaries(grid: Any, cfg: SweepConfig, exp: Any, name: str, train_dir: Path, uri: str) -> list[TrialSummary]:
-    from talkmesh import tracking
+    from talkmesh.ops import tracking
     from talkmesh.train.checkpoint import list_checkpoints, select_checkpoint
     from talkmesh.train.config import ExperimentConfig
 
@@ -534,7 +534,7 @@ def _close_trial_runs(trials: Sequence[TrialSummary], parent_run_id: str, uri: s
     checkpoint is tagged as ``run_training`` would have. Such a run is still RUNNING (the
     kill landed before ``run_training`` ended it) or FAILED (the stop broke the Train run
     first: Tune reported no error for the trial, so the stop, not training, ended it)."""
-    from talkmesh import tracking
+    from talkmesh.ops import tracking
 
     status = {c["run_id"]: c["status"] for c in tracking.child_runs(parent_run_id, uri=uri)}
     for t in trials:
@@ -551,7 +551,7 @@ def _close_trial_runs(trials: Sequence[TrialSummary], parent_run_id: str, uri: s
 
 def _close_children(parent_run_id: str, uri: str) -> int:
     """Mark every child run still RUNNING KILLED (what no trial summary accounts for)."""
-    from talkmesh import tracking
+    from talkmesh.ops import tracking
 
     n = 0
     for child in tracking.child_runs(parent_run_id, uri=uri):
@@ -614,9 +614,9 @@ def run_sweep(
     import ray
     from ray import tune
 
-    from talkmesh import tracking
     from talkmesh.config import replace
-    from talkmesh.jobs import connect_ray
+    from talkmesh.ops import tracking
+    from talkmesh.ops.jobs import connect_ray
     from talkmesh.train.runner import submission_id
 
     t0 = time.perf_counter()
@@ -673,8 +673,8 @@ def _run(
     tune: Any,
 ) -> SweepResult:
     """Tuner.fit, then close stopped trials' runs, summarise, log to the parent, register."""
-    from talkmesh import tracking
-    from talkmesh._sweep_ray import PlacementGroupReaper
+    from talkmesh.ops import tracking
+    from talkmesh.ops._sweep_ray import PlacementGroupReaper
 
     pg_dir = sweep_dir / "placement_groups"
     setup = {
@@ -780,7 +780,7 @@ def _run(
 def _register_best(cfg: SweepConfig, best: TrialSummary, sweep_dir: Path, uri: str) -> tuple[int, bool]:
     """Register the best checkpoint (once per sweep: a resumed sweep with the same best
     reuses the version) and move ``@champion`` to it only when it beats the champion."""
-    from talkmesh import tracking
+    from talkmesh.ops import tracking
 
     marker = sweep_dir / "registered.json"
     version: int | None = None

@@ -43,7 +43,7 @@ def find_preset(method: str, preset: str) -> Path:
         return p
     candidates = [
         Path.cwd() / "configs" / method / f"{preset}.yaml",
-        Path(__file__).resolve().parents[2] / "configs" / method / f"{preset}.yaml",
+        Path(__file__).resolve().parents[3] / "configs" / method / f"{preset}.yaml",
     ]
     for c in candidates:
         if c.is_file():
@@ -93,12 +93,12 @@ def connect_ray(num_workers: int, resources: Mapping[str, float] | None = None) 
 
 def run_job(method: str, args: argparse.Namespace) -> dict[str, Any]:
     """Train + evaluate + register; returns a summary dict (also printed)."""
-    from talkmesh import metrics as M
-    from talkmesh import tracking
     from talkmesh.data import open_corpus
+    from talkmesh.eval import metrics as M
+    from talkmesh.eval.evaluate import evaluate_method, flat_metrics
+    from talkmesh.ops import tracking
     from talkmesh.train.checkpoint import load_method
     from talkmesh.train.config import load_experiment
-    from talkmesh.train.evaluate import evaluate_method, flat_metrics
     from talkmesh.train.runner import run_training
 
     overrides = list(args.overrides)
@@ -226,8 +226,8 @@ def run_stages(exp: Any, stages: Sequence[str], *, tracking_uri: str | None = No
     checkpoint. Returns the last stage's ``RunResult`` with the parent's run id and name
     (evaluation and registration go to the parent run). The parent ends FINISHED, or FAILED
     when a stage raises."""
-    from talkmesh import tracking
     from talkmesh.config import flatten
+    from talkmesh.ops import tracking
     from talkmesh.train.runner import default_run_name, run_training
 
     if not stages:

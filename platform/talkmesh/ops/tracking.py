@@ -375,7 +375,7 @@ def dataset_fingerprint(corpus: Corpus) -> str:
 def _pyfunc_class() -> type:
     """``TalkmeshPyfunc`` (an ``mlflow.pyfunc.PythonModel``), built on first use so that
     importing this module does not import mlflow; exposed as the module attribute
-    ``talkmesh.tracking.TalkmeshPyfunc`` (PEP 562)."""
+    ``talkmesh.ops.tracking.TalkmeshPyfunc`` (PEP 562)."""
     global _PYFUNC
     if _PYFUNC is not None:
         return _PYFUNC
@@ -426,7 +426,7 @@ _PYFUNC: type | None = None
 _MODEL_CODE = """\
 import mlflow.models
 
-from talkmesh.tracking import TalkmeshPyfunc
+from talkmesh.ops.tracking import TalkmeshPyfunc
 
 mlflow.models.set_model(TalkmeshPyfunc())
 """

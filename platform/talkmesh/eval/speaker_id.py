@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from talkmesh import metrics as M
 from talkmesh.config import from_dict, to_dict
+from talkmesh.eval import metrics as M
 from talkmesh.nn.motion_encoder import MotionSequenceEncoder
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -207,7 +207,7 @@ class SpeakerIdNet(nn.Module):
 
 def _training_offsets(corpus: Corpus, split: str) -> tuple[list[np.ndarray], list[int]]:
     """(T, 3V) offsets and class index of every training-identity sequence of ``split``."""
-    from talkmesh.scoring import _template
+    from talkmesh.eval.scoring import _template
 
     subjects = list(corpus.info.train_subjects)
     xs, ys = [], []
@@ -291,14 +291,14 @@ def style_consistency(
     reference are not scored). Then ``scs`` = mean cos(f(generated), f(reference)) and
     ``speaker_acc`` = retrieval of each generated sequence's speaker among the split's
     reference embeddings, one per speaker (the first reference met;
-    :func:`talkmesh.metrics.speaker_retrieval_accuracy`). A reference's embedding covers
+    :func:`talkmesh.eval.metrics.speaker_retrieval_accuracy`). A reference's embedding covers
     its last ``window_frames`` frames. Also returned: ``speaker_acc_chance``, ``gt_scs``
     and ``gt_speaker_acc`` (the ground truth scored the same way: the ceiling),
     ``sequences``, ``speakers`` and the network's ``fingerprint`` (record it with results).
     """
     from talkmesh.data.dataset import match_audio_to_motion
-    from talkmesh.scoring import _template
-    from talkmesh.train.evaluate import _method_template, _reference_seconds, _vertices_of_output, eval_sequences
+    from talkmesh.eval.evaluate import _method_template, _reference_seconds, _vertices_of_output, eval_sequences
+    from talkmesh.eval.scoring import _template
 
     seqs = eval_sequences(corpus, split, limit)
     if not seqs:

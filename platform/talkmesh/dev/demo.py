@@ -1,9 +1,9 @@
 """`make demo`: the whole platform once, end to end, on this machine.
 
-    python -m talkmesh.demo [--work-dir outputs/demo] [--keep] [key=value ...]
+    python -m talkmesh.dev.demo [--work-dir outputs/demo] [--keep] [key=value ...]
 
 1. starts a local Ray head and an MLflow server (SQLite backend) on 127.0.0.1
-   (:class:`talkmesh.localstack.LocalStack`; free ports, token auth);
+   (:class:`talkmesh.dev.localstack.LocalStack`; free ports, token auth);
 2. ``ray job submit --working-dir . -- python jobs/faceformer.py`` (small preset on the
    synthetic corpus, generated into ``<work-dir>/cache`` on first use; trailing
    ``key=value`` are overrides for the job);
@@ -29,7 +29,7 @@ from typing import Any
 
 __all__ = ["main", "run_demo"]
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _say(msg: str) -> None:
@@ -68,12 +68,12 @@ def run_demo(
     """Steps 1-5 of the module docstring; returns what it printed as a dict."""
     import numpy as np
 
-    from talkmesh import metrics as M
-    from talkmesh import tracking
     from talkmesh.audio.io import write_wav
     from talkmesh.data import open_corpus
-    from talkmesh.jobs import find_preset
-    from talkmesh.localstack import LocalStack, free_ports
+    from talkmesh.dev.localstack import LocalStack, free_ports
+    from talkmesh.eval import metrics as M
+    from talkmesh.ops import tracking
+    from talkmesh.ops.jobs import find_preset
     from talkmesh.serving.client import StyleClient
     from talkmesh.train.config import load_experiment
 
@@ -195,7 +195,7 @@ def run_demo(
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m talkmesh.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m talkmesh.dev.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--work-dir", default="outputs/demo")
     p.add_argument("--keep", action="store_true", help="keep the stack up until Ctrl-C")

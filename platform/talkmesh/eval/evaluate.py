@@ -33,9 +33,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from talkmesh import metrics as M
 from talkmesh.data.dataset import match_audio_to_motion
-from talkmesh.scoring import CONDITION_SEP
+from talkmesh.eval import metrics as M
+from talkmesh.eval.scoring import CONDITION_SEP
 
 if TYPE_CHECKING:  # pragma: no cover
     from talkmesh.data.clip import Clip, SequenceInfo
@@ -142,7 +142,7 @@ def _to_numpy(x: Any) -> np.ndarray:
 
 def _ground_truth(corpus: Corpus, clip: Clip) -> tuple[np.ndarray, np.ndarray]:
     """(T, V, 3) ground-truth vertices and the (V, 3) template of a clip."""
-    from talkmesh.scoring import _template
+    from talkmesh.eval.scoring import _template
 
     gt = M.as_vertices(_to_numpy(corpus.vertices_of(clip)), name=f"{clip.name} ground truth")
     return gt, _template(corpus, clip, gt.shape[1]).astype(np.float32)

@@ -33,7 +33,7 @@ Also here: the unseen-subject condition aggregation (§6.1), the AdaMesh diversi
 metrics (§8), DEE cross-modal retrieval accuracy (§9), the published scales (§5) and a
 report-table formatter that prints native and scaled values side by side. Style
 consistency (§7.4): ``scs`` and ``speaker_retrieval_accuracy`` score embeddings of a
-separately trained speaker-identity network (``talkmesh.speaker_id`` computes them).
+separately trained speaker-identity network (``talkmesh.eval.speaker_id`` computes them).
 """
 
 from __future__ import annotations
@@ -938,7 +938,7 @@ def scs(generated: np.ndarray, reference: np.ndarray) -> float:
 
     generated, reference: (N, D) embeddings of the N generated sequences and of the
     style reference each was conditioned on (row i with row i), taken from a separately
-    trained speaker-identity network over vertex offsets (``talkmesh.speaker_id``; never
+    trained speaker-identity network over vertex offsets (``talkmesh.eval.speaker_id``; never
     the evaluated method's own style encoder). A zero vector has cosine 0 with anything.
     Higher is better; the range is [-1, 1].
     """

@@ -1,4 +1,4 @@
-"""Ray-side helpers of :mod:`talkmesh.sweep`: epoch-counted Tune reports, and freeing the
+"""Ray-side helpers of :mod:`talkmesh.ops.sweep`: epoch-counted Tune reports, and freeing the
 placement groups of stopped trials.
 
 :class:`EpochTuneReportCallback` is Ray Train's ``TuneReportCallback`` (rank 0's metrics of
@@ -36,7 +36,7 @@ from ray import tune
 from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from talkmesh.sweep import EPOCHS_DONE
+from talkmesh.ops.sweep import EPOCHS_DONE
 
 __all__ = ["EpochTuneReportCallback", "PlacementGroupReaper", "PlacementGroupRecorder", "remove_recorded"]
 

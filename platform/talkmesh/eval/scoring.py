@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from talkmesh import metrics as M
 from talkmesh.data.errors import DataError
+from talkmesh.eval import metrics as M
 
 if TYPE_CHECKING:
     from talkmesh.data.clip import Clip, SequenceInfo
