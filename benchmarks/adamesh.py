@@ -10,7 +10,7 @@ with a randomly initialised encoder of the HuBERT-large architecture (316 M para
 saved to a temp dir and loaded like the real checkpoint; compute does not depend on the
 weights' values, and no pretrained weights are available offline). Models are untrained
 (speed only); the pose index is filled with random tables so retrieval runs its full path.
-Adaptation runs ``--steps`` steps (default: the preset's ``adapt_steps``) and reports the
+Adaptation runs ``--steps`` steps (default: the preset's ``adaptation.steps``) and reports the
 per-step time too. Median and minimum over ``--runs``; the minimum is the better estimate
 of the uncontended cost on a shared machine. ``--threads`` is torch's intra-op thread count.
 """
@@ -98,7 +98,7 @@ def bench(name: str, preset: str, overrides: dict, runs: int, steps: int | None,
     n_molora = sum(p.numel() for p in m.adaptation_parameters().values())
     ref = reference(seconds)
     audio = reference(seconds, seed=1)["audio"]
-    steps = m.config.adapt_steps if steps is None else steps
+    steps = m.config.adaptation.steps if steps is None else steps
 
     m.adapt(ref, steps=1)  # warm-up
     m.generate(audio, None)
@@ -136,7 +136,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--steps", type=int, default=None, help="adaptation steps (default: the preset's adapt_steps)")
+    p.add_argument("--steps", type=int, default=None, help="adaptation steps (default: the preset's adaptation.steps)")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--paper", action="store_true", help="also the paper sizes with a random HuBERT-large")
     p.add_argument("--quick", action="store_true", help="1 run")
@@ -148,7 +148,7 @@ def main() -> None:
     if args.paper:
         with tempfile.TemporaryDirectory() as tmp:
             path = hubert_large_dir(Path(tmp))
-            overrides = {"audio_encoder.name_or_path": str(path), "cache_features": False}
+            overrides = {"audio_encoder.name_or_path": str(path), "pose_index.cache_features": False}
             bench("paper sizes (mead preset, random HuBERT-large)", "mead", overrides, runs, args.steps, args.seconds)
 
 

@@ -69,9 +69,7 @@ def long_clip(corpus, seconds: float):
 
 def style_for(method, corpus, subject: str):
     """The StyleState a service would hold: encode_style on the subject's reference clip."""
-    from talkmesh.eval.evaluate import _reference_seconds
-
-    ref = corpus.reference_clip(subject, _reference_seconds(method))
+    ref = corpus.reference_clip(subject, method.reference_seconds)
     return method.encode_style(ref)
 
 

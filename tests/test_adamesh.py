@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from talkmesh.config import DataConfig
+from talkmesh.config import ConfigError, DataConfig
 from talkmesh.data import open_corpus
 from talkmesh.data.corpus import concat_clips
 from talkmesh.data.dataset import ClipDataset, collate_clips, match_audio_to_motion
@@ -31,7 +31,7 @@ from talkmesh.methods.adamesh import (
     mel_filterbank,
     pose_style_distances,
 )
-from talkmesh.methods.base import DataFacts, StyleStateError, check_style_state
+from talkmesh.methods.base import DataFacts, StageSchedule, StyleStateError, check_style_state
 from talkmesh.nn.lora import MoLoRA, adapter_parameters, apply_adapters, molora_parameter_count
 from talkmesh.train.config import load_experiment
 from test_methods_contract import SUBJECTS, V, make_clip, tiny_face_model
@@ -95,14 +95,14 @@ def test_shapes_of_every_part():
     assert both.shape == (2, 2 * t, h + mel)
     y = m._norm_expr(b["params"])
     mid, post, style, ident = m.expression(both, b["motion_mask"], y, b["motion_mask"], torch.zeros(2, 100))
-    assert mid.shape == post.shape == (2, t, 53) and style.shape == ident.shape == (2, m.config.d_model)
+    assert mid.shape == post.shape == (2, t, 53) and style.shape == ident.shape == (2, m.config.expression.d_model)
     pose = torch.randn(2, 48, 3)
     rec, vq = m.pose_vq(pose)
     assert rec.shape == (2, 48, 3) and vq.indices.shape == (2, 12)
     tokens = m.posegpt.audio_tokens(torch.randn(2, 96, h + mel))
-    assert tokens.shape == (2, 12, m.config.posegpt_d)
+    assert tokens.shape == (2, 12, m.config.posegpt.d)
     logits = m.posegpt(tokens, vq.indices, torch.tensor([0, 2]))
-    assert logits.shape == (2, 12, m.config.pose_codebook_size)
+    assert logits.shape == (2, 12, m.config.pose_vq.codebook_size)
     out = m.generate(make_clip("S2", 1.3, 25.0, 3).audio, None)
     n = m.frames_for_audio(int(1.3 * 16000))
     assert out["params"].shape == (n, 53) and out["head_pose"].shape == (n, 3) and out["vertices"].shape == (n, V, 3)
@@ -129,37 +129,84 @@ def test_log_mel_matches_the_hubert_frame_count():
 
 def test_config_validation_and_stage_schedules():
     cfg = AdaMeshConfig()
-    assert cfg.molora_ranks == (1, 2, 4, 8) and cfg.posegpt_layers == 6 and cfg.pose_kmeans_k == 512
-    assert cfg.stage_schedule("expression") == {"epochs": 50, "batch_size": 8, "lr": 1e-4}
-    assert cfg.stage_schedule("pose_vq") == {"epochs": 200, "batch_size": 32, "lr": 1e-4}
-    assert cfg.stage_schedule("posegpt") == {"epochs": 100, "batch_size": 16, "lr": 1e-4}
-    assert cfg.stage_schedule("pose_index")["epochs"] == 1
+    assert cfg.molora.ranks == (1, 2, 4, 8) and cfg.posegpt.layers == 6 and cfg.pose_index.kmeans_k == 512
+    assert cfg.stage_schedule("expression") == StageSchedule(epochs=50, batch_size=8, lr=1e-4)
+    assert cfg.stage_schedule("") == cfg.stage_schedule("expression")
+    assert cfg.stage_schedule("pose_vq") == StageSchedule(epochs=200, batch_size=32, lr=1e-4)
+    assert cfg.stage_schedule("posegpt") == StageSchedule(epochs=100, batch_size=16, lr=1e-4)
+    assert cfg.stage_schedule("pose_index") == StageSchedule(epochs=1, batch_size=8, lr=1e-4)
     with pytest.raises(ValueError, match="unknown stage"):
         cfg.stage_schedule("nope")
+    for section, bad, match in (
+        ("molora", {"ranks": ()}, "ranks"),
+        ("molora", {"targets": ("pw1", "attn")}, "targets"),
+        ("pose_vq", {"downsample": 3}, "downsample"),
+        ("pose_vq", {"window": 10}, "window"),
+        ("expression", {"heads": 3}, "heads"),
+        ("adaptation", {"steps": -1}, "steps"),
+        ("posegpt", {"dropout": 1.0}, "dropout"),
+        ("pose_index", {"kmeans_k": 0}, "kmeans_k"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            dataclasses.replace(getattr(cfg, section), **bad)
     for bad, match in (
-        ({"molora_ranks": ()}, "molora_ranks"),
-        ({"molora_targets": ("pw1", "attn")}, "molora_targets"),
-        ({"pose_downsample": 3}, "pose_downsample"),
-        ({"pose_window": 10}, "pose_window"),
         ({"audio_encoder": dataclasses.replace(cfg.audio_encoder, trainable_layers=-1)}, "frozen"),
-        ({"heads": 3}, "heads"),
+        ({"posegpt": dataclasses.replace(cfg.posegpt, max_steps=8)}, "max_steps"),
+        ({"lr_step": -1}, "lr_step"),
     ):
         with pytest.raises(ValueError, match=match):
             dataclasses.replace(cfg, **bad)
+    with pytest.raises(ConfigError, match=r"model\.pose_vq: window=10"):  # sections errors name their path
+        load_experiment(None, ["method=adamesh", "preset=debug", "model.pose_vq.window=10"]).method_config()
     # The experiment schedule follows train.stage; explicit train.* values win.
-    base = ["method=adamesh", "preset=debug", "model.pose_vq_epochs=7", "model.posegpt_lr=0.002"]
+    base = ["method=adamesh", "preset=debug", "model.pose_vq.epochs=7", "model.posegpt.lr=0.002"]
     assert load_experiment(None, [*base, "train.stage=pose_vq"]).schedule().epochs == 7
     assert load_experiment(None, [*base, "train.stage=posegpt"]).schedule().lr == 0.002
     assert load_experiment(None, [*base, "train.stage=posegpt", "train.lr=0.1"]).schedule().lr == 0.1
 
 
-def test_lr_multiplier_is_step_lr_per_stage():
-    m = model(face=False, lr_step=5, lr_gamma=0.5, pose_vq_lr_step=20)
-    assert [m.lr_multiplier(e) for e in (0, 4, 5, 10)] == [1.0, 1.0, 0.5, 0.25]
-    m.set_stage("pose_vq")
-    assert m.lr_multiplier(19) == 1.0 and m.lr_multiplier(20) == 0.5
-    m.set_stage("posegpt")
-    assert m.lr_multiplier(100) == 1.0
+def test_lr_factor_is_step_lr_per_stage():
+    cfg = AdaMeshConfig.debug()
+    cfg = dataclasses.replace(cfg, lr_step=5, lr_gamma=0.5, pose_vq=dataclasses.replace(cfg.pose_vq, lr_step=20))
+    for stage in ("", "expression"):
+        assert [cfg.lr_factor(stage, e) for e in (0, 4, 5, 10)] == [1.0, 1.0, 0.5, 0.25]
+    assert cfg.lr_factor("pose_vq", 19) == 1.0 and cfg.lr_factor("pose_vq", 20) == 0.5
+    assert cfg.lr_factor("posegpt", 100) == 1.0 and cfg.lr_factor("pose_index", 100) == 1.0
+    assert AdaMeshConfig.debug().lr_factor("expression", 50) == 1.0  # lr_step 0: constant
+
+
+def test_contract_declarations_and_face_model_overrides():
+    assert AdaMesh.template_input == "shape" and AdaMesh.trains_on_vertices is False
+    m = model(face=False, reference_seconds=4.0)
+    assert m.reference_seconds == 4.0
+    assert AdaMeshConfig().face_model_overrides("/corpus/flame.npz") == {"face_model": "/corpus/flame.npz"}
+    assert AdaMeshConfig(face_model="/own/flame.npz").face_model_overrides("/corpus/flame.npz") == {}
+    with pytest.raises(ValueError, match="unknown AdaMesh preset"):
+        AdaMeshConfig.preset("nope")
+
+
+def test_checkpoints_saved_with_the_flat_config_of_stop_7_still_load(tmp_path):
+    """method.json written before the config was grouped into sections: the debug preset as
+    that version saved it (tests/data) loads into the same config and the same weights."""
+    import json
+    from pathlib import Path
+
+    from talkmesh.config import to_dict
+    from talkmesh.train.checkpoint import METHOD_FILE, load_method, save_method
+
+    legacy = json.loads((Path(__file__).parent / "data" / "adamesh_config_stop7_debug.json").read_text())
+    assert "pose_vq_epochs" in legacy and "pose_vq" not in legacy  # really the old, flat form
+    assert AdaMeshConfig.upgrade(legacy) == to_dict(AdaMeshConfig.debug())
+    assert AdaMeshConfig.upgrade(to_dict(AdaMeshConfig.debug())) == to_dict(AdaMeshConfig.debug())
+
+    m = model(face=False)
+    save_method(tmp_path, m)
+    info = json.loads((tmp_path / METHOD_FILE).read_text())
+    (tmp_path / METHOD_FILE).write_text(json.dumps({**info, "config": legacy}))
+    loaded = load_method(tmp_path)
+    assert loaded.config == m.config
+    for k, v in m.state_dict().items():
+        assert torch.equal(loaded.method.state_dict()[k], v), k
 
 
 # --------------------------------------------------------------------------------------
@@ -174,10 +221,10 @@ def _select(name: str, _m: object) -> bool:
 def test_molora_is_an_exact_no_op_at_initialisation():
     cfg = AdaMeshConfig.debug()
     torch.manual_seed(0)
-    plain = ExpressionAdapter(cfg, 48).eval()
+    plain = ExpressionAdapter(cfg.expression, 48).eval()
     torch.manual_seed(0)
-    wrapped = ExpressionAdapter(cfg, 48)
-    apply_adapters(wrapped, _select, lambda s: MoLoRA(s, cfg.molora_ranks))
+    wrapped = ExpressionAdapter(cfg.expression, 48)
+    apply_adapters(wrapped, _select, lambda s: MoLoRA(s, cfg.molora.ranks))
     wrapped.eval()
     x, mask = torch.randn(2, 20, 48), torch.ones(2, 10, dtype=torch.bool)
     ref, shape = torch.randn(2, 6, 53), torch.randn(2, 100)
@@ -189,14 +236,14 @@ def test_molora_is_an_exact_no_op_at_initialisation():
 
 def test_molora_placement_and_parameter_count_at_paper_sizes():
     cfg = AdaMeshConfig()
-    adapter = ExpressionAdapter(cfg, 8)  # the audio width does not touch the adapted layers
-    names = apply_adapters(adapter, _select, lambda s: MoLoRA(s, cfg.molora_ranks))
+    adapter = ExpressionAdapter(cfg.expression, 8)  # the audio width does not touch the adapted layers
+    names = apply_adapters(adapter, _select, lambda s: MoLoRA(s, cfg.molora.ranks))
     assert len(names) == 27  # 9 Conformer blocks x (pw1, dw, pw2), §4.2
     assert {n.split(".")[0] for n in names} == {"audio_encoder", "style_encoder", "identity_encoder", "decoder"}
     params = adapter_parameters(adapter)
     assert sum(p.numel() for p in params.values()) == 209493
     shapes = [adapter.get_submodule(n).base.weight.shape for n in names]
-    assert molora_parameter_count(shapes, cfg.molora_ranks) == 209493
+    assert molora_parameter_count(shapes, cfg.molora.ranks) == 209493
 
 
 def test_trainable_parameters_per_stage():
@@ -268,7 +315,7 @@ def test_adapt_trains_only_molora_and_never_mutates_the_model():
 
 
 def test_adapt_is_seeded_deterministic_and_bounded():
-    m = model(adapt_crop_s=1.0)
+    m = model(**{"adaptation.crop_s": 1.0})
     perturb(m)
     ref = serve_reference(seconds=3.0)  # longer than the crops: the seed picks where they start
     a, b = m.adapt(ref, steps=4, seed=3), m.adapt(ref, steps=4, seed=3)
@@ -304,7 +351,7 @@ def test_style_states_round_trip_through_weights_only_load():
     enc = m.encode_style(serve_reference(head_pose=False))
     assert not any(k.startswith("molora/") for k in enc)
     assert enc["pose_identity"] == m.config.default_pose_identity and enc["pose_selection"].startswith("default")
-    assert enc["style_vector"].shape == (m.config.d_model,) and enc["ref_expression"].shape == (50, 53)
+    assert enc["style_vector"].shape == (m.config.expression.d_model,) and enc["ref_expression"].shape == (50, 53)
 
 
 def test_bad_styles_and_references_are_clear_errors():
@@ -393,24 +440,24 @@ def flame_corpus(tmp_path_factory):
 
 
 def train_stage(m: AdaMesh, corpus, stage: str, epochs: int, seed: int = 0) -> list[dict[str, float]]:
-    """The training loop's per-stage work without Ray (fit_stage, AdamW, StepLR hook)."""
+    """The training loop's per-stage work without Ray (fit_stage, the config's optimizer and lr factor)."""
     m.set_stage(stage)
     m.fit_stage(ClipDataset(corpus, "train", mode="sequence"))
     sched = m.config.stage_schedule(stage)
     ds = ClipDataset(corpus, "train", mode="window", seed=seed)
     loader = torch.utils.data.DataLoader(
         ds,
-        batch_size=sched["batch_size"],
+        batch_size=sched.batch_size,
         shuffle=True,
         collate_fn=ds.collate,
         generator=torch.Generator().manual_seed(seed),
     )
-    opt = torch.optim.AdamW(m.trainable_parameters(), lr=sched["lr"], weight_decay=0.01)
+    opt = m.config.build_optimizer(m.trainable_parameters(), stage=stage, lr=sched.lr, weight_decay=0.01)
     history = []
     for epoch in range(epochs):
         ds.set_epoch(epoch)
         for g in opt.param_groups:
-            g["lr"] = sched["lr"] * m.lr_multiplier(epoch)
+            g["lr"] = sched.lr * m.config.lr_factor(stage, epoch)
         m.train()
         if stage == "pose_vq":
             m.pose_vq.quantizer.reset_usage()
@@ -470,7 +517,7 @@ def test_pose_vq_uses_its_codes_and_reconstructs(pose_trained):
 
 def test_posegpt_cross_entropy_falls(pose_trained):
     m, _, gpt, *_ = pose_trained
-    log_k = math.log(m.config.pose_codebook_size)
+    log_k = math.log(m.config.pose_vq.codebook_size)
     print(
         f"PoseGPT CE {gpt[0]['code_ce']:.3f} -> {gpt[-1]['code_ce']:.3f} (log K = {log_k:.3f}), "
         f"accuracy {gpt[-1]['code_accuracy']:.2f}"
@@ -678,15 +725,15 @@ def test_staged_job_trains_evaluates_registers_and_reruns_one_stage(tmp_path, mo
     base = [
         "train.num_workers=0",
         "model.epochs=2",
-        "model.pose_vq_epochs=1",
-        "model.posegpt_epochs=1",
+        "model.pose_vq.epochs=1",
+        "model.posegpt.epochs=1",
         "train.eval_every=1",
         "train.limit_eval_sequences=2",
         "train.preview=false",
         "train.system_metrics=false",
         f"train.storage_path={tmp_path / 'ray'}",
     ]
-    out = run_job("adamesh", parse_args("adamesh", [*base, "train.run_name=staged"]))
+    out = run_job(parse_args("adamesh", [*base, "train.run_name=staged"]))
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     parent = client.get_run(out["run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["talkmesh.stages"] == ",".join(AdaMesh.stages)
@@ -712,7 +759,6 @@ def test_staged_job_trains_evaluates_registers_and_reruns_one_stage(tmp_path, mo
 
     # Re-run PoseGPT alone on the pose_vq run's artifact; expression and prior come from it.
     rerun = run_job(
-        "adamesh",
         parse_args(
             "adamesh",
             [

@@ -21,9 +21,9 @@ from talkmesh.audio.encoders import (
     AudioEncoderError,
     EncoderWeightsMissing,
     build_audio_encoder,
-    conv_output_frames,
     normalize_waveform,
 )
+from talkmesh.audio.frames import conv_output_frames
 from talkmesh.audio.io import normalize
 
 KINDS = ["wav2vec2", "hubert"]

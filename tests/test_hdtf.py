@@ -234,6 +234,7 @@ def test_style_reference_fallbacks_and_scoring_exclusion(hdtf_root: Path) -> Non
 
     class ReferenceMethod:  # a reference-conditioned method: encode_style + generate
         facts = SimpleNamespace(train_subjects=("1", "2"))
+        conditioning, template_input, reference_seconds = "reference", "vertices", 10.0
         refs: list[int] = []
 
         def encode_style(self, reference):

@@ -154,7 +154,7 @@ def test_chunked_rasterisation_matches_one_pass(head, monkeypatch):
     the picture does not depend on the chunk size."""
     verts, faces, _, _ = head
     whole = render.render_frames(verts[:3], faces, size=SIZE)
-    monkeypatch.setattr(render, "_CANDIDATE_BUDGET", 700)
+    monkeypatch.setattr(render.raster, "CANDIDATE_BUDGET", 700)
     assert np.array_equal(render.render_frames(verts[:3], faces, size=SIZE), whole)
     quad = np.array([[[-1, -1, 0], [1, -1, 0], [1, 1, 0], [-1, 1, 0]]], float)
     two = render.render_frames(quad, np.array([[0, 1, 2], [0, 2, 3]]), size=(64, 64))[0]
@@ -320,10 +320,10 @@ def test_mp4_with_and_without_audio(head, clean_tmp, audio_seconds):
     assert np.abs(got["frames"].astype(int) - frames.astype(int)).mean() < 6  # decodes to what was rendered
 
 
-def test_mp4_streamed_chunks_fractional_fps_and_mux_pass(head, clean_tmp):
+def test_mp4_streamed_chunks_fractional_fps_and_audio_of_unknown_length(head, clean_tmp):
     verts, faces, _, _ = head
     frames = render.render_frames(verts, faces, size=SIZE)
-    chunks = (frames[i : i + 3] for i in range(0, len(frames), 3))  # unknown length: two-pass mux
+    chunks = (frames[i : i + 3] for i in range(0, len(frames), 3))  # unknown length: ffmpeg cuts the audio
     path = render.write_video(chunks, clean_tmp / "s.mp4", fps=29.97, audio=_tone(2.0))
     got = probe(path)
     assert len(got["frames"]) == len(frames) and got["audio"] == "aac"
@@ -416,7 +416,6 @@ def test_write_video_rejects_bad_inputs_and_leaves_nothing(head, clean_tmp):
 def test_missing_ffmpeg_says_how_to_install(head, clean_tmp, monkeypatch):
     frames = render.render_frames(head[0][:2], head[1], size=SIZE)
     monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)
-    monkeypatch.setattr(render.shutil, "which", lambda name: None)
     with pytest.raises(render.FFmpegNotFoundError, match="pip install imageio-ffmpeg"):
         render.write_video(frames, clean_tmp / "v.mp4", 25)
     assert list(clean_tmp.iterdir()) == []

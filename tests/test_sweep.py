@@ -64,13 +64,45 @@ def test_cli_overrides_and_num_samples_replace_the_yaml_values():
 def test_distributions_map_to_tune_domains_and_probe_their_ranges():
     from ray.tune.search.sample import Categorical, Float
 
+    from talkmesh.ops.sweep.run import tune_domain
+
     d = Distribution(type="uniform", low=16.0, high=64.0)
     probes = d.probe_values()
     assert probes[:2] == [16.0, 64.0] and 16 < probes[2] < 64 and not float(probes[2]).is_integer()
-    assert isinstance(d.tune_domain(), Float)
+    assert isinstance(tune_domain(d), Float)
     log = Distribution(type="loguniform", low=1e-4, high=1e-2)
-    assert log.probe_values()[2] == pytest.approx(1e-3) and isinstance(log.tune_domain(), Float)
-    assert isinstance(Distribution(type="choice", values=(1, 2)).tune_domain(), Categorical)
+    assert log.probe_values()[2] == pytest.approx(1e-3) and isinstance(tune_domain(log), Float)
+    assert isinstance(tune_domain(Distribution(type="choice", values=(1, 2))), Categorical)
+
+
+def test_the_package_imports_no_ray_and_its_modules_depend_one_way():
+    """``talkmesh.ops.sweep`` imports without Ray (only ``callbacks`` imports it, where a sweep
+    runs), and each module imports only the package modules listed before it."""
+    import ast
+    import subprocess
+    import sys
+
+    code = "import sys, talkmesh.ops.sweep; print('ray' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+    order = ["config", "results", "callbacks", "run"]
+    package = REPO / "platform" / "talkmesh" / "ops" / "sweep"
+    for i, name in enumerate(order):
+        tree = ast.parse((package / f"{name}.py").read_text())
+        used = {
+            node.module.rsplit(".", 1)[-1]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("talkmesh.ops.sweep.")
+        }
+        assert used <= set(order[:i]), f"{name}.py imports {used - set(order[:i])}"
+
+
+def test_the_placement_group_work_around_is_gated_on_the_ray_version():
+    from talkmesh.ops.sweep.callbacks import PG_LEAK_LAST_SEEN, placement_group_workaround_needed
+
+    major, minor = PG_LEAK_LAST_SEEN
+    assert placement_group_workaround_needed(f"{major}.{minor}.0")
+    assert placement_group_workaround_needed("2.50.1")
+    assert not placement_group_workaround_needed(f"{major}.{minor + 1}.0")
 
 
 @pytest.mark.parametrize(
@@ -150,15 +182,15 @@ def test_the_trial_experiment_is_checked(tmp_path):
 def test_a_cluster_without_driver_slots_is_refused_with_the_fix(monkeypatch):
     import ray
 
-    from talkmesh.ops import sweep
+    from talkmesh.ops.sweep.run import check_cluster
 
     cfg = load_sweep(REPO / "sweeps" / "faceformer.yaml")
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
     with pytest.raises(SweepError, match=r"""ray start --head --resources='\{"TRAIN_DRIVER": 2\}'"""):
-        sweep._check_cluster(cfg, cfg.validate())
+        check_cluster(cfg, cfg.validate())
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0, "TRAIN_DRIVER": 1.0})
     with pytest.warns(UserWarning, match="at most 1 trials run at once"):
-        sweep._check_cluster(cfg, cfg.validate())
+        check_cluster(cfg, cfg.validate())
 
 
 def test_runner_exits_2_on_a_bad_sweep_file(tmp_path, capsys):
@@ -180,7 +212,8 @@ def test_runs_of_stopped_trials_are_closed(tmp_path):
     from mlflow import MlflowClient
 
     from talkmesh.ops import tracking
-    from talkmesh.ops.sweep import TrialSummary, _close_children, _close_trial_runs
+    from talkmesh.ops.sweep import TrialSummary
+    from talkmesh.ops.sweep.results import close_children, close_trial_runs
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent = tracking.start_run("talkmesh-faceformer", "sweep-s", uri=uri)
@@ -192,8 +225,8 @@ def test_runs_of_stopped_trials_are_closed(tmp_path):
         ck = str(tmp_path / name / "epoch-0000")
         return TrialSummary(name, f"s-{name}", ids[name], "", {}, epochs, 2, ck, 1.0, {"epoch": 0}, error)
 
-    _close_trial_runs([trial("a", 1), trial("b", 2), trial("c", 2), trial("e", 1, "ValueError: boom")], parent, uri)
-    assert _close_children(parent, uri) == 1  # "d": a child no trial accounts for
+    close_trial_runs([trial("a", 1), trial("b", 2), trial("c", 2), trial("e", 1, "ValueError: boom")], parent, uri)
+    assert close_children(parent, uri) == 1  # "d": a child no trial accounts for
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     status = {n: client.get_run(i).info.status for n, i in ids.items()}
     assert status == {"a": "KILLED", "b": "FINISHED", "c": "FINISHED", "d": "KILLED", "e": "FAILED"}

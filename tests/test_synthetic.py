@@ -370,7 +370,7 @@ def test_empty_root_generates_into_cache_once(root: Path, tmp_path: Path, monkey
 
     monkeypatch.setenv("TALKMESH_CACHE", str(tmp_path / "cache"))
     calls: list[str] = []
-    monkeypatch.setattr(synthetic, "_write_corpus", _fake_writer(root, calls))
+    monkeypatch.setattr(synthetic.store, "write_corpus", _fake_writer(root, calls))
     cfg = DataConfig(format="synthetic", synthetic_preset="small", synthetic_seed=0)
     first = open_corpus(cfg)
     assert calls == [] and not (tmp_path / "cache").exists()  # nothing happens at construction
@@ -396,7 +396,7 @@ def test_cache_generation_is_safe_under_concurrency(root: Path, tmp_path: Path, 
         shutil.copytree(root, target)
         (target / "winner.txt").write_text("the other process")
 
-    monkeypatch.setattr(synthetic, "_write_corpus", slow_loser)
+    monkeypatch.setattr(synthetic.store, "write_corpus", slow_loser)
     assert synthetic.ensure_cached("small", 0, 25.0) == target
     assert (target / "winner.txt").is_file()
     assert sorted(os.listdir(tmp_path / "cache")) == [target.name]
@@ -404,7 +404,7 @@ def test_cache_generation_is_safe_under_concurrency(root: Path, tmp_path: Path, 
     # Several workers at once: all get the same complete corpus, no temporary dirs remain.
     shutil.rmtree(target)
     calls.clear()
-    monkeypatch.setattr(synthetic, "_write_corpus", copy)
+    monkeypatch.setattr(synthetic.store, "write_corpus", copy)
     results: list[Path] = []
     errors: list[BaseException] = []
 

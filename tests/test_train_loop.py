@@ -141,6 +141,7 @@ def test_local_training_logs_metrics_and_checkpoints(trained):
     assert run.data.params["model.d_model"] == "16" and run.data.params["train.epochs"] == "2"
     assert run.data.params["data.fingerprint"] == tracking.dataset_fingerprint(open_corpus(exp.data))
     assert run.data.tags["talkmesh.dataset_fingerprint"] == run.data.params["data.fingerprint"]
+    assert [d.dataset.digest for d in run.inputs.dataset_inputs] == [run.data.params["data.fingerprint"]]
     commit, _ = tracking.git_commit()
     if commit:
         assert run.data.tags["mlflow.source.git.commit"] == commit

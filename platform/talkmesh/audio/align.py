@@ -26,23 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from talkmesh.audio.encoders import conv_output_frames
+from talkmesh.audio.frames import as_lengths, conv_output_frames, valid_lengths
 from talkmesh.audio.io import SAMPLE_RATE
 
 __all__ = ["AlignedFeatures", "StridedConvAligner", "frames_from_audio", "interpolate_features"]
 
 Rounding = Literal["floor", "ceil", "round"]
-
-
-def _as_lengths(value: int | torch.Tensor, batch: int, device: torch.device, what: str) -> torch.Tensor:
-    t = torch.as_tensor(value, device=device).to(torch.long).reshape(-1)
-    if t.numel() == 1 and batch != 1:
-        t = t.expand(batch)
-    if t.shape[0] != batch:
-        raise ValueError(f"{what} has {t.shape[0]} entries for a batch of {batch}")
-    if bool((t < 0).any()):
-        raise ValueError(f"{what} must be non-negative")
-    return t
 
 
 def interpolate_features(
@@ -64,14 +53,9 @@ def interpolate_features(
     if feats.ndim != 3:
         raise ValueError(f"feats must be (B, N, H), got shape {tuple(feats.shape)}")
     b, n, h = feats.shape
-    targets = _as_lengths(num_frames, b, feats.device, "num_frames")  # (B,)
+    targets = as_lengths(num_frames, b, feats.device, "num_frames")  # (B,)
     t_max = int(targets.max()) if b else 0
-    if lengths is None:
-        src = torch.full((b,), n, dtype=torch.long, device=feats.device)
-    else:
-        src = _as_lengths(lengths, b, feats.device, "lengths")
-        if bool((src > n).any()):
-            raise ValueError(f"lengths exceed the feature length {n}")
+    src = valid_lengths(lengths, b, n, feats.device, "the feature length")  # (B,)
     if bool(((src == 0) & (targets > 0)).any()):
         raise ValueError("cannot interpolate an item with no input frames to a non-zero length")
     ac = align_corners
@@ -209,12 +193,8 @@ class StridedConvAligner(nn.Module):
         if x.ndim != 3:
             raise ValueError(f"x must be (B, N, C), got shape {tuple(x.shape)}")
         b, n, _ = x.shape
-        if lengths is None:
-            src = torch.full((b,), n, dtype=torch.long, device=x.device)
-        else:
-            src = _as_lengths(lengths, b, x.device, "lengths")
-            if bool((src > n).any()):
-                raise ValueError(f"lengths exceed the feature length {n}")
+        src = valid_lengths(lengths, b, n, x.device, "the feature length")  # (B,)
+        if lengths is not None:
             # Padding must look like the conv's own zero padding.
             x = x * (torch.arange(n, device=x.device)[None, :] < src[:, None])[..., None].to(x.dtype)
         y = self.conv(x.transpose(1, 2)).transpose(1, 2)  # (B, M, C_out)
@@ -225,7 +205,7 @@ class StridedConvAligner(nn.Module):
                 [self.target_length(int(v)) for v in src.tolist()], dtype=torch.long, device=x.device
             )
         else:
-            targets = _as_lengths(num_frames, b, x.device, "num_frames")
+            targets = as_lengths(num_frames, b, x.device, "num_frames")
         if bool((targets == conv_lens).all()):
             t_max = int(targets.max()) if b else 0
             y = y[:, :t_max]

@@ -33,7 +33,6 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
@@ -41,6 +40,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from talkmesh.audio.align import interpolate_features
+from talkmesh.audio.frames import (
+    DEFAULT_CONV_KERNEL,
+    DEFAULT_CONV_STRIDE,
+    as_lengths,
+    conv_output_frames,
+    valid_lengths,
+)
 from talkmesh.audio.io import SAMPLE_RATE
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -48,8 +55,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "DEFAULT_CHECKPOINTS",
-    "DEFAULT_CONV_KERNEL",
-    "DEFAULT_CONV_STRIDE",
     "AudioEncoder",
     "AudioEncoderConfig",
     "AudioEncoderError",
@@ -57,7 +62,6 @@ __all__ = [
     "EncoderKind",
     "EncoderWeightsMissing",
     "build_audio_encoder",
-    "conv_output_frames",
     "normalize_waveform",
     "tiny_hf_config",
 ]
@@ -68,10 +72,6 @@ DEFAULT_CHECKPOINTS: dict[str, str] = {
     "wav2vec2": "facebook/wav2vec2-base-960h",
     "hubert": "facebook/hubert-large-ls960-ft",
 }
-
-# The wav2vec2/HuBERT CNN: 7 conv layers, total stride 320 (50 Hz), receptive field 400.
-DEFAULT_CONV_KERNEL: tuple[int, ...] = (10, 3, 3, 3, 3, 2, 2)
-DEFAULT_CONV_STRIDE: tuple[int, ...] = (5, 2, 2, 2, 2, 2, 2)
 
 _WEIGHT_FILES = (
     "model.safetensors",
@@ -144,30 +144,8 @@ class AudioFeatures(NamedTuple):
 
 
 # --------------------------------------------------------------------------------------
-# Frame bookkeeping and normalisation
+# Normalisation (frame bookkeeping: talkmesh.audio.frames)
 # --------------------------------------------------------------------------------------
-
-
-def conv_output_frames(
-    num_samples: int | torch.Tensor,
-    kernels: Sequence[int] = DEFAULT_CONV_KERNEL,
-    strides: Sequence[int] = DEFAULT_CONV_STRIDE,
-) -> int | torch.Tensor:
-    """Frames the CNN feature encoder gives for ``num_samples`` samples (0 if too short).
-
-    Applies the per-layer formula ``floor((n - k) / s) + 1`` exactly as the model does;
-    with the default geometry it equals ``floor((n - 400) / 320) + 1`` for n >= 400
-    (faceformer.md §3.1): 16000 samples -> 49 frames, 32000 -> 99.
-    """
-    if isinstance(num_samples, torch.Tensor):
-        n = num_samples.to(torch.long)
-        for k, s in zip(kernels, strides, strict=True):
-            n = torch.div(n - k, s, rounding_mode="floor") + 1
-        return n.clamp_min(0)
-    m = int(num_samples)
-    for k, s in zip(kernels, strides, strict=True):
-        m = (m - k) // s + 1
-    return max(m, 0)
 
 
 def normalize_waveform(audio: torch.Tensor, lengths: torch.Tensor | None = None, eps: float = 1e-7) -> torch.Tensor:
@@ -479,30 +457,8 @@ class AudioEncoder(nn.Module):
             raise ValueError(f"audio must be (B, S), got shape {tuple(audio.shape)}")
         device = next(self.model.parameters()).device
         x = audio.to(device=device, dtype=torch.float32)  # (B, S)
+        lens, targets = self._checked_lengths(x, lengths, num_frames)  # (B,), (B,) or None
         b, s = x.shape
-        if lengths is None:
-            lens = torch.full((b,), s, dtype=torch.long, device=device)
-        else:
-            lens = torch.as_tensor(lengths, device=device).to(torch.long).reshape(-1)
-            if lens.shape[0] != b:
-                raise ValueError(f"lengths has {lens.shape[0]} entries for a batch of {b}")
-            if bool((lens > s).any()):
-                raise ValueError(f"lengths exceed the padded audio length {s}")
-        if b and int(lens.min()) < self.receptive_field:
-            raise ValueError(
-                f"audio too short: {int(lens.min())} samples; the encoder needs at least "
-                f"{self.receptive_field} ({1000 * self.receptive_field / self.sample_rate:.0f} ms)"
-            )
-        targets: torch.Tensor | None = None
-        if num_frames is not None:
-            targets = torch.as_tensor(num_frames, device=device).to(torch.long).reshape(-1)
-            if targets.numel() == 1 and b != 1:
-                targets = targets.expand(b)
-            if targets.shape[0] != b:
-                raise ValueError(f"num_frames has {targets.shape[0]} entries for a batch of {b}")
-            if bool((targets < 1).any()):
-                raise ValueError("num_frames must be >= 1")
-
         x = normalize_waveform(x, lens)  # (B, S)
         padded = bool((lens != s).any())
         if not padded or self.uses_attention_mask:
@@ -521,10 +477,26 @@ class AudioEncoder(nn.Module):
             feats[i, : o.features.shape[1]] = o.features[0]
         return AudioFeatures(feats, torch.cat([o.lengths for o in outs]))
 
+    def _checked_lengths(
+        self, x: torch.Tensor, lengths: torch.Tensor | None, num_frames: int | torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x (B, S) -> (valid samples (B,), target frames (B,) or None), checked."""
+        b, s = x.shape
+        lens = valid_lengths(lengths, b, s, x.device, "the padded audio length")  # (B,)
+        if b and int(lens.min()) < self.receptive_field:
+            raise ValueError(
+                f"audio too short: {int(lens.min())} samples; the encoder needs at least "
+                f"{self.receptive_field} ({1000 * self.receptive_field / self.sample_rate:.0f} ms)"
+            )
+        if num_frames is None:
+            return lens, None
+        targets = as_lengths(num_frames, b, x.device, "num_frames")  # (B,)
+        if bool((targets < 1).any()):
+            raise ValueError("num_frames must be >= 1")
+        return lens, targets
+
     def _encode(self, x: torch.Tensor, lens: torch.Tensor, targets: torch.Tensor | None, padded: bool) -> AudioFeatures:
         """x (B, S) normalised -> AudioFeatures; the HF model's forward, step by step."""
-        from talkmesh.audio.align import interpolate_features
-
         model = self.model
         feats = model.feature_extractor(x).transpose(1, 2)  # (B, N, C)
         out_lens = self.frames_for_samples(lens)  # (B,)

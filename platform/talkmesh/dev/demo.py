@@ -19,13 +19,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from talkmesh.dev.localstack import LocalStack
+    from talkmesh.serving.client import StyleClient
 
 __all__ = ["main", "run_demo"]
 
@@ -42,7 +47,7 @@ def _echo_job(line: str) -> None:
         print(f"  | {line}", flush=True)
 
 
-def _serve_file(stack: Any, work: Path, port: int, faces: Path) -> Path:
+def _serve_file(stack: LocalStack, work: Path, port: int, faces: Path) -> Path:
     """serve/config.yaml with this stack's MLflow, the demo's style dir, faces and port."""
     from talkmesh.serving.launch import read_serve_file
 
@@ -66,131 +71,152 @@ def run_demo(
     work_dir: str | Path = "outputs/demo", overrides: Sequence[str] = (), keep: bool = False
 ) -> dict[str, Any]:
     """Steps 1-5 of the module docstring; returns what it printed as a dict."""
-    import numpy as np
-
-    from talkmesh.audio.io import write_wav
     from talkmesh.data import open_corpus
-    from talkmesh.dev.localstack import LocalStack, free_ports
-    from talkmesh.eval import metrics as M
-    from talkmesh.ops import tracking
+    from talkmesh.dev.localstack import LocalStack
     from talkmesh.ops.jobs import find_preset
-    from talkmesh.serving.client import StyleClient
     from talkmesh.train.config import load_experiment
 
     t_start = time.monotonic()
     work = Path(work_dir).expanduser().resolve()
     work.mkdir(parents=True, exist_ok=True)
-    cache = work / "cache"
-    os.environ["TALKMESH_CACHE"] = str(cache)  # the job and this process see the same corpus
+    os.environ["TALKMESH_CACHE"] = str(work / "cache")  # the job and this process see the same corpus
     exp = load_experiment(find_preset("faceformer", "small"), list(overrides), base={"method": "faceformer"})
     corpus = open_corpus(exp.data)  # generated here once, before the job needs it
-    summary: dict[str, Any] = {}
 
     with LocalStack(work / "stack", echo=_say) as stack:
         _say(f"Ray dashboard {stack.dashboard_url}   MLflow {stack.mlflow_uri}")
-        # ---- train: ray job submit ---------------------------------------------------------
-        sid = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-        entry = ["python", "jobs/faceformer.py", "--preset", "small", f"train.storage_path={work / 'ray'}", *overrides]
-        _say(f"ray job submit --submission-id {sid} --working-dir . -- {' '.join(entry)}")
-        job = stack.submit_job(
-            entry,
-            working_dir=REPO,
-            submission_id=sid,
-            env_vars={"TALKMESH_CACHE": str(cache)},
-            timeout=900,
-            echo=_echo_job,
-        )
-        if not job.succeeded:
-            raise RuntimeError(f"training job {sid} ended {job.status}; its logs are above")
-        run_id = tracking.find_run(exp.experiment_name, f"faceformer-{sid}", uri=stack.mlflow_uri)
-        if run_id is None:
-            raise RuntimeError(f"no MLflow run faceformer-{sid} in {stack.mlflow_uri}")
-        run_metrics = tracking.get_run_metrics(run_id, uri=stack.mlflow_uri)
-        version = tracking.get_alias_version("faceformer", "champion", uri=stack.mlflow_uri)
-
-        # ---- serve: serve deploy ---------------------------------------------------------------
-        layer = corpus.face_model()
-        faces = getattr(layer, "faces", None) if layer is not None else None
-        faces = faces() if callable(faces) else faces
-        faces_path = work / "faces.npy"
-        np.save(faces_path, np.asarray(faces, dtype=np.int64))
-        (port,) = free_ports(1)
-        serve_yaml = _serve_file(stack, work, port, faces_path)
-        _say(f"serve deploy {serve_yaml}  (models:/talkmesh-faceformer@champion = version {version})")
-        stack.run_cli(["serve", "deploy", str(serve_yaml), "--address", stack.dashboard_url], timeout=120)
-        client = StyleClient(f"http://127.0.0.1:{port}")
-        health = client.wait_healthy(timeout=240)
-        _say(f"service up at {client.url}: {health}")
-
-        # ---- adapt to an unseen speaker, animate another of their utterances ---------------------
-        speaker = corpus.subjects("test-B")[0]
-        ref = corpus.reference_clip(speaker, 10.0)
-        ref_wav = work / "reference.wav"
-        write_wav(ref_wav, ref.audio)
-        np.save(work / "reference_vertices.npy", ref.vertices)
-        np.save(work / "template.npy", ref.template)
-        t0 = time.perf_counter()
-        style = client.create_style(ref_wav, work / "reference_vertices.npy", work / "template.npy", name=speaker)
-        adapt_s = time.perf_counter() - t0
-        _say(
-            f"POST /v1/styles ({len(ref.audio) / 16000:.1f} s of {speaker}) -> {style['style_id']} "
-            f"{style['status']} in {adapt_s:.2f} s, selected {style.get('summary', {}).get('subject_name')}"
-        )
-
-        test = corpus.load([s for s in corpus.sequences("test-B") if s.subject == speaker][-1])
-        test_wav = work / f"{test.name}.wav"
-        write_wav(test_wav, test.audio)
-        t0 = time.perf_counter()
-        motion = client.animate(test_wav, style["style_id"], out=work / f"{test.name}.npz")
-        animate_s = time.perf_counter() - t0
-        preview = work / f"{test.name}.mp4"
-        client.animate(test_wav, style["style_id"], fmt="mp4", out=preview)
-        pred = motion["vertices"]
-        n = min(len(pred), len(test.vertices))
-        lips = corpus.regions().lips
-        lve = M.lve(pred[:n], test.vertices[:n], lips)
-        static = M.lve(np.repeat(test.template[None], n, 0), test.vertices[:n], lips)
-        _say(
-            f"POST /v1/animate ({len(test.audio) / 16000:.1f} s) -> {pred.shape} in {animate_s:.2f} s; "
-            f"LVE {lve:.3e} vs static template {static:.3e} ({lve / static:.2f}x)"
-        )
-
-        summary = {
-            "mlflow_ui": stack.mlflow_uri,
-            "mlflow_db": str(stack.mlflow_db),
-            "run_id": run_id,
-            "experiment": exp.experiment_name,
-            "model_version": version,
-            "metrics": {k: v for k, v in sorted(run_metrics.items()) if k.startswith(("val/", "test/"))},
-            "style_id": style["style_id"],
-            "adapt_s": adapt_s,
-            "animate_s": animate_s,
-            "lve_vs_static": lve / static,
-            "outputs": {"motion": str(work / f"{test.name}.npz"), "preview": str(preview)},
-        }
-        print("\n== talkmesh demo ==")
-        print(f"MLflow UI      {stack.mlflow_uri}  (experiment {exp.experiment_name}, run {run_id})")
-        print(f"registered     talkmesh-faceformer version {version} @champion")
-        for k in ("val/lve", "val/fdd", "test/test-A/lve", "test/test-B/lve", "test/test-B/fdd"):
-            if k in run_metrics:
-                print(f"  {k:<18} {run_metrics[k]:.4e}")
-        print(f"style          {style['style_id']} ({speaker}, adapted in {adapt_s:.2f} s)")
-        print(f"animation      {summary['outputs']['motion']}  ({pred.shape[0]} frames, {animate_s:.2f} s)")
-        print(f"preview video  {preview}")
-        print(f"LVE of the served animation: {lve:.3e} = {lve / static:.2f}x a static template")
-        print(f"demo took {time.monotonic() - t_start:.0f} s")
+        summary = _train(stack, work, exp.experiment_name, overrides)
+        client = _deploy(stack, work, corpus, summary["model_version"])
+        summary.update(_adapt_and_animate(client, work, corpus))
+        _print_summary(summary, time.monotonic() - t_start)
         if keep:
-            print(f"\nstack kept up: service {client.url}/docs, MLflow {stack.mlflow_uri}. Ctrl-C stops it.")
-            try:
+            print(f"\nstack kept up: service {client.url}/docs, MLflow {stack.mlflow_uri}, Ray dashboard "
+                  f"{stack.dashboard_url} (token in {stack.token_file}). Ctrl-C stops it.")  # fmt: skip
+            with contextlib.suppress(KeyboardInterrupt):
                 while True:
                     time.sleep(3600)
-            except KeyboardInterrupt:
-                pass
     print(
         f"stopped the Ray head and the MLflow server. Browse the runs later with:\n"
         f"  mlflow ui --backend-store-uri sqlite:///{summary['mlflow_db']} --host 127.0.0.1 --port 5000"
     )
     return summary
+
+
+def _train(stack: LocalStack, work: Path, experiment: str, overrides: Sequence[str]) -> dict[str, Any]:
+    """Step 2: submit the training job, then read its run and the champion version from MLflow."""
+    from talkmesh.ops import tracking
+
+    sid = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    entry = ["python", "jobs/faceformer.py", "--preset", "small", f"train.storage_path={work / 'ray'}", *overrides]
+    _say(f"ray job submit --submission-id {sid} --working-dir . -- {' '.join(entry)}")
+    job = stack.submit_job(
+        entry,
+        working_dir=REPO,
+        submission_id=sid,
+        env_vars={"TALKMESH_CACHE": os.environ["TALKMESH_CACHE"]},
+        timeout=900,
+        echo=_echo_job,
+    )
+    if not job.succeeded:
+        raise RuntimeError(f"training job {sid} ended {job.status}; its logs are above")
+    run_id = tracking.find_run(experiment, f"faceformer-{sid}", uri=stack.mlflow_uri)
+    if run_id is None:
+        raise RuntimeError(f"no MLflow run faceformer-{sid} in {stack.mlflow_uri}")
+    metrics = tracking.get_run_metrics(run_id, uri=stack.mlflow_uri)
+    return {
+        "mlflow_ui": stack.mlflow_uri,
+        "mlflow_db": str(stack.mlflow_db),
+        "run_id": run_id,
+        "experiment": experiment,
+        "model_version": tracking.get_alias_version("faceformer", "champion", uri=stack.mlflow_uri),
+        "metrics": {k: v for k, v in sorted(metrics.items()) if k.startswith(("val/", "test/"))},
+    }
+
+
+def _deploy(stack: LocalStack, work: Path, corpus: Any, version: int | None) -> StyleClient:
+    """Step 3: ``serve deploy`` against the head; returns a client once the service is healthy."""
+    import numpy as np
+
+    from talkmesh.dev.localstack import free_ports
+    from talkmesh.serving.client import StyleClient
+
+    layer = corpus.face_model()
+    faces = getattr(layer, "faces", None) if layer is not None else None
+    faces = faces() if callable(faces) else faces
+    faces_path = work / "faces.npy"
+    np.save(faces_path, np.asarray(faces, dtype=np.int64))
+    (port,) = free_ports(1)
+    serve_yaml = _serve_file(stack, work, port, faces_path)
+    _say(f"serve deploy {serve_yaml}  (models:/talkmesh-faceformer@champion = version {version})")
+    stack.run_cli(["serve", "deploy", str(serve_yaml), "--address", stack.dashboard_url], timeout=120)
+    client = StyleClient(f"http://127.0.0.1:{port}")
+    health = client.wait_healthy(timeout=240)
+    _say(f"service up at {client.url}: {health}")
+    return client
+
+
+def _adapt_and_animate(client: StyleClient, work: Path, corpus: Any) -> dict[str, Any]:
+    """Step 4: adapt to an unseen speaker, animate another of their utterances, score it."""
+    import numpy as np
+
+    from talkmesh.audio.io import write_wav
+    from talkmesh.eval import metrics as M
+
+    speaker = corpus.subjects("test-B")[0]
+    ref = corpus.reference_clip(speaker, 10.0)
+    write_wav(work / "reference.wav", ref.audio)
+    np.save(work / "reference_vertices.npy", ref.vertices)
+    np.save(work / "template.npy", ref.template)
+    t0 = time.perf_counter()
+    style = client.create_style(
+        work / "reference.wav", work / "reference_vertices.npy", work / "template.npy", name=speaker
+    )
+    adapt_s = time.perf_counter() - t0
+    _say(
+        f"POST /v1/styles ({len(ref.audio) / 16000:.1f} s of {speaker}) -> {style['style_id']} "
+        f"{style['status']} in {adapt_s:.2f} s, selected {style.get('summary', {}).get('subject_name')}"
+    )
+    test = corpus.load([s for s in corpus.sequences("test-B") if s.subject == speaker][-1])
+    test_wav, motion_path, preview = (work / f"{test.name}{ext}" for ext in (".wav", ".npz", ".mp4"))
+    write_wav(test_wav, test.audio)
+    t0 = time.perf_counter()
+    pred = client.animate(test_wav, style["style_id"], out=motion_path)["vertices"]
+    animate_s = time.perf_counter() - t0
+    client.animate(test_wav, style["style_id"], fmt="mp4", out=preview)
+    n = min(len(pred), len(test.vertices))
+    lips = corpus.regions().lips
+    lve = M.lve(pred[:n], test.vertices[:n], lips)
+    static = M.lve(np.repeat(test.template[None], n, 0), test.vertices[:n], lips)
+    _say(
+        f"POST /v1/animate ({len(test.audio) / 16000:.1f} s) -> {pred.shape} in {animate_s:.2f} s; "
+        f"LVE {lve:.3e} vs static template {static:.3e} ({lve / static:.2f}x)"
+    )
+    return {
+        "style_id": style["style_id"],
+        "speaker": speaker,
+        "adapt_s": adapt_s,
+        "animate_s": animate_s,
+        "frames": int(pred.shape[0]),
+        "lve": lve,
+        "lve_vs_static": lve / static,
+        "outputs": {"motion": str(motion_path), "preview": str(preview)},
+    }
+
+
+def _print_summary(summary: dict[str, Any], took_s: float) -> None:
+    """Step 5: what a person wants to see at the end."""
+    metrics = summary["metrics"]
+    print("\n== talkmesh demo ==")
+    print(f"MLflow UI      {summary['mlflow_ui']}  (experiment {summary['experiment']}, run {summary['run_id']})")
+    print(f"registered     talkmesh-faceformer version {summary['model_version']} @champion")
+    for k in ("val/lve", "val/fdd", "test/test-A/lve", "test/test-B/lve", "test/test-B/fdd"):
+        if k in metrics:
+            print(f"  {k:<18} {metrics[k]:.4e}")
+    print(f"style          {summary['style_id']} ({summary['speaker']}, adapted in {summary['adapt_s']:.2f} s)")
+    print(f"animation      {summary['outputs']['motion']}  ({summary['frames']} frames, {summary['animate_s']:.2f} s)")
+    print(f"preview video  {summary['outputs']['preview']}")
+    print(f"LVE of the served animation: {summary['lve']:.3e} = {summary['lve_vs_static']:.2f}x a static template")
+    print(f"demo took {took_s:.0f} s")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

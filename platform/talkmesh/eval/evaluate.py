@@ -3,7 +3,7 @@ every method: during training (validation) and after it (the test splits).
 
 Protocol per sequence (metrics.md §6):
 
-* one-hot-conditioned methods (they have ``generate_conditions``, e.g. FaceFormer):
+* one-hot-conditioned methods (``conditioning = "onehot"``, e.g. FaceFormer):
   a subject seen in training (``corpus.subject_index >= 0``) is decoded with its own
   one-hot; an unseen subject once per training-subject condition, using a fixed seeded
   subset of at most ``max_conditions`` training subjects where there are more (§6.1);
@@ -28,21 +28,24 @@ import itertools
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
 
 from talkmesh.data.dataset import match_audio_to_motion
 from talkmesh.eval import metrics as M
+from talkmesh.eval.predictions import ground_truth, method_template, vertices_of_output
 from talkmesh.eval.scoring import CONDITION_SEP
 
 if TYPE_CHECKING:  # pragma: no cover
     from talkmesh.data.clip import Clip, SequenceInfo
     from talkmesh.data.corpus import Corpus
+    from talkmesh.methods.base import MotionMethod, StyleState
 
 __all__ = [
+    "EvalProtocol",
     "Prediction",
+    "PredictionItem",
     "ScoredPrediction",
     "condition_subjects",
     "eval_sequences",
@@ -125,109 +128,126 @@ def condition_subjects(train_subjects: Sequence[str], max_conditions: int = 8, s
     return [s for i, s in enumerate(subjects) if i in keep]
 
 
-def _reference_seconds(method: Any) -> float:
-    cfg = getattr(method, "config", None)
-    for name in ("reference_seconds", "adapt_seconds"):
-        v = getattr(cfg, name, None)
-        if isinstance(v, (int, float)) and v > 0:
-            return float(v)
-    return 10.0
+@dataclasses.dataclass(frozen=True)
+class EvalProtocol:
+    """Which predictions of a split to decode (metrics.md §6).
+
+    ``limit`` > 0 bounds the sequences (:func:`eval_sequences`); ``max_conditions`` bounds
+    the training-subject conditions of unseen subjects (:func:`condition_subjects`, with
+    ``seed``); ``shard`` = (rank, world) decodes every ``world``-th sequence from ``rank``;
+    ``adapted`` adds the predictions with the style ``adapt`` returns (see :func:`predict_split`)."""
+
+    limit: int = 0
+    max_conditions: int = 8
+    seed: int = 0
+    shard: tuple[int, int] = (0, 1)
+    adapted: bool = False
 
 
-def _to_numpy(x: Any) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().to("cpu", torch.float32).numpy()
-    return np.asarray(x, dtype=np.float32)
+@dataclasses.dataclass(frozen=True)
+class _Target:
+    """One evaluated sequence: its clip (audio matched to motion), ground truth (T, V, 3)
+    and template (V, 3)."""
+
+    seq: SequenceInfo
+    clip: Clip
+    gt: np.ndarray
+    tmpl: np.ndarray
 
 
-def _ground_truth(corpus: Corpus, clip: Clip) -> tuple[np.ndarray, np.ndarray]:
-    """(T, V, 3) ground-truth vertices and the (V, 3) template of a clip."""
-    from talkmesh.eval.scoring import _template
-
-    gt = M.as_vertices(_to_numpy(corpus.vertices_of(clip)), name=f"{clip.name} ground truth")
-    return gt, _template(corpus, clip, gt.shape[1]).astype(np.float32)
+PredictionItem = tuple[Prediction, np.ndarray, np.ndarray]  # (prediction, ground truth (T, V, 3), template (V, 3))
 
 
-def _vertices_of_output(corpus: Corpus, clip: Clip, out: dict[str, Any], num_vertices: int) -> np.ndarray:
-    """(T, V, 3) from a ``generate`` output: its vertices, or its params through the face model."""
-    if "vertices" in out:
-        return M.as_vertices(_to_numpy(out["vertices"]), num_vertices, f"{clip.name} prediction")
-    if "params" in out:
-        layer = corpus.face_model()
-        if layer is None:
-            raise ValueError(f"{clip.name}: the method returned params and the corpus has no face model")
-        params = _to_numpy(out["params"])[:, :53]
-        return M.as_vertices(_to_numpy(layer.vertices_from_params(params, clip.shape)), num_vertices)
-    raise ValueError(f"{clip.name}: generate returned neither 'vertices' nor 'params' ({sorted(out)})")
+class _Styles:
+    """The StyleStates of a split's style references, each computed once per kind."""
 
+    def __init__(self, method: MotionMethod, corpus: Corpus) -> None:
+        self.method, self.corpus = method, corpus
+        self.cache: dict[tuple[str, str], StyleState] = {}
 
-def _method_template(method: Any, clip: Clip, template: np.ndarray) -> Any:
-    """What ``generate`` takes as template: the (V, 3) mesh, or the FLAME shape for methods
-    that declare ``template_input = "shape"``."""
-    return clip.shape if getattr(method, "template_input", "vertices") == "shape" else template
+    def get(self, seq: SequenceInfo, kind: Literal["encode_style", "adapt"]) -> tuple[StyleState, int]:
+        """(style, leading frames of ``seq`` excluded from scoring: its own start was the reference)."""
+        ref, skip = self.corpus.style_reference(seq, self.method.reference_seconds)
+        key = (kind, ref.name)
+        if key not in self.cache:
+            self.cache[key] = self.method.adapt(ref) if kind == "adapt" else self.method.encode_style(ref)
+        return self.cache[key], skip
 
 
 def predict_split(
-    method: Any,
-    corpus: Corpus,
-    split: str,
-    *,
-    limit: int = 0,
-    max_conditions: int = 8,
-    seed: int = 0,
-    shard: tuple[int, int] = (0, 1),
-    adapted: bool = False,
-) -> Iterator[tuple[Prediction, np.ndarray, np.ndarray]]:
+    method: MotionMethod, corpus: Corpus, split: str, protocol: EvalProtocol = EvalProtocol()
+) -> Iterator[PredictionItem]:
     """Decode the split's sequences (this shard's share: every ``world``-th from ``rank``).
-    Yields (prediction, ground truth (T, V, 3), template (V, 3)). ``adapted`` adds, for
-    unseen subjects of one-hot methods, the prediction with the style ``adapt`` picks on
+    Yields (prediction, ground truth (T, V, 3), template (V, 3)). ``protocol.adapted`` adds,
+    for unseen subjects of one-hot methods, the prediction with the style ``adapt`` picks on
     the subject's reference clip (metrics.md §6.1 "adapted" row); for reference-conditioned
     methods, the prediction with the style ``adapt`` returns for that reference."""
-    rank, world = shard
-    seqs = eval_sequences(corpus, split, limit)[rank::world]
-    train_subjects = tuple(method.facts.train_subjects)
-    conditions = condition_subjects(train_subjects, max_conditions, seed)
-    onehot = hasattr(method, "generate_conditions")
-    styles: dict[str, Any] = {}
-
-    def style_for(seq: SequenceInfo, fn: str) -> tuple[Any, int]:
-        """(style, leading frames of ``seq`` excluded from scoring: its own start was the reference)."""
-        ref, skip = corpus.style_reference(seq, _reference_seconds(method))
-        key = f"{fn}:{ref.name}"
-        if key not in styles:
-            styles[key] = getattr(method, fn)(ref)
-        return styles[key], skip
-
-    def cut(v: np.ndarray, skip: int) -> np.ndarray:
-        return v[skip:] if skip else v
-
+    rank, world = protocol.shard
+    seqs = eval_sequences(corpus, split, protocol.limit)[rank::world]
+    conditions = condition_subjects(tuple(method.facts.train_subjects), protocol.max_conditions, protocol.seed)
+    styles = _Styles(method, corpus)
     for seq in seqs:
         clip = match_audio_to_motion(corpus.load(seq))
-        gt, tmpl = _ground_truth(corpus, clip)
-        nv = gt.shape[1]
-        tin = _method_template(method, clip, tmpl)
-        k = corpus.subject_index(seq.subject)
-        seen = k >= 0
-        if onehot and seen:
-            out = method.generate(clip.audio, tin, k)
-            yield Prediction(seq.name, seq.subject, None, _vertices_of_output(corpus, clip, out, nv), True), gt, tmpl
-        elif onehot:
-            outs = method.generate_conditions(clip.audio, tin, conditions)
-            for cond, verts in outs.items():
-                v = _vertices_of_output(corpus, clip, {"vertices": verts}, nv)
-                yield Prediction(seq.name, seq.subject, cond, v, False), gt, tmpl
-            if adapted:
-                style, skip = style_for(seq, "adapt")
-                v = cut(_vertices_of_output(corpus, clip, method.generate(clip.audio, tin, style), nv), skip)
-                yield Prediction(seq.name, seq.subject, None, v, False, adapted=True), cut(gt, skip), tmpl
+        gt, tmpl = ground_truth(corpus, clip)
+        target = _Target(seq, clip, gt, tmpl)
+        if method.conditioning == "onehot":
+            yield from _predict_onehot(method, corpus, target, conditions, styles, protocol.adapted)
         else:
-            style, skip = style_for(seq, "encode_style")
-            v = cut(_vertices_of_output(corpus, clip, method.generate(clip.audio, tin, style), nv), skip)
-            yield Prediction(seq.name, seq.subject, None, v, seen), cut(gt, skip), tmpl
-            if adapted and not seen:  # reference-conditioned methods: the style ``adapt`` returns
-                style, skip = style_for(seq, "adapt")
-                v = cut(_vertices_of_output(corpus, clip, method.generate(clip.audio, tin, style), nv), skip)
-                yield Prediction(seq.name, seq.subject, None, v, False, adapted=True), cut(gt, skip), tmpl
+            yield from _predict_referenced(method, corpus, target, styles, protocol.adapted)
+
+
+def _predict_onehot(
+    method: MotionMethod,
+    corpus: Corpus,
+    target: _Target,
+    conditions: Sequence[str],
+    styles: _Styles,
+    adapted: bool,
+) -> Iterator[PredictionItem]:
+    """A seen subject under its own one-hot; an unseen one under every condition (and,
+    when ``adapted``, with the style ``adapt`` picks on its reference)."""
+    seq, clip, gt, tmpl = target.seq, target.clip, target.gt, target.tmpl
+    tin = method_template(method, clip, tmpl)
+    k = corpus.subject_index(seq.subject)
+    if k >= 0:
+        v = vertices_of_output(corpus, clip, method.generate(clip.audio, tin, k), gt.shape[1])
+        yield Prediction(seq.name, seq.subject, None, v, True), gt, tmpl
+        return
+    for cond, verts in method.generate_conditions(clip.audio, tin, conditions).items():
+        v = vertices_of_output(corpus, clip, {"vertices": verts}, gt.shape[1])
+        yield Prediction(seq.name, seq.subject, cond, v, False), gt, tmpl
+    if adapted:
+        yield _predict_styled(method, corpus, target, styles, "adapt", seen=False)
+
+
+def _predict_referenced(
+    method: MotionMethod, corpus: Corpus, target: _Target, styles: _Styles, adapted: bool
+) -> Iterator[PredictionItem]:
+    """The style encoded from the subject's reference (and, for an unseen subject when
+    ``adapted``, the style ``adapt`` returns for it)."""
+    seen = corpus.subject_index(target.seq.subject) >= 0
+    yield _predict_styled(method, corpus, target, styles, "encode_style", seen)
+    if adapted and not seen:
+        yield _predict_styled(method, corpus, target, styles, "adapt", seen=False)
+
+
+def _predict_styled(
+    method: MotionMethod,
+    corpus: Corpus,
+    target: _Target,
+    styles: _Styles,
+    kind: Literal["encode_style", "adapt"],
+    seen: bool,
+) -> PredictionItem:
+    """The prediction in the style ``kind`` gives for the sequence's reference; frames that
+    served as the reference are cut from the prediction and the ground truth."""
+    seq, clip, gt, tmpl = target.seq, target.clip, target.gt, target.tmpl
+    style, skip = styles.get(seq, kind)
+    out = method.generate(clip.audio, method_template(method, clip, tmpl), style)
+    v = vertices_of_output(corpus, clip, out, gt.shape[1])
+    if skip:
+        v, gt = v[skip:], gt[skip:]
+    return Prediction(seq.name, seq.subject, None, v, seen, adapted=kind == "adapt"), gt, tmpl
 
 
 # --------------------------------------------------------------------------------------
@@ -236,29 +256,22 @@ def predict_split(
 
 
 def score_method(
-    method: Any,
+    method: MotionMethod,
     corpus: Corpus,
     split: str,
+    protocol: EvalProtocol = EvalProtocol(),
     *,
-    limit: int = 0,
-    max_conditions: int = 8,
-    seed: int = 0,
     metrics: Sequence[str] = M.DEFAULT_METRICS,
-    shard: tuple[int, int] = (0, 1),
-    adapted: bool = False,
     save_dir: str | Path | None = None,
 ) -> list[ScoredPrediction]:
     """Score this shard's predictions of ``split`` (see :func:`predict_split`); with
     ``save_dir`` also write each prediction file there (adapted ones under ``adapted/``)."""
     regions = corpus.regions()
     out: list[ScoredPrediction] = []
-    was_training = bool(getattr(method, "training", False))
-    if hasattr(method, "eval"):
-        method.eval()
+    was_training = method.training
+    method.eval()
     try:
-        for pred, gt, tmpl in predict_split(
-            method, corpus, split, limit=limit, max_conditions=max_conditions, seed=seed, shard=shard, adapted=adapted
-        ):
+        for pred, gt, tmpl in predict_split(method, corpus, split, protocol):
             label = pred.sequence if pred.condition is None else f"{pred.sequence} [{pred.condition}]"
             if pred.adapted:
                 label += " [adapted]"
@@ -309,7 +322,7 @@ def summarize(scored: Iterable[ScoredPrediction], split: str = "", conditions: S
 
 
 def evaluate_method(
-    method: Any,
+    method: MotionMethod,
     corpus: Corpus,
     split: str,
     *,
@@ -323,18 +336,9 @@ def evaluate_method(
     """Evaluate ``method`` on whole sequences of ``split``; see :func:`summarize` for the
     result. ``max_conditions`` defaults to ``corpus.cfg.max_conditions``."""
     mc = corpus.cfg.max_conditions if max_conditions is None else max_conditions
-    scored = score_method(
-        method,
-        corpus,
-        split,
-        limit=limit,
-        max_conditions=mc,
-        seed=seed,
-        metrics=metrics,
-        adapted=adapted,
-        save_dir=save_dir,
-    )
-    conds = condition_subjects(method.facts.train_subjects, mc, seed) if hasattr(method, "generate_conditions") else []
+    protocol = EvalProtocol(limit=limit, max_conditions=mc, seed=seed, adapted=adapted)
+    scored = score_method(method, corpus, split, protocol, metrics=metrics, save_dir=save_dir)
+    conds = condition_subjects(method.facts.train_subjects, mc, seed) if method.conditioning == "onehot" else []
     return summarize(scored, split, conds if any(s.condition for s in scored) else [])
 
 

@@ -557,36 +557,71 @@ def score_sequence(
     wanted = _canonical_list(metrics)
     p, g = align_pair(pred, gt, name)
     nv = p.shape[1]
-    need_lips = any(m in wanted for m in ("lve", "lve_l2", "ldd", "ldtw"))
-    need_upper = any(m in wanted for m in ("fdd", "fdd_abs"))
-    need_template = any(m in wanted for m in ("fdd", "fdd_abs", "ldd"))
     label = name or "sequence"
-    if need_lips and lips is None:
-        raise ValueError(f"{label}: metrics {list(wanted)} need the lip region")
-    if need_upper and upper is None:
-        raise ValueError(f"{label}: metrics {list(wanted)} need the upper-face region")
-    if need_template and template is None:
-        raise ValueError(f"{label}: metrics {list(wanted)} need the subject's template")
+    _check_inputs(wanted, template, lips, upper, label)
     lip_idx = _region(lips, nv, "lip") if lips is not None else None
     m = as_template(template, nv, f"{label} template") if template is not None else None
+    return SequenceScore(
+        name=name,
+        frames=int(p.shape[0]),
+        pred_frames=int(np.asarray(pred).shape[0]),
+        gt_frames=int(np.asarray(gt).shape[0]),
+        sums=_pooled_sums(p, g, lip_idx, wanted),
+        values=_sequence_values(p, g, m, lip_idx, upper, wanted, name),
+    )
 
+
+def _check_inputs(
+    wanted: tuple[str, ...],
+    template: np.ndarray | None,
+    lips: np.ndarray | None,
+    upper: np.ndarray | None,
+    label: str,
+) -> None:
+    """Raise ValueError when a requested metric lacks the region or template it needs."""
+    if lips is None and any(m in wanted for m in ("lve", "lve_l2", "ldd", "ldtw")):
+        raise ValueError(f"{label}: metrics {list(wanted)} need the lip region")
+    if upper is None and any(m in wanted for m in ("fdd", "fdd_abs")):
+        raise ValueError(f"{label}: metrics {list(wanted)} need the upper-face region")
+    if template is None and any(m in wanted for m in ("fdd", "fdd_abs", "ldd")):
+        raise ValueError(f"{label}: metrics {list(wanted)} need the subject's template")
+
+
+def _pooled_sums(
+    p: np.ndarray, g: np.ndarray, lip_idx: np.ndarray | None, wanted: tuple[str, ...]
+) -> dict[str, float]:
+    """Per-frame error sums of the pooled metrics in ``wanted`` over aligned (T, V, 3) pairs,
+    computed in blocks of frames."""
     sums = {k: 0.0 for k in wanted if k in POOLED_METRICS}
-    if sums:
-        for sl in _blocks(p.shape[0], nv):
-            sq = _sq_errors(p[sl], g[sl])  # (b, V)
-            if "lve" in sums or "lve_l2" in sums:
-                lip_max = sq[:, lip_idx].max(axis=1)  # (b,)
-                if "lve" in sums:
-                    sums["lve"] += float(lip_max.sum())
-                if "lve_l2" in sums:
-                    sums["lve_l2"] += float(np.sqrt(lip_max).sum())
-            if "mve_max_sq" in sums:
-                sums["mve_max_sq"] += float(sq.max(axis=1).sum())
-            if "mve_mean_l2" in sums:
-                sums["mve_mean_l2"] += float(np.sqrt(sq).mean(axis=1).sum())
-            if "fve_mean_sq" in sums:
-                sums["fve_mean_sq"] += float(sq.mean(axis=1).sum())
+    if not sums:
+        return sums
+    for sl in _blocks(p.shape[0], p.shape[1]):
+        sq = _sq_errors(p[sl], g[sl])  # (b, V)
+        if "lve" in sums or "lve_l2" in sums:
+            lip_max = sq[:, lip_idx].max(axis=1)  # (b,)
+            if "lve" in sums:
+                sums["lve"] += float(lip_max.sum())
+            if "lve_l2" in sums:
+                sums["lve_l2"] += float(np.sqrt(lip_max).sum())
+        if "mve_max_sq" in sums:
+            sums["mve_max_sq"] += float(sq.max(axis=1).sum())
+        if "mve_mean_l2" in sums:
+            sums["mve_mean_l2"] += float(np.sqrt(sq).mean(axis=1).sum())
+        if "fve_mean_sq" in sums:
+            sums["fve_mean_sq"] += float(sq.mean(axis=1).sum())
+    return sums
 
+
+def _sequence_values(
+    p: np.ndarray,
+    g: np.ndarray,
+    m: np.ndarray | None,
+    lip_idx: np.ndarray | None,
+    upper: np.ndarray | None,
+    wanted: tuple[str, ...],
+    name: str,
+) -> dict[str, float]:
+    """The per-sequence metrics in ``wanted`` (fdd, fdd_abs, ldd, ldtw) of an aligned pair."""
     values: dict[str, float] = {}
     if "fdd" in wanted or "fdd_abs" in wanted:
         signed = dynamics(g, m, upper) - dynamics(p, m, upper)
@@ -598,14 +633,7 @@ def score_sequence(
         values["ldd"] = abs(dynamics(g, m, lip_idx) - dynamics(p, m, lip_idx))
     if "ldtw" in wanted:
         values["ldtw"] = ldtw_sequence(p, g, lip_idx, name)
-    return SequenceScore(
-        name=name,
-        frames=int(p.shape[0]),
-        pred_frames=int(np.asarray(pred).shape[0]),
-        gt_frames=int(np.asarray(gt).shape[0]),
-        sums=sums,
-        values=values,
-    )
+    return values
 
 
 def score_sequences(

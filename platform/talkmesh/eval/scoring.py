@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from talkmesh.data.errors import DataError
 from talkmesh.eval import metrics as M
+from talkmesh.eval.predictions import ScoringError, template, vertices_from_params
 
 if TYPE_CHECKING:
     from talkmesh.data.clip import Clip, SequenceInfo
@@ -44,11 +44,6 @@ __all__ = ["CONDITION_SEP", "ScoringError", "format_report", "load_prediction", 
 
 CONDITION_SEP = "_condition_"
 _PARAM_WIDTHS = (53, 56)  # FLAME expression+jaw, or the full FLAME-56 vector (datasets.md 6.2)
-
-
-class ScoringError(DataError):
-    """A prediction directory or file cannot be scored; the message names the file and
-    what was expected."""
 
 
 # --------------------------------------------------------------------------------------
@@ -72,12 +67,6 @@ def _expected(num_vertices: int, params: bool) -> str:
     if params:
         shapes += " or (T, 53) / (T, 56) FLAME parameters"
     return shapes
-
-
-def _to_numpy(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):  # a torch tensor from the face model
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
 
 
 def load_prediction(path: Path, corpus: Corpus, clip: Clip, num_vertices: int) -> np.ndarray:
@@ -110,27 +99,8 @@ def load_prediction(path: Path, corpus: Corpus, clip: Clip, num_vertices: int) -
     if width == num_vertices * 3:
         return arr.reshape(arr.shape[0], num_vertices, 3)
     if is_params and width in _PARAM_WIDTHS:
-        layer = corpus.face_model()
-        if layer is None:
-            raise ScoringError(
-                f"{path}: FLAME parameters need a face model; set data.flame_model=/path/to/generic_model.pkl"
-            )
-        verts = _to_numpy(layer.vertices_from_params(arr[:, :53].astype(np.float32), clip.shape))
-        return M.as_vertices(verts, num_vertices, str(path)).astype(np.float64)
+        return vertices_from_params(corpus, clip, arr, num_vertices, str(path)).astype(np.float64)
     raise ScoringError(f"{path}: shape {arr.shape}; expected {expected}")
-
-
-def _template(corpus: Corpus, clip: Clip, num_vertices: int) -> np.ndarray:
-    tmpl = corpus.template(clip.subject)
-    if tmpl is None and clip.template is not None:
-        tmpl = clip.template
-    if tmpl is None and corpus.info.motion == "params":
-        layer = corpus.face_model()
-        if layer is not None:
-            tmpl = _to_numpy(layer.template(clip.shape))
-    if tmpl is None:
-        raise ScoringError(f"{clip.name}: no template for subject {clip.subject!r} (needed by fdd/ldd)")
-    return M.as_template(tmpl, num_vertices, f"template of {clip.subject}")
 
 
 # --------------------------------------------------------------------------------------
@@ -164,32 +134,9 @@ def score_directory(
         raise ScoringError(f"{info.format}: the corpus names no evaluation split; pass split=")
     wanted = tuple(M.canonical_name(m) for m in metrics)
     per_split_seqs: dict[str, list[SequenceInfo]] = {s: corpus.sequences(s) for s in splits}
-
     files = sorted(p for p in pred_path.iterdir() if p.is_file() and not p.name.startswith("."))
-    # file -> (split, sequence, condition)
-    matched: dict[Path, tuple[str, str, str | None]] = {}
-    for sp, seqs in per_split_seqs.items():
-        names = {s.name for s in seqs}
-        for f in files:
-            if f.suffix != ".npy" or f in matched:
-                continue
-            hit = _match(f.stem, names)
-            if hit is not None:
-                matched[f] = (sp, hit[0], hit[1])
+    matched = _match_files(pred_path, files, per_split_seqs)
     unmatched = [f for f in files if f not in matched]
-    if not matched:
-        example = next((seqs[0].name for seqs in per_split_seqs.values() if seqs), "<sequence>")
-        raise ScoringError(
-            f"{pred_path}: no prediction file matches a sequence of split(s) {splits} "
-            f"({len(files)} files found); expected e.g. {example}.npy or {example}{CONDITION_SEP}<subject>.npy"
-        )
-    other_split: dict[str, str] = {}
-    all_names = {s.name: s.split for s in corpus.sequences()}
-    for f in unmatched:
-        hit = _match(f.stem, set(all_names)) if f.suffix == ".npy" else None
-        if hit is not None:
-            other_split[f.name] = all_names[hit[0]]
-
     regions = corpus.regions()
     report: dict[str, Any] = {
         "format": info.format,
@@ -201,16 +148,58 @@ def score_directory(
         "splits": {},
         "files": len(files),
         "unmatched_files": [f.name for f in unmatched],
-        "other_split_files": other_split,
+        "other_split_files": _other_split_files(corpus, unmatched),
         "warnings": [],
     }
     for sp, seqs in per_split_seqs.items():
-        by_seq: dict[str, list[tuple[Path, str | None]]] = {}
-        for f, (fsp, seq, cond) in matched.items():
-            if fsp == sp:
-                by_seq.setdefault(seq, []).append((f, cond))
+        by_seq = _files_by_sequence(matched, sp)
         report["splits"][sp] = _score_split(corpus, seqs, by_seq, regions, wanted, report["warnings"])
     return report
+
+
+def _files_by_sequence(
+    matched: dict[Path, tuple[str, str, str | None]], split: str
+) -> dict[str, list[tuple[Path, str | None]]]:
+    """sequence -> [(file, condition), ...] of the files matched to ``split``."""
+    by_seq: dict[str, list[tuple[Path, str | None]]] = {}
+    for f, (fsp, seq, cond) in matched.items():
+        if fsp == split:
+            by_seq.setdefault(seq, []).append((f, cond))
+    return by_seq
+
+
+def _match_files(
+    pred_path: Path, files: Sequence[Path], per_split_seqs: dict[str, list[SequenceInfo]]
+) -> dict[Path, tuple[str, str, str | None]]:
+    """file -> (split, sequence, condition) for the ``.npy`` files naming a sequence of a
+    scored split (the first split that matches wins); :class:`ScoringError` when none does."""
+    matched: dict[Path, tuple[str, str, str | None]] = {}
+    for sp, seqs in per_split_seqs.items():
+        names = {s.name for s in seqs}
+        for f in files:
+            if f.suffix != ".npy" or f in matched:
+                continue
+            hit = _match(f.stem, names)
+            if hit is not None:
+                matched[f] = (sp, hit[0], hit[1])
+    if not matched:
+        example = next((seqs[0].name for seqs in per_split_seqs.values() if seqs), "<sequence>")
+        raise ScoringError(
+            f"{pred_path}: no prediction file matches a sequence of split(s) {list(per_split_seqs)} "
+            f"({len(files)} files found); expected e.g. {example}.npy or {example}{CONDITION_SEP}<subject>.npy"
+        )
+    return matched
+
+
+def _other_split_files(corpus: Corpus, unmatched: Sequence[Path]) -> dict[str, str]:
+    """file name -> split, for unmatched files that name a sequence of a split not scored."""
+    other_split: dict[str, str] = {}
+    all_names = {s.name: s.split for s in corpus.sequences()}
+    for f in unmatched:
+        hit = _match(f.stem, set(all_names)) if f.suffix == ".npy" else None
+        if hit is not None:
+            other_split[f.name] = all_names[hit[0]]
+    return other_split
 
 
 def _score_split(
@@ -221,6 +210,7 @@ def _score_split(
     wanted: tuple[str, ...],
     warn_log: list[str],
 ) -> dict[str, Any]:
+    """The report of one split (see :func:`score_directory`); length warnings go to ``warn_log``."""
     scores: list[M.SequenceScore] = []
     cond_scores: dict[tuple[str, str], M.SequenceScore] = {}
     per_sequence: list[dict[str, Any]] = []
@@ -230,27 +220,7 @@ def _score_split(
         if not entries:
             missing.append(seq.name)
             continue
-        plain = [f for f, c in entries if c is None]
-        conds = [f for f, c in entries if c is not None]
-        if plain and conds:
-            raise ScoringError(
-                f"{plain[0]}: ambiguous predictions for {seq.name}: both {plain[0].name} and "
-                f"{len(conds)} condition file(s) such as {conds[0].name}; keep one convention"
-            )
-        clip = corpus.load(seq)
-        gt = M.as_vertices(corpus.vertices_of(clip), name=f"{seq.name} ground truth")  # (T, V, 3)
-        nv = gt.shape[1]
-        tmpl = _template(corpus, clip, nv)
-        for f, cond in sorted(entries, key=lambda e: e[0].name):
-            pred = load_prediction(f, corpus, clip, nv)  # (T', V, 3)
-            label = seq.name if cond is None else f"{seq.name} [condition {cond}]"
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", M.LengthMismatchWarning)
-                s = M.score_sequence(pred, gt, tmpl, regions.lips, regions.upper, wanted, label)
-            warn_log.extend(f"{f.name}: {w.message}" for w in caught if issubclass(w.category, M.LengthMismatchWarning))
-            for w in caught:
-                if not issubclass(w.category, M.LengthMismatchWarning):
-                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        for f, cond, s in _score_sequence_files(corpus, seq, entries, regions, wanted, warn_log):
             scores.append(s)
             if cond is not None:
                 cond_scores[(seq.name, cond)] = s
@@ -270,6 +240,41 @@ def _score_split(
     }
     if cond_scores:
         out["conditions"] = M.aggregate_conditions(cond_scores)
+    return out
+
+
+def _score_sequence_files(
+    corpus: Corpus,
+    seq: SequenceInfo,
+    entries: list[tuple[Path, str | None]],
+    regions: Any,
+    wanted: tuple[str, ...],
+    warn_log: list[str],
+) -> list[tuple[Path, str | None, M.SequenceScore]]:
+    """(file, condition, score) of every prediction file of ``seq``, in file-name order."""
+    plain = [f for f, c in entries if c is None]
+    conds = [f for f, c in entries if c is not None]
+    if plain and conds:
+        raise ScoringError(
+            f"{plain[0]}: ambiguous predictions for {seq.name}: both {plain[0].name} and "
+            f"{len(conds)} condition file(s) such as {conds[0].name}; keep one convention"
+        )
+    clip = corpus.load(seq)
+    gt = M.as_vertices(corpus.vertices_of(clip), name=f"{seq.name} ground truth")  # (T, V, 3)
+    nv = gt.shape[1]
+    tmpl = template(corpus, clip, nv)  # (V, 3)
+    out = []
+    for f, cond in sorted(entries, key=lambda e: e[0].name):
+        pred = load_prediction(f, corpus, clip, nv)  # (T', V, 3)
+        label = seq.name if cond is None else f"{seq.name} [condition {cond}]"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", M.LengthMismatchWarning)
+            s = M.score_sequence(pred, gt, tmpl, regions.lips, regions.upper, wanted, label)
+        warn_log.extend(f"{f.name}: {w.message}" for w in caught if issubclass(w.category, M.LengthMismatchWarning))
+        for w in caught:
+            if not issubclass(w.category, M.LengthMismatchWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        out.append((f, cond, s))
     return out
 
 
@@ -298,35 +303,7 @@ def format_report(report: dict[str, Any], per_sequence: bool = True) -> str:
     lines.append(f"regions: lips {reg['lips']} vertices [{src.get('lips', 'built-in')}]")
     lines.append(f"         upper {reg['upper']} vertices [{src.get('upper', 'built-in')}]")
     for sp, r in report["splits"].items():
-        lines.append("")
-        lines.append(
-            f"== {sp}: {r['sequences_scored']} of {r['sequences_expected']} sequences scored "
-            f"({r['predictions_scored']} prediction files, {r['frames']} frames)"
-        )
-        if r["missing"]:
-            lines.append(f"missing predictions ({len(r['missing'])}): {_list(r['missing'])}")
-        if not r["metrics"]:
-            continue
-        rows: dict[str, dict[str, float]] = {"all": r["metrics"]}
-        cond = r.get("conditions")
-        if cond:
-            for c in cond["conditions"]:
-                rows[f"condition {c}"] = cond["per_condition"][c]
-            rows["min over conditions"] = cond["min"]
-            rows["max over conditions"] = cond["max"]
-        lines.append(M.format_table(rows, fmt, names, label=sp))
-        if cond:
-            lines.append(
-                f"conditions: {len(cond['conditions'])} over {cond['sequences']} sequences "
-                f"({cond['pairs']} pairs); LVE-type pooled over pairs' frames, FDD-type averaged over pairs"
-            )
-        if per_sequence and r["per_sequence"]:
-            lines.append("")
-            seq_rows: dict[str, dict[str, float]] = {}
-            for e in r["per_sequence"]:
-                key = e["sequence"] if e["condition"] is None else f"{e['sequence']} [{e['condition']}]"
-                seq_rows[key] = {k: v for k, v in e.items() if isinstance(v, float) and math.isfinite(v)}
-            lines.append(M.format_table(seq_rows, fmt, names, label="sequence"))
+        lines += _format_split(sp, r, fmt, names, per_sequence)
     if report["unmatched_files"]:
         lines.append("")
         notes = report.get("other_split_files", {})
@@ -337,3 +314,38 @@ def format_report(report: dict[str, Any], per_sequence: bool = True) -> str:
         lines.append(f"warnings ({len(report['warnings'])}):")
         lines += [f"  {w}" for w in report["warnings"]]
     return "\n".join(lines)
+
+
+def _format_split(sp: str, r: dict[str, Any], fmt: str, names: Sequence[str], per_sequence: bool) -> list[str]:
+    """The lines of one split's report: counts, missing sequences, the metric table (with the
+    per-condition rows) and, when ``per_sequence``, the per-sequence table."""
+    lines = [
+        "",
+        f"== {sp}: {r['sequences_scored']} of {r['sequences_expected']} sequences scored "
+        f"({r['predictions_scored']} prediction files, {r['frames']} frames)",
+    ]
+    if r["missing"]:
+        lines.append(f"missing predictions ({len(r['missing'])}): {_list(r['missing'])}")
+    if not r["metrics"]:
+        return lines
+    rows: dict[str, dict[str, float]] = {"all": r["metrics"]}
+    cond = r.get("conditions")
+    if cond:
+        for c in cond["conditions"]:
+            rows[f"condition {c}"] = cond["per_condition"][c]
+        rows["min over conditions"] = cond["min"]
+        rows["max over conditions"] = cond["max"]
+    lines.append(M.format_table(rows, fmt, names, label=sp))
+    if cond:
+        lines.append(
+            f"conditions: {len(cond['conditions'])} over {cond['sequences']} sequences "
+            f"({cond['pairs']} pairs); LVE-type pooled over pairs' frames, FDD-type averaged over pairs"
+        )
+    if per_sequence and r["per_sequence"]:
+        lines.append("")
+        seq_rows: dict[str, dict[str, float]] = {}
+        for e in r["per_sequence"]:
+            key = e["sequence"] if e["condition"] is None else f"{e['sequence']} [{e['condition']}]"
+            seq_rows[key] = {k: v for k, v in e.items() if isinstance(v, float) and math.isfinite(v)}
+        lines.append(M.format_table(seq_rows, fmt, names, label="sequence"))
+    return lines

@@ -38,11 +38,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from talkmesh.config import from_dict, to_dict
+from talkmesh.data.dataset import match_audio_to_motion
 from talkmesh.eval import metrics as M
+from talkmesh.eval.evaluate import eval_sequences
+from talkmesh.eval.predictions import ground_truth, method_template, template, vertices_of_output
 from talkmesh.nn.motion_encoder import MotionSequenceEncoder
 
 if TYPE_CHECKING:  # pragma: no cover
+    from talkmesh.data.clip import SequenceInfo
     from talkmesh.data.corpus import Corpus
+    from talkmesh.methods.base import MotionMethod, StyleState
 
 __all__ = ["SpeakerIdConfig", "SpeakerIdNet", "style_consistency", "train_speaker_id"]
 
@@ -207,16 +212,12 @@ class SpeakerIdNet(nn.Module):
 
 def _training_offsets(corpus: Corpus, split: str) -> tuple[list[np.ndarray], list[int]]:
     """(T, 3V) offsets and class index of every training-identity sequence of ``split``."""
-    from talkmesh.eval.scoring import _template
-
     subjects = list(corpus.info.train_subjects)
     xs, ys = [], []
     for seq in corpus.sequences(split):
         if seq.subject not in subjects:
             continue
-        clip = corpus.load(seq)
-        v = np.asarray(corpus.vertices_of(clip), dtype=np.float32)
-        tmpl = np.asarray(_template(corpus, clip, v.shape[1]), dtype=np.float32)
+        v, tmpl = ground_truth(corpus, corpus.load(seq))  # (T, V, 3), (V, 3)
         xs.append((v - tmpl[None]).reshape(v.shape[0], -1))
         ys.append(subjects.index(seq.subject))
     if len(set(ys)) < 2:
@@ -275,7 +276,7 @@ def train_speaker_id(
 
 
 def style_consistency(
-    method: Any,
+    method: MotionMethod,
     corpus: Corpus,
     split: str,
     net: SpeakerIdNet,
@@ -285,10 +286,11 @@ def style_consistency(
 ) -> dict[str, Any]:
     """Style-consistency scores of a reference-conditioned method on ``split``.
 
-    Every evaluated sequence (``train.evaluate.eval_sequences``) is animated from its audio
+    Every evaluated sequence (``eval.evaluate.eval_sequences``) is animated from its audio
     with the style the method encodes from the evaluator's style reference
-    (``corpus.style_reference``, metrics.md §6.2-6.3; leading frames that served as the
-    reference are not scored). Then ``scs`` = mean cos(f(generated), f(reference)) and
+    (``corpus.style_reference`` of ``method.reference_seconds`` unless ``reference_seconds``
+    is given, metrics.md §6.2-6.3; leading frames that served as the reference are not
+    scored). Then ``scs`` = mean cos(f(generated), f(reference)) and
     ``speaker_acc`` = retrieval of each generated sequence's speaker among the split's
     reference embeddings, one per speaker (the first reference met;
     :func:`talkmesh.eval.metrics.speaker_retrieval_accuracy`). A reference's embedding covers
@@ -296,44 +298,61 @@ def style_consistency(
     and ``gt_speaker_acc`` (the ground truth scored the same way: the ceiling),
     ``sequences``, ``speakers`` and the network's ``fingerprint`` (record it with results).
     """
-    from talkmesh.data.dataset import match_audio_to_motion
-    from talkmesh.eval.evaluate import _method_template, _reference_seconds, _vertices_of_output, eval_sequences
-    from talkmesh.eval.scoring import _template
-
     seqs = eval_sequences(corpus, split, limit)
     if not seqs:
         raise ValueError(f"split {split!r} has no sequences")
-    seconds = reference_seconds if reference_seconds is not None else _reference_seconds(method)
-    cache: dict[str, tuple[np.ndarray, Any]] = {}  # reference name -> (embedding, style)
+    seconds = reference_seconds if reference_seconds is not None else method.reference_seconds
+    cache: dict[str, tuple[np.ndarray, StyleState]] = {}  # reference name -> (embedding, style)
     gallery: dict[str, np.ndarray] = {}  # speaker -> embedding of its first reference
     gen, gt, ref_rows, labels = [], [], [], []
     for seq in seqs:
         ref, skip = corpus.style_reference(seq, seconds)
         if ref.name not in cache:
             rv = np.asarray(corpus.vertices_of(ref), dtype=np.float32)
-            emb = net.embed_motion(rv[-net.config.window_frames :], _template(corpus, ref, rv.shape[1]))
+            emb = net.embed_motion(rv[-net.config.window_frames :], template(corpus, ref, rv.shape[1]))
             cache[ref.name] = (emb, method.encode_style(ref))
         emb, style = cache[ref.name]
         gallery.setdefault(seq.subject, emb)
-        clip = match_audio_to_motion(corpus.load(seq))
-        gv = np.asarray(corpus.vertices_of(clip), dtype=np.float32)
-        tmpl = _template(corpus, clip, gv.shape[1]).astype(np.float32)
-        out = method.generate(clip.audio, _method_template(method, clip, tmpl), style)
-        pv = _vertices_of_output(corpus, clip, out, gv.shape[1])
-        gen.append(net.embed_motion(pv[skip:], tmpl))
-        gt.append(net.embed_motion(gv[skip:], tmpl))
+        generated, truth = _embed_generated(method, corpus, net, seq, style, skip)
+        gen.append(generated)
+        gt.append(truth)
         ref_rows.append(emb)
         labels.append(seq.subject)
+    return _consistency_scores(net, np.stack(gen), np.stack(gt), np.stack(ref_rows), labels, gallery)
+
+
+def _embed_generated(
+    method: MotionMethod, corpus: Corpus, net: SpeakerIdNet, seq: SequenceInfo, style: StyleState, skip: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(d,) embeddings of ``seq`` animated in ``style`` and of its ground truth, both
+    without the ``skip`` leading frames that served as the reference."""
+    clip = match_audio_to_motion(corpus.load(seq))
+    gv, tmpl = ground_truth(corpus, clip)  # (T, V, 3), (V, 3)
+    out = method.generate(clip.audio, method_template(method, clip, tmpl), style)
+    pv = vertices_of_output(corpus, clip, out, gv.shape[1])
+    return net.embed_motion(pv[skip:], tmpl), net.embed_motion(gv[skip:], tmpl)
+
+
+def _consistency_scores(
+    net: SpeakerIdNet,
+    gen: np.ndarray,
+    gt: np.ndarray,
+    refs: np.ndarray,
+    labels: list[str],
+    gallery: dict[str, np.ndarray],
+) -> dict[str, Any]:
+    """The scores of :func:`style_consistency` from the (N, d) embeddings of the generated
+    sequences, their ground truth and their references, and one reference per speaker."""
     speakers = sorted(gallery)
     table = np.stack([gallery[s] for s in speakers])
-    acc = M.speaker_retrieval_accuracy(np.stack(gen), labels, table, speakers)
+    acc = M.speaker_retrieval_accuracy(gen, labels, table, speakers)
     return {
-        "scs": M.scs(np.stack(gen), np.stack(ref_rows)),
+        "scs": M.scs(gen, refs),
         "speaker_acc": acc["accuracy"],
         "speaker_acc_chance": acc["chance"],
-        "gt_scs": M.scs(np.stack(gt), np.stack(ref_rows)),
-        "gt_speaker_acc": M.speaker_retrieval_accuracy(np.stack(gt), labels, table, speakers)["accuracy"],
-        "sequences": len(seqs),
+        "gt_scs": M.scs(gt, refs),
+        "gt_speaker_acc": M.speaker_retrieval_accuracy(gt, labels, table, speakers)["accuracy"],
+        "sequences": len(labels),
         "speakers": speakers,
         "fingerprint": net.fingerprint(),
     }

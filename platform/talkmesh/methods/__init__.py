@@ -1,4 +1,5 @@
-"""Methods: one module per published method, behind one contract (``base.MotionMethod``).
+"""Methods: one module (or folder) per published method, behind one contract
+(``base.MotionMethod`` and ``base.MethodConfig``; ``methods/README.md`` describes it).
 
 Nothing heavy is imported here; use the registry::
 
@@ -13,6 +14,7 @@ from talkmesh.methods.registry import (
     get_config_class,
     get_method,
     register_method,
+    unregister_method,
 )
 
 __all__ = [
@@ -23,4 +25,5 @@ __all__ = [
     "get_config_class",
     "get_method",
     "register_method",
+    "unregister_method",
 ]

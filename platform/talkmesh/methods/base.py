@@ -10,10 +10,15 @@ every method alike:
   (int) and tensors / ints / floats / strings. It round-trips through ``torch.save`` /
   ``torch.load(weights_only=True)``; :func:`check_style_state` validates one (e.g. an
   upload) and raises :class:`StyleStateError` (a ``ValueError``) with a clear message.
+* :class:`MethodConfig` - the base of every method's frozen config dataclass: presets,
+  the training schedule per stage, the optimizer and the learning-rate schedule.
 * :class:`MotionMethod` - the abstract ``nn.Module``: ``forward(batch) -> (loss, logs)``,
   ``generate(audio, template, style=None) -> {"vertices": (T, V, 3), ...}``,
   ``encode_style(reference) -> StyleState``, ``adapt(reference, ...) -> StyleState``,
-  ``frames_for_audio(num_samples) -> T`` and ``stages``.
+  ``frames_for_audio(num_samples) -> T`` and ``stages``, plus every optional hook the
+  training loop, the evaluator, the jobs and the service call, each with a default.
+  The platform calls these through this type and never probes a method for attributes;
+  ``methods/README.md`` lists them and walks through adding a method.
 
 Only torch and numpy are imported here.
 """
@@ -26,7 +31,7 @@ import io
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar, Union
 
 import numpy as np
 import torch
@@ -35,13 +40,17 @@ from torch import nn
 if TYPE_CHECKING:  # pragma: no cover
     from talkmesh.data.clip import Clip
     from talkmesh.data.corpus import Corpus
+    from talkmesh.data.dataset import ClipDataset
+    from talkmesh.face.flame import FlameLayer
 
 __all__ = [
     "Batch",
     "DataFacts",
+    "MethodConfig",
     "MotionMethod",
     "Reference",
     "StyleState",
+    "StageSchedule",
     "StyleStateError",
     "check_style_state",
     "load_style_state",
@@ -58,6 +67,7 @@ StyleState = dict[str, Any]
 Reference = Union["Clip", Mapping[str, Any]]
 
 SAMPLE_RATE = 16000
+_C = TypeVar("_C", bound="MethodConfig")
 
 
 # --------------------------------------------------------------------------------------
@@ -282,6 +292,85 @@ def weighted_loss(
 
 
 # --------------------------------------------------------------------------------------
+# Method configs
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSchedule:
+    """How long and how fast one stage trains (the method's paper schedule for that stage).
+    ``TrainConfig`` fields that are set override it. ``epochs``, ``batch_size`` and
+    ``grad_accum`` are >= 1; ``lr`` is positive."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    grad_accum: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodConfig:
+    """Base of every method's config (a frozen dataclass of paper defaults).
+
+    Subclasses list their presets in ``PRESETS`` and define each as a classmethod of the
+    same name returning a config (``debug`` is the tiny preset the tests use); they do not
+    define ``preset`` themselves. The four schedule fields hold the paper's schedule of the
+    first (or only) stage; a subclass redeclares them with its own defaults. Override
+    :meth:`stage_schedule`, :meth:`lr_factor` and :meth:`build_optimizer` where the paper
+    trains differently, and :meth:`face_model_overrides` where the method reads a face-model
+    file. The training loop and ``ExperimentConfig.schedule`` call these; a method never
+    reads ``train.*`` itself.
+    """
+
+    PRESETS: ClassVar[tuple[str, ...]] = ()
+
+    lr: float = 1e-4
+    epochs: int = 10
+    batch_size: int = 1
+    grad_accum: int = 1
+
+    @classmethod
+    def preset(cls: type[_C], name: str) -> _C:
+        """The preset called ``name`` (one of :attr:`PRESETS`); a ValueError names the valid ones."""
+        if name not in cls.PRESETS:
+            label = cls.__name__.removesuffix("Config")
+            raise ValueError(f"unknown {label} preset {name!r}; presets: {list(cls.PRESETS)}")
+        return getattr(cls, name)()
+
+    def stage_schedule(self, stage: str) -> StageSchedule:
+        """Epochs, batch size, learning rate and gradient accumulation of ``stage`` ("" = the
+        first stage). Default: the schedule fields, for every stage."""
+        return StageSchedule(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, grad_accum=self.grad_accum)
+
+    def lr_factor(self, stage: str, epoch: int) -> float:
+        """The learning rate of 0-based ``epoch`` of ``stage`` is the stage's lr times this
+        (a stateless per-epoch schedule, so a resumed run needs no scheduler state).
+        Default: constant, 1.0."""
+        return 1.0
+
+    def build_optimizer(
+        self, params: Sequence[nn.Parameter], *, stage: str, lr: float, weight_decay: float
+    ) -> torch.optim.Optimizer:
+        """The optimizer of ``stage`` over ``params`` (``weight_decay`` from ``train.weight_decay``).
+        Default: AdamW, default betas (with ``weight_decay=0`` it is Adam)."""
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+    def face_model_overrides(self, path: str) -> dict[str, Any]:
+        """Config overrides (dotted keys, as in ``build_config``) that hand this method the
+        corpus's face-model file ``path``; the jobs apply them before registering a model, so
+        that it can build vertices when served. Default: none (the method does not read a
+        face-model file, or its config already names one)."""
+        return {}
+
+    @classmethod
+    def upgrade(cls, saved: Mapping[str, Any]) -> dict[str, Any]:
+        """A config dict saved by an earlier talkmesh (a checkpoint's or registered model's
+        ``method.json``) rewritten in this version's keys, so that released checkpoints keep
+        loading after a config is restructured. Default: unchanged."""
+        return dict(saved)
+
+
+# --------------------------------------------------------------------------------------
 # The method contract
 # --------------------------------------------------------------------------------------
 
@@ -289,37 +378,84 @@ def weighted_loss(
 class MotionMethod(nn.Module, abc.ABC):
     """Base class of every method (``methods/<name>.py``).
 
-    Subclasses set ``name`` (the registry name), ``config_class`` (their frozen config
-    dataclass), ``style_version`` and, for staged training, ``stages`` (in order).
-    ``stage`` is the stage ``forward`` trains; the training loop calls :meth:`set_stage`.
+    Subclasses set ``name`` (the registry name), ``config_class`` (their
+    :class:`MethodConfig` subclass), ``style_version`` and, for staged training, ``stages``
+    (in order). ``stage`` is the stage ``forward`` trains; the training loop calls
+    :meth:`set_stage`.
+
+    Class-level declarations the platform reads (defaults suit a vertex method that is
+    conditioned on a reference clip):
+
+    * ``conditioning`` - ``"reference"``: the style comes from :meth:`encode_style` of a
+      reference clip (unseen subjects are decoded in their own style); ``"onehot"``: the
+      style is a training subject's one-hot (``generate(..., style=k)``), and the evaluator
+      decodes unseen subjects under every training condition with :meth:`generate_conditions`.
+    * ``template_input`` - what ``generate`` takes as ``template``: the ``"vertices"``
+      (V, 3) mesh, or the FLAME ``"shape"`` vector of the clip.
+    * ``trains_on_vertices`` - False for a parameter-corpus method whose training batches
+      need no face-model vertices (the loop then skips computing them).
+    * ``supports_style_mixing`` - True when :meth:`mix_styles` is implemented (the service
+      accepts mixed style specs only then).
+
+    Every method the platform calls is declared here with a default; the loop, the
+    evaluator, the jobs and the service call them through this type and never probe a
+    method with ``getattr`` / ``hasattr``. ``methods/README.md`` lists who calls what, when.
     """
 
     name: ClassVar[str] = ""
-    config_class: ClassVar[type] = object
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
     style_version: ClassVar[int] = 1
     stages: ClassVar[tuple[str, ...]] = ("main",)
+    conditioning: ClassVar[Literal["reference", "onehot"]] = "reference"
+    template_input: ClassVar[Literal["vertices", "shape"]] = "vertices"
+    trains_on_vertices: ClassVar[bool] = True
+    supports_style_mixing: ClassVar[bool] = False
 
-    def __init__(self, config: Any, facts: DataFacts) -> None:
+    config: MethodConfig  # subclasses narrow it: ``config: MyConfig``
+    facts: DataFacts
+    stage: str
+
+    def __init__(self, config: MethodConfig, facts: DataFacts) -> None:
         super().__init__()
         if not isinstance(facts, DataFacts):
             raise TypeError(f"facts must be DataFacts, got {type(facts).__name__}")
+        if not isinstance(config, MethodConfig):
+            raise TypeError(f"config must be a MethodConfig, got {type(config).__name__}")
         self.config = config
         self.facts = facts
         self.stage: str = self.stages[0]
 
     # ---- training -----------------------------------------------------------------------
     def set_stage(self, stage: str) -> None:
+        """Train ``stage`` next (the loop and checkpoint loading call it; one of :attr:`stages`)."""
         if stage not in self.stages:
             raise ValueError(f"{self.name}: unknown stage {stage!r}; stages: {list(self.stages)}")
         self.stage = stage
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """Parameters the current stage optimises (default: all with ``requires_grad``)."""
+        """Parameters the current stage optimises (default: all with ``requires_grad``).
+        A stage that returns none is fit-only: the loop runs :meth:`fit_stage`, then one
+        epoch without an optimizer (validation, checkpoint, report)."""
         return [p for p in self.parameters() if p.requires_grad]
+
+    def fit_stage(self, dataset: ClipDataset) -> dict[str, float]:
+        """Non-gradient fitting at the start of the current stage (normalisation statistics,
+        k-means, ...). The loop calls it once on a fresh (not resumed) run, after
+        ``train.init_from`` is loaded, on every rank, with the training split as whole
+        sequences (``dataset[i]`` is a Clip); the returned logs are reported as
+        ``train/fit/<key>``. Default: nothing to fit."""
+        return {}
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called by the loop at the start of every training epoch (0-based, on every rank,
+        after resuming too), for schedules that live in the model (e.g. a gradient-reversal
+        weight). Default: nothing."""
 
     @abc.abstractmethod
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        """One training step's loss (scalar) and logs (flat dict of floats, every term named)."""
+        """One training step's loss (scalar) and logs (flat dict of floats, every term named:
+        ``loss``, and ``<term>`` / ``<term>_weighted`` for each loss term). The loop calls it
+        in train mode on a collated batch (specs/README.md "Batch schema")."""
 
     # ---- inference ----------------------------------------------------------------------
     @abc.abstractmethod
@@ -333,17 +469,56 @@ class MotionMethod(nn.Module, abc.ABC):
         template: torch.Tensor | np.ndarray | None,
         style: StyleState | int | str | None = None,
     ) -> dict[str, torch.Tensor]:
-        """audio (S,) or (1, S) raw 16 kHz; template (V, 3). No grad, deterministic.
-        Returns at least ``vertices`` (T, V, 3) with T = ``frames_for_audio(S)``."""
+        """audio (S,) or (1, S) raw 16 kHz; template (V, 3) (the clip's FLAME shape where
+        ``template_input == "shape"``); style a StyleState, a training subject (index or
+        name) or None (the method's default). No grad, deterministic, restores the training
+        mode. Returns at least ``vertices`` (T, V, 3) with T = ``frames_for_audio(S)``. The
+        one inference path: the evaluator, the service and the pyfunc model all call it."""
+
+    def generate_conditions(
+        self,
+        audio: torch.Tensor | np.ndarray,
+        template: torch.Tensor | np.ndarray | None,
+        subjects: Sequence[str],
+    ) -> dict[str, torch.Tensor]:
+        """One-hot methods: ``{subject: (T, V, 3) vertices}`` for ``audio`` decoded under each
+        training subject's condition (how the evaluator scores unseen subjects, metrics.md
+        §6.1). Default: one :meth:`generate` per subject; override to batch them."""
+        return {s: self.generate(audio, template, s)["vertices"] for s in subjects}
 
     # ---- style --------------------------------------------------------------------------
     @abc.abstractmethod
-    def encode_style(self, reference: Reference | None = None, **kwargs: Any) -> StyleState:
-        """A StyleState from a reference clip (never updates parameters)."""
+    def encode_style(
+        self, reference: Reference | None = None, *, subject: int | str | None = None, **kwargs: Any
+    ) -> StyleState:
+        """A StyleState from a reference clip, or, with ``subject`` (a training subject's
+        index or name), that subject's own style; never updates parameters. The evaluator
+        encodes reference-conditioned methods' unseen subjects with it; the service resolves
+        a training speaker inside a style mix with ``encode_style(subject=name)``."""
 
     @abc.abstractmethod
     def adapt(self, reference: Reference, **kwargs: Any) -> StyleState:
-        """A StyleState after selection/optimisation on a reference (never mutates the model)."""
+        """A StyleState after selection/optimisation on a reference (never mutates the model).
+        The service's ``POST /v1/styles`` runs it (``kwargs`` = its ``adapt_options``); the
+        evaluator's "adapted" rows too."""
+
+    @property
+    def reference_seconds(self) -> float:
+        """Seconds of a reference clip that :meth:`encode_style` / :meth:`adapt` use; the
+        evaluator cuts style references to this length. Default: 10."""
+        return 10.0
+
+    def mix_styles(self, states: Sequence[StyleState], weights: Sequence[float]) -> StyleState:
+        """A weighted mix of StyleStates, one weight each (``supports_style_mixing`` methods
+        only; the service calls it for a style spec such as ``a:0.7,b:0.3``). Default: raises
+        NotImplementedError."""
+        raise NotImplementedError(f"{self.name} does not support style mixing")
+
+    def set_face_model(self, layer: FlameLayer | None) -> None:
+        """Use ``layer`` to build vertices from predicted FLAME parameters (the service injects
+        the face model its config names, after loading the method; the jobs instead put the
+        file into the config with :meth:`MethodConfig.face_model_overrides`). Default:
+        ignored (the method predicts vertices)."""
 
     # ---- small shared utilities -----------------------------------------------------------
     @property

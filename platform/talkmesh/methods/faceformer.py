@@ -56,6 +56,7 @@ from talkmesh.audio.encoders import AudioEncoderConfig, build_audio_encoder
 from talkmesh.methods.base import (
     Batch,
     DataFacts,
+    MethodConfig,
     MotionMethod,
     Reference,
     StyleState,
@@ -93,9 +94,11 @@ class FaceFormerLossWeights:
 
 
 @dataclasses.dataclass(frozen=True)
-class FaceFormerConfig:
+class FaceFormerConfig(MethodConfig):
     """FaceFormer hyper-parameters. The class defaults are the VOCASET paper setting;
-    presets: :meth:`vocaset`, :meth:`biwi`, :meth:`flame25` (MEAD / 3D-HDTF), :meth:`debug`."""
+    presets: :meth:`vocaset`, :meth:`biwi`, :meth:`flame25` (MEAD / 3D-HDTF), :meth:`debug`.
+    One stage, Adam with default betas and a constant learning rate: the
+    :class:`MethodConfig` defaults (``train.weight_decay`` 0 makes AdamW Adam)."""
 
     # ---- architecture (§3) ----
     d_model: int = 64
@@ -143,13 +146,6 @@ class FaceFormerConfig:
 
     # ---- presets ----
     PRESETS: ClassVar[tuple[str, ...]] = ("vocaset", "biwi", "flame25", "debug")
-
-    @classmethod
-    def preset(cls, name: str) -> FaceFormerConfig:
-        """The preset called ``name`` (one of :attr:`PRESETS`)."""
-        if name not in cls.PRESETS:
-            raise ValueError(f"unknown FaceFormer preset {name!r}; presets: {list(cls.PRESETS)}")
-        return getattr(cls, name)()
 
     @classmethod
     def vocaset(cls) -> FaceFormerConfig:
@@ -282,9 +278,11 @@ class FaceFormer(MotionMethod):
     subjects (the one-hot order)."""
 
     name: ClassVar[str] = "faceformer"
-    config_class: ClassVar[type] = FaceFormerConfig
+    config_class: ClassVar[type[FaceFormerConfig]] = FaceFormerConfig
     style_version: ClassVar[int] = 1
     stages: ClassVar[tuple[str, ...]] = ("main",)
+    conditioning: ClassVar[Literal["reference", "onehot"]] = "onehot"  # style = a training subject's one-hot
+    config: FaceFormerConfig
 
     def __init__(self, config: FaceFormerConfig, facts: DataFacts) -> None:
         super().__init__(config, facts)
@@ -299,7 +297,6 @@ class FaceFormer(MotionMethod):
                 f"default_subject={config.default_subject} but there are {facts.num_train_subjects} training subjects"
             )
         d, dim = config.d_model, 3 * facts.num_vertices
-        self.config: FaceFormerConfig = config
         self.num_subjects = facts.num_train_subjects
         self.output_dim = dim  # 3V
 
@@ -586,6 +583,11 @@ class FaceFormer(MotionMethod):
         return {n: verts[i] for i, n in enumerate(names)}
 
     # ------------------------------------------------------------------ style interface
+    @property
+    def reference_seconds(self) -> float:
+        """``adapt_seconds``: the reference length :meth:`encode_style` / :meth:`adapt` use."""
+        return self.config.adapt_seconds
+
     def _reference_inputs(self, reference: Reference) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Reference clip -> audio (1, S) cut to the motion, offsets (1, T, 3V), T; at most
         ``adapt_seconds`` of it."""
@@ -642,6 +644,29 @@ class FaceFormer(MotionMethod):
             raise ValueError("encode_style needs a reference clip or a training subject")
         return self._select(reference)[0]
 
+    def _optimize_style(
+        self, memory: torch.Tensor, offsets: torch.Tensor, index: int, steps: int, lr: float
+    ) -> tuple[torch.Tensor, float]:
+        """Adam on a free style vector, initialised at training subject ``index``'s embedding,
+        teacher-forced on the reference (memory (1, S_mem, d), offsets (1, T, 3V)) with every
+        model parameter fixed. Returns (the vector (1, d) detached, its final vertex MSE)."""
+        t = offsets.shape[1]
+        vec = self.style_vectors(torch.tensor([index], device=self.device)).detach().clone()  # (1, d)
+        vec.requires_grad_(True)
+        opt = torch.optim.Adam([vec], lr=lr)
+        with self._eval_mode():
+            with torch.enable_grad():
+                for _ in range(steps):
+                    pred = self.decode(memory, vec, t, targets=offsets)  # (1, T, 3V)
+                    loss = ((pred - offsets) ** 2).mean()
+                    # Gradients w.r.t. the style vector only: no .grad lands on model parameters.
+                    (grad,) = torch.autograd.grad(loss, [vec])
+                    vec.grad = grad
+                    opt.step()
+            with torch.no_grad():
+                final = float(((self.decode(memory, vec, t, targets=offsets) - offsets) ** 2).mean())
+        return vec.detach(), final
+
     def adapt(
         self,
         reference: Reference,
@@ -666,27 +691,13 @@ class FaceFormer(MotionMethod):
             return state
         steps = self.config.adapt_steps if steps is None else int(steps)
         lr = self.config.adapt_lr if lr is None else float(lr)
-        t = offsets.shape[1]
-        vec = self.style_vectors(torch.tensor([state["index"]], device=self.device)).detach().clone()  # (1, d)
-        vec.requires_grad_(True)
-        opt = torch.optim.Adam([vec], lr=lr)
-        with self._eval_mode():
-            with torch.enable_grad():
-                for _ in range(steps):
-                    pred = self.decode(memory, vec, t, targets=offsets)  # (1, T, 3V)
-                    loss = ((pred - offsets) ** 2).mean()
-                    # Gradients w.r.t. the style vector only: no .grad lands on model parameters.
-                    (grad,) = torch.autograd.grad(loss, [vec])
-                    vec.grad = grad
-                    opt.step()
-            with torch.no_grad():
-                final = float(((self.decode(memory, vec, t, targets=offsets) - offsets) ** 2).mean())
+        vec, final = self._optimize_style(memory, offsets, int(state["index"]), steps, lr)
         fields = {k: v for k, v in state.items() if k not in ("method", "version", "kind", "selection")}
         return make_style_state(
             self.name,
             self.style_version,
             kind="vector",
-            vector=vec.detach()[0],
+            vector=vec[0],
             selection="optimize",
             steps=steps,
             final_loss=final,

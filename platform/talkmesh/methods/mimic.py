@@ -37,11 +37,9 @@ Deviations from the reference code (spec DECISIONS unless noted):
      samples, as there.
   5. The periodic PE and the biased mask are computed for any length (reference tables:
      600 frames); windows are still limited to ``max_len``.
-  6. The GRL weight schedule needs the epoch: :meth:`Mimic.set_epoch` (stored in a
-     buffer, so it survives checkpoints). The shared training loop has no dedicated epoch
-     hook; it calls ``lr_multiplier(epoch)`` every epoch, which Mimic answers with 1.0
-     (constant LR) and uses to set the epoch. A loop without that hook leaves the
-     schedule at epoch 0.
+  6. The GRL weight schedule needs the epoch: the shared loop's ``on_epoch_start(epoch)``
+     hook calls :meth:`Mimic.set_epoch`, which stores it in a buffer, so it survives
+     checkpoints. A caller that never sets the epoch trains at the epoch-0 weight.
   7. ``items_per_video`` (40 random windows per HDTF video per epoch) is not a method
      setting: an epoch of the shared loop is one item per sequence (project deviation);
      scale ``epochs`` instead.
@@ -80,6 +78,7 @@ from talkmesh.audio.encoders import AudioEncoderConfig, build_audio_encoder
 from talkmesh.methods.base import (
     Batch,
     DataFacts,
+    MethodConfig,
     MotionMethod,
     Reference,
     StyleState,
@@ -141,9 +140,11 @@ class MimicLossWeights:
 
 
 @dataclasses.dataclass(frozen=True)
-class MimicConfig:
+class MimicConfig(MethodConfig):
     """Mimic hyper-parameters. The class defaults are the 3D-HDTF paper setting; presets:
-    :meth:`hdtf`, :meth:`vocaset`, :meth:`biwi`, :meth:`debug`."""
+    :meth:`hdtf`, :meth:`vocaset`, :meth:`biwi`, :meth:`debug`. One stage, Adam with a
+    constant learning rate (§5): the :class:`MethodConfig` defaults for the optimizer and
+    the learning-rate factor; ``grad_accum`` is the base default, 1."""
 
     # ---- encoders (§2.1, §2.2) ----
     d_model: int = 128
@@ -200,6 +201,11 @@ class MimicConfig:
     reference_seconds: float = 600.0
 
     def __post_init__(self) -> None:
+        self._check_architecture()
+        self._check_losses()
+        self._check_schedule_and_windows()
+
+    def _check_architecture(self) -> None:
         if self.d_model < 2 or self.d_model % 2:
             raise ValueError(f"d_model must be even and >= 2 (sinusoidal PE), got {self.d_model}")
         for heads in ("enc_heads", "dec_heads"):
@@ -209,12 +215,9 @@ class MimicConfig:
         for name in ("enc_ff", "dec_layers", "dec_ff", "ppe_period", "max_len", "audio_conv_kernel"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("enc_layers", "enc_convs", "n_ids", "window_frames", "infer_overlap"):
+        for name in ("enc_layers", "enc_convs", "n_ids"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("epochs", "batch_size", "style_ref_frames", "infer_window"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.audio_conv_kernel % 2 == 0:
             raise ValueError(f"audio_conv_kernel must be odd, got {self.audio_conv_kernel}")
         for name in ("enc_dropout", "dec_dropout"):
@@ -224,6 +227,8 @@ class MimicConfig:
             raise ValueError(f"style_fuse must be 'saln', 'add' or 'cat', got {self.style_fuse!r}")
         if self.audio_align not in ("conv", "interp"):
             raise ValueError(f"audio_align must be 'conv' or 'interp', got {self.audio_align!r}")
+
+    def _check_losses(self) -> None:
         if self.cycle_shuffle not in ("random", "derangement"):
             raise ValueError(f"cycle_shuffle must be 'random' or 'derangement', got {self.cycle_shuffle!r}")
         if len(self.grl_decay_epochs) != len(self.grl_decay_factors):
@@ -241,10 +246,18 @@ class MimicConfig:
                 raise ValueError(f"{name} must be finite and >= 0, got {v}")
         if not math.isfinite(self.logit_scale_init):
             raise ValueError("logit_scale_init must be finite")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be positive, got {self.lr}")
         if not 0.0 <= self.subject_style_momentum < 1.0:
             raise ValueError(f"subject_style_momentum must lie in [0, 1), got {self.subject_style_momentum}")
+
+    def _check_schedule_and_windows(self) -> None:
+        for name in ("epochs", "batch_size", "grad_accum", "style_ref_frames", "infer_window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("window_frames", "infer_overlap"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be positive, got {self.lr}")
         if self.infer_overlap >= self.infer_window:
             raise ValueError(
                 f"infer_overlap={self.infer_overlap} must be smaller than infer_window={self.infer_window}"
@@ -273,13 +286,6 @@ class MimicConfig:
 
     # ---- presets ----
     PRESETS: ClassVar[tuple[str, ...]] = ("hdtf", "vocaset", "biwi", "debug")
-
-    @classmethod
-    def preset(cls, name: str) -> MimicConfig:
-        """The preset called ``name`` (one of :attr:`PRESETS`)."""
-        if name not in cls.PRESETS:
-            raise ValueError(f"unknown Mimic preset {name!r}; presets: {list(cls.PRESETS)}")
-        return getattr(cls, name)()
 
     @classmethod
     def hdtf(cls) -> MimicConfig:
@@ -588,9 +594,11 @@ class Mimic(MotionMethod):
     subjects (the classifier classes)."""
 
     name: ClassVar[str] = METHOD_NAME
-    config_class: ClassVar[type] = MimicConfig
+    config_class: ClassVar[type[MimicConfig]] = MimicConfig
     style_version: ClassVar[int] = STYLE_VERSION
     stages: ClassVar[tuple[str, ...]] = ("main",)
+    supports_style_mixing: ClassVar[bool] = True  # :meth:`mix_styles`
+    config: MimicConfig
 
     def __init__(self, config: MimicConfig, facts: DataFacts) -> None:
         super().__init__(config, facts)
@@ -603,37 +611,11 @@ class Mimic(MotionMethod):
             raise ValueError("Mimic's style and inverse classifiers need at least one training subject")
         if config.n_ids and config.n_ids != n_ids:
             raise ValueError(f"n_ids={config.n_ids} but the data has {n_ids} training subjects (D7); set n_ids=0")
-        self.config: MimicConfig = config
         d, dim = config.d_model, 3 * facts.num_vertices
         self.output_dim = dim  # 3V
         self.num_ids = n_ids
-        pe = "batch_quirk" if config.reference_pe_quirk else "temporal"
-        common = dict(
-            in_dim=dim,
-            d_model=d,
-            n_convs=config.enc_convs,
-            n_layers=config.enc_layers,
-            n_heads=config.enc_heads,
-            ff_dim=config.enc_ff,
-            dropout=config.enc_dropout,
-            proj_dropout=0.0,
-            pe=pe,
-            max_len=config.max_len,
-        )
-        self.content_encoder = MotionSequenceEncoder(norm="instance", proj_norm=config.content_norm, **common)
-        self.style_encoder = MotionSequenceEncoder(norm="layer", pool=config.style_pool, **common)
-
-        self.audio_encoder = build_audio_encoder(config.audio_encoder)
-        hidden = self.audio_encoder.hidden_size
-        self.audio_aligner = (
-            StridedConvAligner(
-                hidden, hidden, self.audio_encoder.output_rate, facts.fps, kernel_size=config.audio_conv_kernel
-            )
-            if config.audio_align == "conv"
-            else None
-        )
-        self.audio_proj = nn.Linear(hidden, d)
-
+        self._build_encoders(config, dim)  # content_encoder, style_encoder
+        self._build_audio(config, facts.fps)  # audio_encoder, audio_aligner, audio_proj
         self.decoder = MimicDecoder(
             dim,
             d,
@@ -653,6 +635,36 @@ class Mimic(MotionMethod):
         self.register_buffer("subject_style_codes", torch.zeros(n_ids, d))
         self.register_buffer("subject_style_counts", torch.zeros(n_ids, dtype=torch.long))
 
+    def _build_encoders(self, config: MimicConfig, dim: int) -> None:
+        """E_c and E_s (§2.1, §2.2) over offsets of width ``dim`` = 3V."""
+        pe = "batch_quirk" if config.reference_pe_quirk else "temporal"
+        common = dict(
+            in_dim=dim,
+            d_model=config.d_model,
+            n_convs=config.enc_convs,
+            n_layers=config.enc_layers,
+            n_heads=config.enc_heads,
+            ff_dim=config.enc_ff,
+            dropout=config.enc_dropout,
+            proj_dropout=0.0,
+            pe=pe,
+            max_len=config.max_len,
+        )
+        self.content_encoder = MotionSequenceEncoder(norm="instance", proj_norm=config.content_norm, **common)
+        self.style_encoder = MotionSequenceEncoder(norm="layer", pool=config.style_pool, **common)
+
+    def _build_audio(self, config: MimicConfig, fps: float) -> None:
+        """The speech encoder, its alignment to ``fps`` motion frames and the projection to d (§2.3)."""
+        self.audio_encoder = build_audio_encoder(config.audio_encoder)
+        hidden = self.audio_encoder.hidden_size
+        rate = self.audio_encoder.output_rate
+        self.audio_aligner = (
+            StridedConvAligner(hidden, hidden, rate, fps, kernel_size=config.audio_conv_kernel)
+            if config.audio_align == "conv"
+            else None
+        )
+        self.audio_proj = nn.Linear(hidden, config.d_model)
+
     # ------------------------------------------------------------------ schedule
     def set_epoch(self, epoch: int) -> None:
         """Tell the model the 0-based training epoch (drives the GRL weight schedule)."""
@@ -660,12 +672,10 @@ class Mimic(MotionMethod):
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         self.epoch.fill_(int(epoch))
 
-    def lr_multiplier(self, epoch: int) -> float:
-        """The shared loop's per-epoch hook: Mimic's learning rate is constant (§5), so 1.0.
-        The loop calls it at the start of every epoch (on every rank, after resuming too);
-        Mimic also takes the epoch from it for the GRL schedule (:meth:`set_epoch`)."""
+    def on_epoch_start(self, epoch: int) -> None:
+        """The loop's per-epoch hook (every rank, after resuming too): :meth:`set_epoch`.
+        Mimic's learning rate is constant (§5), so the config keeps the base ``lr_factor``."""
         self.set_epoch(epoch)
-        return 1.0
 
     @property
     def grl_weight(self) -> float:
@@ -827,14 +837,7 @@ class Mimic(MotionMethod):
         b, t = verts.shape[:2]
         offsets = (verts - template[:, None]).reshape(b, t, self.output_dim)  # (B, T, 3V)
         init = p["init_state"].reshape(b, self.output_dim)  # (B, 3V)
-        if cfg.mask_padding:
-            valid = p["motion_mask"][:, :t]  # (B, T)
-            enc_mask: torch.Tensor | None = None if bool(valid.all()) else valid
-            frames, alens = p["motion_lengths"], p["audio_lengths"]
-        else:  # Q6 reference behaviour: padded frames (zero vertices) are data
-            valid = torch.ones(b, t, dtype=torch.bool, device=verts.device)
-            enc_mask, alens = None, None
-            frames = torch.full((b,), t, dtype=torch.long, device=verts.device)
+        valid, enc_mask, frames, alens = self._padding(p)
 
         c = self.content_codes(offsets, enc_mask)  # (B, T, d)
         s = self.style_codes(offsets, enc_mask)  # (B, d)
@@ -844,44 +847,18 @@ class Mimic(MotionMethod):
 
         weights = cfg.active_weights
         weights["grl"] = self.grl_weight
-        perm = shuffle_index(b, cfg.cycle_shuffle).to(verts.device)
-        s_tilde = s[perm]  # (B, d)
+        s_tilde = s[shuffle_index(b, cfg.cycle_shuffle).to(verts.device)]  # (B, d)
         cycle_grad = weights["style_cycle"] > 0 or weights["content_cycle"] > 0
-        tf_targets = offsets if cfg.teacher_forcing else None
-        if cycle_grad and cfg.teacher_forcing == cfg.cycle_teacher_forcing:  # one decoder call for 3 branches
-            out = self.decoder(
-                torch.cat([a, c, c]),
-                torch.cat([s, s, s_tilde]),
-                init.repeat(3, 1),
-                None if tf_targets is None else tf_targets.repeat(3, 1, 1),
-            )  # (3B, T, 3V)
-            pred_a, pred_c, m_tilde = out[:b], out[b : 2 * b], out[2 * b :]
-        else:
-            out = self.decoder(
-                torch.cat([a, c]),
-                torch.cat([s, s]),
-                init.repeat(2, 1),
-                None if tf_targets is None else tf_targets.repeat(2, 1, 1),
-            )  # (2B, T, 3V)
-            pred_a, pred_c = out[:b], out[b:]
-            with contextlib.nullcontext() if cycle_grad else torch.no_grad():
-                m_tilde = self.decoder(c, s_tilde, init, offsets if cfg.cycle_teacher_forcing else None)
+        pred_a, pred_c, m_tilde = self._decode_branches(a, c, s, s_tilde, init, offsets, cycle_grad)
         with contextlib.nullcontext() if cycle_grad else torch.no_grad():
             s_cyc = self.style_codes(m_tilde, enc_mask)  # (B, d)
             c_cyc = self.content_codes(m_tilde, enc_mask)  # (B, T, d)
 
-        w = valid[..., None].to(offsets.dtype)  # (B, T, 1)
-        denom = (w.sum() * self.output_dim).clamp_min(1.0)
-        terms: dict[str, torch.Tensor] = {
-            "rec_a": (((pred_a - offsets) ** 2) * w).sum() / denom,
-            "rec_c": (((pred_c - offsets) ** 2) * w).sum() / denom,
-        }
-        terms["style_cls"], style_acc = self._classifier_loss(self.style_classifier(s), subject)
-        pooled_c = masked_mean(c, valid)  # (B, d)
-        terms["grl"], grl_acc = self._classifier_loss(self.inverse_classifier(self.grl(pooled_c)), subject)
-        terms["clip"] = clip_loss(c, a, self.logit_scale, valid)
-        terms["style_cycle"] = style_cycle_loss(s_tilde, s_cyc)
-        terms["content_cycle"] = content_cycle_loss(c_cyc, c, cfg.content_cycle_margin, valid)
+        terms = self._reconstruction_terms(pred_a, pred_c, offsets, valid)
+        aux, style_acc, grl_acc = self._constraint_terms(
+            {"a": a, "c": c, "s": s, "s_tilde": s_tilde, "s_cyc": s_cyc, "c_cyc": c_cyc}, subject, valid
+        )
+        terms.update(aux)
         terms = {k: (v if weights[k] > 0 else v.detach()) for k, v in terms.items()}  # deviation 11
         loss, logs = weighted_loss(terms, weights)
         logs.update(
@@ -892,6 +869,81 @@ class Mimic(MotionMethod):
             frames=float(valid.sum()),
         )
         return loss, logs
+
+    def _padding(
+        self, p: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """Of a prepared batch: valid frames (B, T), the encoders' mask (None = all valid),
+        motion frames (B,) and audio lengths (B,) for the audio encoder (None = all samples).
+        ``mask_padding=False`` is the reference behaviour (Q6): padded frames are data."""
+        verts = p["vertices"]
+        b, t = verts.shape[:2]
+        if self.config.mask_padding:
+            valid = p["motion_mask"][:, :t]  # (B, T)
+            enc_mask = None if bool(valid.all()) else valid
+            return valid, enc_mask, p["motion_lengths"], p["audio_lengths"]
+        valid = torch.ones(b, t, dtype=torch.bool, device=verts.device)
+        return valid, None, torch.full((b,), t, dtype=torch.long, device=verts.device), None
+
+    def _decode_branches(
+        self,
+        a: torch.Tensor,
+        c: torch.Tensor,
+        s: torch.Tensor,
+        s_tilde: torch.Tensor,
+        init: torch.Tensor,
+        offsets: torch.Tensor,
+        cycle_grad: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The three decoder branches (§3): audio a (B, T, d) and content c (B, T, d) under
+        their own style s (B, d), and c under the shuffled style s~ (B, d) for the cycle.
+        init (B, 3V), offsets (B, T, 3V) the teacher-forcing targets. Returns offsets
+        (pred_a, pred_c, m~), each (B, T, 3V); m~ has no graph unless ``cycle_grad``."""
+        cfg, b = self.config, a.shape[0]
+        tf_targets = offsets if cfg.teacher_forcing else None
+        if cycle_grad and cfg.teacher_forcing == cfg.cycle_teacher_forcing:  # one decoder call for 3 branches
+            out = self.decoder(
+                torch.cat([a, c, c]),
+                torch.cat([s, s, s_tilde]),
+                init.repeat(3, 1),
+                None if tf_targets is None else tf_targets.repeat(3, 1, 1),
+            )  # (3B, T, 3V)
+            return out[:b], out[b : 2 * b], out[2 * b :]
+        out = self.decoder(
+            torch.cat([a, c]),
+            torch.cat([s, s]),
+            init.repeat(2, 1),
+            None if tf_targets is None else tf_targets.repeat(2, 1, 1),
+        )  # (2B, T, 3V)
+        with contextlib.nullcontext() if cycle_grad else torch.no_grad():
+            m_tilde = self.decoder(c, s_tilde, init, offsets if cfg.cycle_teacher_forcing else None)
+        return out[:b], out[b:], m_tilde
+
+    def _reconstruction_terms(
+        self, pred_a: torch.Tensor, pred_c: torch.Tensor, offsets: torch.Tensor, valid: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """``rec_a`` / ``rec_c``: vertex MSE (B, T, 3V) of both branches over the valid (B, T) frames."""
+        w = valid[..., None].to(offsets.dtype)  # (B, T, 1)
+        denom = (w.sum() * self.output_dim).clamp_min(1.0)
+        return {
+            "rec_a": (((pred_a - offsets) ** 2) * w).sum() / denom,
+            "rec_c": (((pred_c - offsets) ** 2) * w).sum() / denom,
+        }
+
+    def _constraint_terms(
+        self, codes: dict[str, torch.Tensor], subject: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], float, float]:
+        """The four constraints (§4), in :data:`AUX_TERMS` order, and the two classifier
+        accuracies. ``codes``: a, c (B, T, d); s, s_tilde, s_cyc (B, d); c_cyc (B, T, d)."""
+        c = codes["c"]
+        terms: dict[str, torch.Tensor] = {}
+        terms["style_cls"], style_acc = self._classifier_loss(self.style_classifier(codes["s"]), subject)
+        pooled_c = masked_mean(c, valid)  # (B, d)
+        terms["grl"], grl_acc = self._classifier_loss(self.inverse_classifier(self.grl(pooled_c)), subject)
+        terms["clip"] = clip_loss(c, codes["a"], self.logit_scale, valid)
+        terms["style_cycle"] = style_cycle_loss(codes["s_tilde"], codes["s_cyc"])
+        terms["content_cycle"] = content_cycle_loss(codes["c_cyc"], c, self.config.content_cycle_margin, valid)
+        return terms, style_acc, grl_acc
 
     # ------------------------------------------------------------------ inference
     @contextlib.contextmanager
@@ -1006,6 +1058,12 @@ class Mimic(MotionMethod):
         return {"vertices": offsets.reshape(-1, self.facts.num_vertices, 3) + tmpl}
 
     # ------------------------------------------------------------------ style interface
+    @property
+    def reference_seconds(self) -> float:
+        """``reference_seconds``: how much of a style-reference pool the evaluator hands to
+        :meth:`encode_style`, which encodes its last ``style_ref_frames`` frames (D13)."""
+        return self.config.reference_seconds
+
     def _offsets(self, vertices: Any, template: Any, what: str) -> torch.Tensor:
         """(T, V, 3) or (T, 3V) vertices minus a (V, 3) template -> offsets (T, 3V)."""
         if vertices is None:

@@ -18,8 +18,10 @@ order as child runs of one MLflow parent run; each stage starts from the previou
 selected checkpoint (``train.init_from``). ``--stage NAME --init-from URI`` re-runs one stage
 alone (inputs from an earlier run's artifacts: ``runs:/<id>/checkpoints/epoch-NNNN``, a
 checkpoint directory or ``models:/...``). The last stage's checkpoint is evaluated and
-registered from the parent run. Methods whose config has an empty ``face_model`` field get
-the corpus's face-model file there, so the registered model can build vertices when served.
+registered from the parent run. The method config's ``face_model_overrides`` hand it the
+corpus's face-model file, so that the registered model can build vertices when served.
+
+``main`` turns the command line into a typed :class:`JobRequest`; :func:`run_job` takes it.
 """
 
 from __future__ import annotations
@@ -30,9 +32,14 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["connect_ray", "find_preset", "main", "parse_args", "run_job", "run_stages"]
+if TYPE_CHECKING:  # pragma: no cover
+    from talkmesh.data.corpus import Corpus
+    from talkmesh.train.config import ExperimentConfig
+    from talkmesh.train.runner import RunResult
+
+__all__ = ["JobRequest", "connect_ray", "find_preset", "main", "parse_args", "run_job", "run_stages"]
 
 
 def find_preset(method: str, preset: str) -> Path:
@@ -53,7 +60,37 @@ def find_preset(method: str, preset: str) -> Path:
     raise ConfigError(f"--preset {preset}: no such preset; looked for {', '.join(str(c) for c in candidates)}")
 
 
-def parse_args(method: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+@dataclasses.dataclass(frozen=True)
+class JobRequest:
+    """What one job runs: ``method`` (registry name) trained from ``preset`` (a
+    ``configs/<method>/<name>.yaml`` name or a YAML path) with dotted ``overrides``;
+    ``num_workers`` (None = the preset's ``train.num_workers``) and ``gpu`` set the Ray
+    Train workers; ``register`` registers the model and moves ``@champion`` when it is
+    better; ``stage`` (multi-stage methods) runs only that stage, from ``init_from``."""
+
+    method: str
+    preset: str = "small"
+    overrides: tuple[str, ...] = ()
+    num_workers: int | None = None
+    gpu: bool = False
+    register: bool = True
+    stage: str | None = None
+    init_from: str | None = None
+
+    def all_overrides(self) -> list[str]:
+        """The dotted overrides with the request's options applied on top."""
+        out = list(self.overrides)
+        if self.num_workers is not None:
+            out.append(f"train.num_workers={self.num_workers}")
+        if self.gpu:
+            out.append("train.use_gpu=true")
+        if self.init_from:
+            out.append(f"train.init_from={self.init_from}")
+        return out
+
+
+def parse_args(method: str, argv: Sequence[str] | None = None) -> JobRequest:
+    """The :class:`JobRequest` of ``jobs/<method>.py``'s command line."""
     p = argparse.ArgumentParser(
         prog=f"jobs/{method}.py",
         description=f"Train {method} with Ray Train, evaluate the test splits, register talkmesh-{method}.",
@@ -65,7 +102,17 @@ def parse_args(method: str, argv: Sequence[str] | None = None) -> argparse.Names
     p.add_argument("--stage", default=None, help="multi-stage methods: run only this stage")
     p.add_argument("--init-from", default=None, help="the stage's input weights: runs:/..., models:/... or a directory")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3 model.d_model=32")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    return JobRequest(
+        method=method,
+        preset=args.preset,
+        overrides=tuple(args.overrides),
+        num_workers=args.num_workers,
+        gpu=args.gpu,
+        register=not args.no_register,
+        stage=args.stage,
+        init_from=args.init_from,
+    )
 
 
 def connect_ray(num_workers: int, resources: Mapping[str, float] | None = None) -> bool:
@@ -91,109 +138,20 @@ def connect_ray(num_workers: int, resources: Mapping[str, float] | None = None) 
     return True
 
 
-def run_job(method: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_job(request: JobRequest) -> dict[str, Any]:
     """Train + evaluate + register; returns a summary dict (also printed)."""
     from talkmesh.data import open_corpus
-    from talkmesh.eval import metrics as M
-    from talkmesh.eval.evaluate import evaluate_method, flat_metrics
-    from talkmesh.ops import tracking
-    from talkmesh.train.checkpoint import load_method
-    from talkmesh.train.config import load_experiment
-    from talkmesh.train.runner import run_training
 
-    overrides = list(args.overrides)
-    if args.num_workers is not None:
-        overrides.append(f"train.num_workers={args.num_workers}")
-    if args.gpu:
-        overrides.append("train.use_gpu=true")
-    stage, init_from = getattr(args, "stage", None), getattr(args, "init_from", None)
-    if init_from:
-        overrides.append(f"train.init_from={init_from}")
-    exp = load_experiment(find_preset(method, args.preset), overrides, base={"method": method})
-    if exp.method != method:
-        from talkmesh.config import ConfigError
-
-        raise ConfigError(f"preset {args.preset} trains {exp.method!r}, not {method!r}")
-    exp = _with_face_model(exp)
-    from talkmesh.methods.registry import get_method
-
-    stages = tuple(get_method(method).stages)
-    if stage is not None and stage not in stages:
-        from talkmesh.config import ConfigError
-
-        raise ConfigError(f"--stage {stage}: {method} has stages {list(stages)}")
-
-    started = connect_ray(exp.train.num_workers) if exp.train.num_workers > 0 else False
-    try:
-        if len(stages) > 1:
-            result = run_stages(exp, [stage] if stage else list(stages))
-        else:
-            if stage:
-                exp = dataclasses.replace(exp, train=dataclasses.replace(exp.train, stage=stage))
-            result = run_training(exp)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
+    exp = _experiment(request)
+    result = _train(exp, request.stage)
     if result.selected_checkpoint is None:
         raise RuntimeError(f"run {result.run_name} produced no checkpoint")
-
-    uri = result.tracking_uri
-    loaded = load_method(result.selected_checkpoint)
     corpus = open_corpus(exp.data)
-    pred_root = Path(result.run_dir) / "predictions"
-    rows: dict[str, dict[str, float]] = {}
-    test_metrics: dict[str, float] = {}
-    for split in corpus.info.eval_splits:
-        summary = evaluate_method(
-            loaded.method,
-            corpus,
-            split,
-            limit=exp.train.limit_eval_sequences,
-            seed=exp.train.seed,
-            adapted=True,
-            save_dir=pred_root / split,
-        )
-        test_metrics.update(flat_metrics(summary, f"test/{split}"))
-        rows[split] = summary["metrics"]
-        if "unseen" in summary and "min" in summary["unseen"]:
-            rows[f"{split} min over conditions"] = summary["unseen"]["min"]
-            rows[f"{split} max over conditions"] = summary["unseen"]["max"]
-        if "adapted" in summary:
-            rows[f"{split} adapted"] = summary["adapted"]
-    table = M.format_table(rows, corpus.info.format, list(M.DEFAULT_METRICS), label="split")
-    tracking.log_metrics(result.mlflow_run_id, test_metrics, step=result.epochs, uri=uri)
-    table_path = Path(result.run_dir) / "test_metrics.txt"
-    table_path.write_text(table + "\n")
-    tracking.log_artifacts(result.mlflow_run_id, table_path, uri=uri)
-
+    test_metrics, table = _evaluate_test_splits(exp, corpus, result)
     version = champion = None
-    if not args.no_register:
-        metric = exp.train.checkpoint_metric
-        version = tracking.register_model(
-            method,
-            result.mlflow_run_id,
-            method_dir=result.selected_checkpoint,
-            metrics={k: v for k, v in result.selected_metrics.items() if isinstance(v, (int, float))},
-            uri=uri,
-        )
-        promoted = tracking.promote_if_better(method, version, metric, exp.train.checkpoint_mode, uri=uri)
-        champion = tracking.get_alias_version(method, "champion", uri=uri)
-        print(f"registered {tracking.model_name(method)} version {version}"
-              + (" -> @champion" if promoted else f" (champion stays version {champion})"))
-
-    print(f"\n== {method} on {corpus.info.format}: selected checkpoint {result.selected_checkpoint}")
-    print(table)
-    print(f"\nMLflow run id  {result.mlflow_run_id}  (experiment {result.experiment})")
-    print(f"tracking URI   {uri}")
-    if uri.startswith(("http://", "https://")):
-        print(f"  browse:      {uri}")
-    else:
-        print(f"  browse:      mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
-    print(f"Ray run dir    {result.run_dir}  (checkpoints epoch-NNNN/, predictions/)")
-    print(f"  score again: talkmesh metrics --pred {pred_root}/<split> --format {corpus.info.format} "
-          f"--root {corpus.info.root}")
+    if request.register:
+        version, champion = _register(request.method, exp, result)
+    _print_summary(request.method, corpus, result, table)
     return {
         "run_name": result.run_name,
         "run_id": result.mlflow_run_id,
@@ -204,22 +162,138 @@ def run_job(method: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _with_face_model(exp: Any) -> Any:
-    """``exp`` with ``model.face_model`` set to the corpus's face-model file when the method
-    config has that field, it is empty, and the corpus has a face model."""
-    mc = exp.method_config()
-    if not hasattr(mc, "face_model") or mc.face_model:
-        return exp
+def _experiment(request: JobRequest) -> ExperimentConfig:
+    """The request's experiment: preset + overrides, checked to train ``request.method``
+    (and, with ``request.stage``, to have that stage), with the corpus's face model."""
+    from talkmesh.config import ConfigError
+    from talkmesh.methods.registry import get_method
+    from talkmesh.train.config import load_experiment
+
+    method = request.method
+    preset = find_preset(method, request.preset)
+    exp = load_experiment(preset, request.all_overrides(), base={"method": method})
+    if exp.method != method:
+        raise ConfigError(f"preset {request.preset} trains {exp.method!r}, not {method!r}")
+    exp = _with_face_model(exp)
+    stages = get_method(method).stages
+    if request.stage is not None and request.stage not in stages:
+        raise ConfigError(f"--stage {request.stage}: {method} has stages {list(stages)}")
+    return exp
+
+
+def _train(exp: ExperimentConfig, stage: str | None) -> RunResult:
+    """Train every stage (or only ``stage``) on a Ray cluster when workers are requested."""
+    from talkmesh.methods.registry import get_method
+    from talkmesh.train.runner import run_training
+
+    stages = get_method(exp.method).stages
+    started = connect_ray(exp.train.num_workers) if exp.train.num_workers > 0 else False
+    try:
+        if len(stages) > 1:
+            return run_stages(exp, [stage] if stage else list(stages))
+        if stage:
+            exp = dataclasses.replace(exp, train=dataclasses.replace(exp.train, stage=stage))
+        return run_training(exp)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def _evaluate_test_splits(exp: ExperimentConfig, corpus: Corpus, result: RunResult) -> tuple[dict[str, float], str]:
+    """Evaluate the selected checkpoint on the corpus's test splits (predictions saved under
+    ``<run dir>/predictions/<split>``); log the metrics and the table to the MLflow run.
+    Returns (``test/<split>/*`` metrics, the table)."""
+    from talkmesh.eval import metrics as M
+    from talkmesh.eval.evaluate import evaluate_method, flat_metrics
+    from talkmesh.ops import tracking
+    from talkmesh.train.checkpoint import load_method
+
+    assert result.selected_checkpoint is not None
+    method = load_method(result.selected_checkpoint).method
+    rows: dict[str, dict[str, float]] = {}
+    test_metrics: dict[str, float] = {}
+    for split in corpus.info.eval_splits:
+        summary = evaluate_method(
+            method,
+            corpus,
+            split,
+            limit=exp.train.limit_eval_sequences,
+            seed=exp.train.seed,
+            adapted=True,
+            save_dir=Path(result.run_dir) / "predictions" / split,
+        )
+        test_metrics.update(flat_metrics(summary, f"test/{split}"))
+        rows[split] = summary["metrics"]
+        if "unseen" in summary and "min" in summary["unseen"]:
+            rows[f"{split} min over conditions"] = summary["unseen"]["min"]
+            rows[f"{split} max over conditions"] = summary["unseen"]["max"]
+        if "adapted" in summary:
+            rows[f"{split} adapted"] = summary["adapted"]
+    table = M.format_table(rows, corpus.info.format, list(M.DEFAULT_METRICS), label="split")
+    tracking.log_metrics(result.mlflow_run_id, test_metrics, step=result.epochs, uri=result.tracking_uri)
+    table_path = Path(result.run_dir) / "test_metrics.txt"
+    table_path.write_text(table + "\n")
+    tracking.log_artifacts(result.mlflow_run_id, table_path, uri=result.tracking_uri)
+    return test_metrics, table
+
+
+def _register(method: str, exp: ExperimentConfig, result: RunResult) -> tuple[int, int | None]:
+    """Register the selected checkpoint as ``talkmesh-<method>`` and promote it to
+    ``@champion`` when it beats the current one. Returns (version, champion version)."""
+    from talkmesh.ops import tracking
+
+    uri = result.tracking_uri
+    assert result.selected_checkpoint is not None
+    version = tracking.register_model(
+        method,
+        result.mlflow_run_id,
+        method_dir=result.selected_checkpoint,
+        metrics={k: v for k, v in result.selected_metrics.items() if isinstance(v, (int, float))},
+        uri=uri,
+    )
+    metric = exp.train.checkpoint_metric
+    promoted = tracking.promote_if_better(method, version, metric, exp.train.checkpoint_mode, uri=uri)
+    champion = tracking.get_alias_version(method, "champion", uri=uri)
+    print(f"registered {tracking.model_name(method)} version {version}"
+          + (" -> @champion" if promoted else f" (champion stays version {champion})"))
+    return version, champion
+
+
+def _print_summary(method: str, corpus: Corpus, result: RunResult, table: str) -> None:
+    """Where to look: the test table, the MLflow run and the Ray run directory."""
+    info = corpus.info
+    uri = result.tracking_uri
+    print(f"\n== {method} on {info.format}: selected checkpoint {result.selected_checkpoint}")
+    print(table)
+    print(f"\nMLflow run id  {result.mlflow_run_id}  (experiment {result.experiment})")
+    print(f"tracking URI   {uri}")
+    if uri.startswith(("http://", "https://")):
+        print(f"  browse:      {uri}")
+    else:
+        print(f"  browse:      mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    print(f"Ray run dir    {result.run_dir}  (checkpoints epoch-NNNN/, predictions/)")
+    print(f"  score again: talkmesh metrics --pred {Path(result.run_dir) / 'predictions'}/<split> "
+          f"--format {info.format} --root {info.root}")
+
+
+def _with_face_model(exp: ExperimentConfig) -> ExperimentConfig:
+    """``exp`` with the method config's :meth:`~talkmesh.methods.base.MethodConfig.face_model_overrides`
+    for the corpus's face-model file (when the corpus has one on disk)."""
     from talkmesh.data import open_corpus
 
     layer = open_corpus(exp.data).face_model()
-    source = getattr(layer, "source", "") if layer is not None else ""
+    source = layer.source if layer is not None else ""
     if not source or not Path(source).is_file():
         return exp
-    return dataclasses.replace(exp, model={**exp.model, "face_model": str(Path(source).resolve())})
+    overrides = exp.method_config().face_model_overrides(str(Path(source).resolve()))
+    if not overrides:
+        return exp
+    return dataclasses.replace(exp, model={**exp.model, **overrides})
 
 
-def run_stages(exp: Any, stages: Sequence[str], *, tracking_uri: str | None = None) -> Any:
+def run_stages(exp: ExperimentConfig, stages: Sequence[str], *, tracking_uri: str | None = None) -> RunResult:
     """Train ``stages`` in order as child runs of one MLflow parent run (``exp.train.run_name``
     or a default name; children ``<parent>-<stage>``). The first stage starts from
     ``train.init_from`` (if any), each later one from the previous stage's selected
@@ -228,7 +302,7 @@ def run_stages(exp: Any, stages: Sequence[str], *, tracking_uri: str | None = No
     when a stage raises."""
     from talkmesh.config import flatten
     from talkmesh.ops import tracking
-    from talkmesh.train.runner import default_run_name, run_training
+    from talkmesh.train.runner import default_run_name
 
     if not stages:
         raise ValueError("run_stages: no stages to run")
@@ -246,32 +320,41 @@ def run_stages(exp: Any, stages: Sequence[str], *, tracking_uri: str | None = No
     epochs = 0
     try:
         for stage in stages:
-            train = dataclasses.replace(exp.train, stage=stage, init_from=init_from, run_name=f"{parent_name}-{stage}")
-            result = run_training(
-                dataclasses.replace(exp, train=train),
-                parent_run_id=parent_id,
-                tags={"talkmesh.stage": stage},
-                tracking_uri=uri,
-            )
-            if result.selected_checkpoint is None:
-                raise RuntimeError(f"stage {stage} ({result.run_name}) produced no checkpoint")
+            result = _run_stage(exp, stage, init_from, parent_name, parent_id, uri)
             init_from = result.selected_checkpoint
             epochs += result.epochs
-            stage_tags = {
-                f"talkmesh.stage.{stage}.run_id": result.mlflow_run_id,
-                f"talkmesh.stage.{stage}.checkpoint": result.selected_checkpoint,
-            }
-            tracking.set_tags(parent_id, stage_tags, uri=uri)
-            print(f"[talkmesh] {exp.method} stage {stage} done: {result.selected_checkpoint}", flush=True)
     except BaseException as e:
         tracking.end_run(parent_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", uri=uri)
         raise
-    assert result is not None
+    assert result is not None and result.selected_checkpoint is not None
     metrics = {k: v for k, v in result.selected_metrics.items() if isinstance(v, (int, float))}
     tracking.log_metrics(parent_id, metrics, step=epochs, uri=uri)
     tracking.set_tags(parent_id, {"talkmesh.selected_checkpoint": result.selected_checkpoint}, uri=uri)
     tracking.end_run(parent_id, "FINISHED", uri=uri)
     return dataclasses.replace(result, mlflow_run_id=parent_id, run_name=parent_name, epochs=epochs)
+
+
+def _run_stage(
+    exp: ExperimentConfig, stage: str, init_from: str, parent_name: str, parent_id: str, uri: str
+) -> RunResult:
+    """One stage as a child run ``<parent>-<stage>`` from ``init_from``; its run id and
+    checkpoint are tagged on the parent."""
+    from talkmesh.ops import tracking
+    from talkmesh.train.runner import run_training
+
+    train = dataclasses.replace(exp.train, stage=stage, init_from=init_from, run_name=f"{parent_name}-{stage}")
+    result = run_training(
+        dataclasses.replace(exp, train=train), parent_run_id=parent_id, tags={"talkmesh.stage": stage}, tracking_uri=uri
+    )
+    if result.selected_checkpoint is None:
+        raise RuntimeError(f"stage {stage} ({result.run_name}) produced no checkpoint")
+    stage_tags = {
+        f"talkmesh.stage.{stage}.run_id": result.mlflow_run_id,
+        f"talkmesh.stage.{stage}.checkpoint": result.selected_checkpoint,
+    }
+    tracking.set_tags(parent_id, stage_tags, uri=uri)
+    print(f"[talkmesh] {exp.method} stage {stage} done: {result.selected_checkpoint}", flush=True)
+    return result
 
 
 def main(method: str, argv: Sequence[str] | None = None) -> int:
@@ -280,9 +363,9 @@ def main(method: str, argv: Sequence[str] | None = None) -> int:
     from talkmesh.config import ConfigError
     from talkmesh.data.errors import DataError
 
-    args = parse_args(method, argv)
+    request = parse_args(method, argv)
     try:
-        run_job(method, args)
+        run_job(request)
     except (ConfigError, DataError) as e:
         print(f"{method}: error: {e}", file=sys.stderr)
         return 2

@@ -5,8 +5,9 @@ runs (never at import): ``MLFLOW_TRACKING_URI``, else an embedded SQLite store
 ``sqlite:///<cwd>/mlflow.db``. Every call takes an explicit ``uri`` too, so a Ray worker
 logs to the store the driver chose even where its working directory differs.
 
-Runs are addressed by id through ``MlflowClient`` (no process-global active run), so rank 0
-of a local-mode training run can log while the driver holds its own run id:
+Runs are addressed by id through ``MlflowClient`` (no process-global active run; the fluent
+calls that need one run inside a short ``start_run(run_id=...)``), so rank 0 of a local-mode
+training run can log while the driver holds its own run id:
 
     run_id = start_run("talkmesh-faceformer", "faceformer-abc", params=flat, tags=tags)
     log = RunLogger(run_id)                      # on rank 0
@@ -18,11 +19,15 @@ A run started again with the same ``run_name`` in the same experiment is the sam
 run (a resumed Ray Train run continues its MLflow run); params are logged once per run.
 Parent/child runs (sweeps, stages) use ``parent_run_id``.
 
+Inputs: :func:`log_dataset` logs the corpus (name, root, :func:`dataset_fingerprint` as the
+digest) with ``mlflow.log_input``.
+
 Models: :func:`log_model` stores a talkmesh method directory (``method.json`` + ``model.pt``,
-see :mod:`talkmesh.train.checkpoint`) as the artifact of an ``mlflow.pyfunc`` model, and
-:func:`register_model` registers it as ``talkmesh-<method>``. :func:`load_registered`
-rebuilds the method from ``models:/talkmesh-<method>@<alias>`` (config + data facts + state
-dict, loaded with ``weights_only=True``); ``mlflow.pyfunc.load_model`` works as well.
+see :mod:`talkmesh.train.checkpoint`) as the artifact of an ``mlflow.pyfunc`` model logged from
+code (:mod:`talkmesh.ops.pyfunc_model`), and :func:`register_model` registers it as
+``talkmesh-<method>``. :func:`load_registered` loads ``models:/talkmesh-<method>@<alias>`` with
+``mlflow.pyfunc.load_model(...).unwrap_python_model()``; :func:`load_model_state` downloads
+only the ``model.pt`` of a run's checkpoint or of a registered model.
 """
 
 from __future__ import annotations
@@ -40,10 +45,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
     from talkmesh.data.corpus import Corpus
     from talkmesh.methods.base import DataFacts, MotionMethod
 
 __all__ = [
+    "MODEL_ARTIFACT",
     "RUN_NAME_TAG",
     "RunLogger",
     "dataset_fingerprint",
@@ -54,8 +62,10 @@ __all__ = [
     "get_alias_version",
     "get_run_metrics",
     "git_commit",
+    "load_model_state",
     "load_registered",
     "log_artifacts",
+    "log_dataset",
     "log_metrics",
     "log_model",
     "log_params",
@@ -93,7 +103,8 @@ def _client(uri: str | None = None) -> Any:
 
 @contextmanager
 def _fluent(uri: str | None) -> Iterator[Any]:
-    """Point the fluent API at ``uri`` for the duration of a call, then restore it."""
+    """Point the fluent API at ``uri`` for the duration of a call, then restore it (``search_runs``,
+    ``log_input``, ``pyfunc.log_model``/``load_model`` take no tracking URI)."""
     import mlflow
 
     uri = uri or tracking_uri()
@@ -107,12 +118,31 @@ def _fluent(uri: str | None) -> Iterator[Any]:
         mlflow.set_registry_uri(before[1])
 
 
+@contextmanager
+def _in_run(run_id: str, uri: str | None) -> Iterator[Any]:
+    """The fluent API inside the existing run ``run_id`` (for ``log_model``/``log_input``,
+    which take no run id); the run's status is left as it was."""
+    with _fluent(uri) as mlflow:
+        client = _client(uri)
+        status = client.get_run(run_id).info.status
+        try:
+            with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+                yield mlflow
+        finally:  # start_run set RUNNING and leaving it set FINISHED: put the status back
+            if status == "RUNNING":
+                client.update_run(run_id, status="RUNNING")
+            else:
+                client.set_terminated(run_id, status=status)
+
+
 def model_name(method: str) -> str:
     """Registered model name of a method: ``talkmesh-<method>``."""
     return f"talkmesh-{method}"
 
 
 def _experiment_id(client: Any, name: str) -> str:
+    # Not mlflow.set_experiment: it refuses a deleted experiment and races when several
+    # processes create the same one (https://github.com/mlflow/mlflow/issues/4123).
     from mlflow.exceptions import MlflowException
 
     exp = client.get_experiment_by_name(name)
@@ -188,32 +218,22 @@ def child_runs(parent_run_id: str, uri: str | None = None) -> list[dict[str, str
     first: ``{"run_id", "run_name", "status"}`` each (status RUNNING / FINISHED / FAILED / KILLED)."""
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-    client = _client(uri)
-    exp_id = client.get_run(parent_run_id).info.experiment_id
-    out: list[dict[str, str]] = []
-    token = None
-    while True:
-        page = client.search_runs(
+    exp_id = _client(uri).get_run(parent_run_id).info.experiment_id
+    with _fluent(uri) as mlflow:
+        runs = mlflow.search_runs(
             [exp_id],
             filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'",
             order_by=["attributes.start_time ASC"],
-            max_results=500,
-            page_token=token,
+            output_format="list",
         )
-        out.extend(
-            {
-                "run_id": r.info.run_id,
-                "run_name": r.data.tags.get(RUN_NAME_TAG, r.info.run_name),
-                "status": r.info.status,
-            }
-            for r in page
-        )
-        token = page.token
-        if not token:
-            return out
+    return [
+        {"run_id": r.info.run_id, "run_name": r.data.tags.get(RUN_NAME_TAG, r.info.run_name), "status": r.info.status}
+        for r in runs
+    ]
 
 
 def set_tags(run_id: str, tags: Mapping[str, Any], uri: str | None = None) -> None:
+    """Set (or overwrite) tags of a run; values become strings."""
     from mlflow.entities import RunTag
 
     if tags:
@@ -231,6 +251,7 @@ def log_params(run_id: str, params: Mapping[str, Any], uri: str | None = None) -
     Returns the params that were logged now."""
     from mlflow.entities import Param
 
+    # Skipping logged keys is talkmesh's rule: MLflow rejects a logged param given a new value.
     client = _client(uri)
     existing = client.get_run(run_id).data.params
     new: dict[str, str] = {}
@@ -248,9 +269,8 @@ def log_params(run_id: str, params: Mapping[str, Any], uri: str | None = None) -
             "started; the original values are kept",
             stacklevel=2,
         )
-    items = [Param(k, v) for k, v in new.items()]
-    for i in range(0, len(items), 100):  # the store's batch limit
-        client.log_batch(run_id, params=items[i : i + 100])
+    if new:
+        client.log_batch(run_id, params=[Param(k, v) for k, v in new.items()])
     return new
 
 
@@ -266,9 +286,8 @@ def log_metrics(run_id: str, metrics: Mapping[str, Any], step: int | None = None
         for k, v in metrics.items()
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
     ]
-    client = _client(uri)
-    for i in range(0, len(items), 500):
-        client.log_batch(run_id, metrics=items[i : i + 500])
+    if items:
+        _client(uri).log_batch(run_id, metrics=items)
 
 
 def log_artifacts(run_id: str, path: str | Path, artifact_path: str | None = None, uri: str | None = None) -> None:
@@ -282,9 +301,13 @@ def log_artifacts(run_id: str, path: str | Path, artifact_path: str | None = Non
 
 
 def download_artifacts(artifact_uri: str, dst: str | Path, uri: str | None = None) -> Path:
-    """Download ``runs:/...``, ``models:/...`` or ``mlflow-artifacts:/...`` into ``dst``; returns the local path."""
-    with _fluent(uri) as mlflow:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(dst)))
+    """Download ``runs:/...``, ``models:/...`` or ``mlflow-artifacts:/...`` (a file or a folder)
+    into ``dst``; returns the local path."""
+    import mlflow.artifacts
+
+    uri = uri or tracking_uri()
+    local = mlflow.artifacts.download_artifacts(artifact_uri, dst_path=str(dst), tracking_uri=uri, registry_uri=uri)
+    return Path(local)
 
 
 def get_run_metrics(run_id: str, uri: str | None = None) -> dict[str, float]:
@@ -338,6 +361,7 @@ def _have(module: str) -> bool:
 def git_commit(path: str | Path | None = None) -> tuple[str | None, bool | None]:
     """(commit sha, dirty) of the git work tree holding ``path`` (default: this package),
     or (None, None) outside a work tree or without git."""
+    # MLflow tags the commit only of runs started by the fluent API, from the entry script, without a dirty flag.
     where = Path(path) if path else Path(__file__).resolve().parent
     try:
         sha = subprocess.run(
@@ -367,75 +391,26 @@ def dataset_fingerprint(corpus: Corpus) -> str:
     return h.hexdigest()[:16]
 
 
+def log_dataset(run_id: str, corpus: Corpus, context: str = "training", uri: str | None = None) -> str:
+    """Log ``corpus`` as an input of run ``run_id`` (``mlflow.log_input``): a metadata-only
+    dataset named after the corpus format, with its root as the source and
+    :func:`dataset_fingerprint` as the digest. Logging it again is a no-op. Returns the fingerprint."""
+    import mlflow.data
+    from mlflow.data.meta_dataset import MetaDataset
+
+    info = corpus.info
+    fingerprint = dataset_fingerprint(corpus)
+    source = mlflow.data.get_dataset_source_from_json(json.dumps({"uri": str(info.root)}), source_type="local")
+    dataset = MetaDataset(source, name=info.format, digest=fingerprint)
+    tags = {"fps": str(float(info.fps)), "motion": info.motion}
+    with _in_run(run_id, uri) as fluent:
+        fluent.log_input(dataset, context=context, tags=tags)
+    return fingerprint
+
+
 # --------------------------------------------------------------------------------------
 # Models and the registry
 # --------------------------------------------------------------------------------------
-
-
-def _pyfunc_class() -> type:
-    """``TalkmeshPyfunc`` (an ``mlflow.pyfunc.PythonModel``), built on first use so that
-    importing this module does not import mlflow; exposed as the module attribute
-    ``talkmesh.ops.tracking.TalkmeshPyfunc`` (PEP 562)."""
-    global _PYFUNC
-    if _PYFUNC is not None:
-        return _PYFUNC
-    import mlflow.pyfunc
-
-    cls = _define_pyfunc(mlflow.pyfunc.PythonModel)
-    cls.__module__ = __name__
-    cls.__qualname__ = "TalkmeshPyfunc"
-    _PYFUNC = cls
-    return _PYFUNC
-
-
-def _define_pyfunc(base: type) -> type:
-    class TalkmeshPyfunc(base):  # type: ignore[misc, valid-type]
-        """pyfunc wrapper of a talkmesh method directory. ``predict`` takes
-        ``{"audio": (S,) float32 16 kHz, "template": (V, 3) float32}`` and the param
-        ``style`` (a training-subject index; -1 = the method's default) and returns
-        ``{"vertices": (T, V, 3)}``."""
-
-        # Inputs are validated by the logged tensor signature, not by type hints (MLflow's
-        # hints describe lists of records); this attribute turns its hint check off.
-        _skip_type_hint_validation = True
-
-        def load_context(self, context):  # noqa: ANN001, ANN201
-            from talkmesh.train.checkpoint import load_method
-
-            self._loaded = load_method(context.artifacts[MODEL_ARTIFACT])
-
-        def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
-            import numpy as np
-
-            if hasattr(model_input, "to_dict") and not isinstance(model_input, dict):  # a pandas DataFrame
-                model_input = {k: v[0] for k, v in model_input.to_dict(orient="list").items()}
-            audio = np.asarray(model_input["audio"], dtype=np.float32).reshape(-1)
-            template = model_input.get("template")
-            template = None if template is None else np.asarray(template, dtype=np.float32)
-            style = int((params or {}).get("style", -1))
-            out = self._loaded.method.generate(audio, template, None if style < 0 else style)
-            return {k: v.detach().cpu().numpy() for k, v in out.items()}
-
-    return TalkmeshPyfunc
-
-
-_PYFUNC: type | None = None
-
-# Logged with every model ("models from code"): MLflow runs it to build the pyfunc, so no
-# pickled Python object is stored in the registry.
-_MODEL_CODE = """\
-import mlflow.models
-
-from talkmesh.ops.tracking import TalkmeshPyfunc
-
-mlflow.models.set_model(TalkmeshPyfunc())
-"""
-
-
-def __getattr__(name: str) -> Any:  # PEP 562: the pyfunc class, built lazily
-    if name == "TalkmeshPyfunc":
-        return _pyfunc_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _signature(num_vertices: int) -> Any:
@@ -453,6 +428,24 @@ def _signature(num_vertices: int) -> Any:
     return ModelSignature(inputs=inputs, outputs=outputs, params=ParamSchema([ParamSpec("style", "long", -1)]))
 
 
+def _method_artifact(tmp: Path, method: MotionMethod | None, method_dir: str | Path | None, extra: Any) -> Path:
+    """The method directory to log: ``method`` saved, or the method files of ``method_dir`` copied."""
+    from talkmesh.train.checkpoint import METHOD_FILE, MODEL_FILE, save_method
+
+    if (method is None) == (method_dir is None):
+        raise ValueError("pass exactly one of method= or method_dir=")
+    art = tmp / MODEL_ARTIFACT
+    if method is not None:
+        return save_method(art, method, extra=extra)
+    art.mkdir()
+    for f in (METHOD_FILE, MODEL_FILE):
+        src = Path(method_dir) / f  # type: ignore[arg-type]
+        if not src.is_file():
+            raise FileNotFoundError(f"{method_dir}: no {f}")
+        (art / f).write_bytes(src.read_bytes())
+    return art
+
+
 def log_model(
     run_id: str,
     method: MotionMethod | None = None,
@@ -464,54 +457,32 @@ def log_model(
     uri: str | None = None,
 ) -> dict[str, Any]:
     """Log a method (or an existing method/checkpoint directory) as the pyfunc model
-    ``name`` of run ``run_id``; register it when ``registered_model_name`` is given.
-    Returns {"model_uri", "model_id", "version" (int or None)}."""
+    ``name`` of run ``run_id`` (models from code: :mod:`talkmesh.ops.pyfunc_model`); register
+    it when ``registered_model_name`` is given. Returns {"model_uri", "model_id", "version" (int or None)}."""
     import torch
 
-    from talkmesh.train.checkpoint import METHOD_FILE, MODEL_FILE, save_method
+    from talkmesh.train.checkpoint import METHOD_FILE
 
-    if (method is None) == (method_dir is None):
-        raise ValueError("pass exactly one of method= or method_dir=")
     with tempfile.TemporaryDirectory() as tmp:
-        art = Path(tmp) / MODEL_ARTIFACT
-        if method is not None:
-            save_method(art, method, extra=extra)
-        else:
-            art.mkdir()
-            for f in (METHOD_FILE, MODEL_FILE):
-                src = Path(method_dir) / f  # type: ignore[arg-type]
-                if not src.is_file():
-                    raise FileNotFoundError(f"{method_dir}: no {f}")
-                (art / f).write_bytes(src.read_bytes())
+        art = _method_artifact(Path(tmp), method, method_dir, extra)
         info = json.loads((art / METHOD_FILE).read_text())
-        with _fluent(uri) as mlflow:
+        with _in_run(run_id, uri) as mlflow, warnings.catch_warnings():
             import mlflow.pyfunc
 
-            client = _client(uri)
-            nested = mlflow.active_run() is not None
-            status = client.get_run(run_id).info.status
-            code = Path(tmp) / "talkmesh_pyfunc.py"
-            code.write_text(_MODEL_CODE)
-            with mlflow.start_run(run_id=run_id, nested=nested), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*input example was not provided.*")
-                model_info = mlflow.pyfunc.log_model(
-                    name=name,
-                    python_model=str(code),
-                    artifacts={MODEL_ARTIFACT: str(art)},
-                    signature=_signature(int(info["facts"]["num_vertices"])),
-                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
-                    registered_model_name=registered_model_name,
-                    metadata={"talkmesh_method": info["method"], "talkmesh_stage": info.get("stage", "")},
-                )
-            # Leave the run's status as it was (leaving the context manager ends the run).
-            if status == "RUNNING":
-                client.update_run(run_id, status="RUNNING")
-            else:
-                client.set_terminated(run_id, status=status)
-    version = getattr(model_info, "registered_model_version", None)
+            warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+            model_info = mlflow.pyfunc.log_model(
+                name=name,
+                python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+                artifacts={MODEL_ARTIFACT: str(art)},
+                signature=_signature(int(info["facts"]["num_vertices"])),
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
+                registered_model_name=registered_model_name,
+                metadata={"talkmesh_method": info["method"], "talkmesh_stage": info.get("stage", "")},
+            )
+    version = model_info.registered_model_version
     return {
         "model_uri": model_info.model_uri,
-        "model_id": getattr(model_info, "model_id", None),
+        "model_id": model_info.model_id,
         "version": None if version is None else int(version),
     }
 
@@ -600,20 +571,40 @@ def load_registered(
     method: str, alias: str = "champion", device: str = "cpu", uri: str | None = None
 ) -> tuple[MotionMethod, DataFacts, Any]:
     """(method module in eval mode, data facts, method config) of
-    ``models:/talkmesh-<method>@<alias>``, rebuilt from its config + state dict.
-    ``alias`` may also be a version number (``"3"``)."""
-    from talkmesh.train.checkpoint import load_method
-
-    ref = f"models:/{model_name(method)}/{alias}" if str(alias).isdigit() else f"models:/{model_name(method)}@{alias}"
+    ``models:/talkmesh-<method>@<alias>`` (``alias`` may also be a version number, ``"3"``),
+    loaded with ``mlflow.pyfunc.load_model`` and unwrapped to the talkmesh pyfunc."""
+    ref = f"models:/{model_name(method)}{'/' if str(alias).isdigit() else '@'}{alias}"
     with _fluent(uri) as mlflow, tempfile.TemporaryDirectory() as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=tmp))
-        candidates = [local / "artifacts" / MODEL_ARTIFACT, local / MODEL_ARTIFACT]
-        found = next((c for c in candidates if c.is_dir()), None)
-        if found is None:
-            found = next((p.parent for p in local.rglob("method.json")), None)
-        if found is None:
-            raise FileNotFoundError(f"{ref}: no talkmesh method directory in the model's artifacts")
-        loaded = load_method(found, device=device)
+        import mlflow.pyfunc
+
+        loaded = mlflow.pyfunc.load_model(ref, dst_path=tmp).unwrap_python_model().loaded
     if loaded.info.get("method") != method:
         raise ValueError(f"{ref} holds method {loaded.info.get('method')!r}, not {method!r}")
-    return loaded.method, loaded.facts, loaded.config
+    return loaded.method.to(device), loaded.facts, loaded.config
+
+
+def load_model_state(source: str, uri: str | None = None) -> dict[str, torch.Tensor]:
+    """The state dict stored at an MLflow URI, downloading only its ``model.pt``:
+    ``runs:/<id>/<checkpoint dir>`` (or any artifact URI of a method/checkpoint directory or of
+    its ``model.pt``), ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` (a model logged
+    by :func:`log_model`). Loaded on the CPU with ``weights_only=True``."""
+    import torch
+    from mlflow.exceptions import MlflowException
+
+    from talkmesh.train.checkpoint import MODEL_FILE
+
+    base = source.rstrip("/")
+    if base.startswith("models:/"):
+        file_uri, expected = f"{base}/artifacts/{MODEL_ARTIFACT}/{MODEL_FILE}", "a model logged by talkmesh"
+    elif base.endswith(f"/{MODEL_FILE}"):
+        file_uri, expected = base, f"a {MODEL_FILE} artifact"
+    else:
+        file_uri, expected = f"{base}/{MODEL_FILE}", f"a checkpoint or method directory holding {MODEL_FILE}"
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = download_artifacts(file_uri, tmp, uri=uri)
+        except (MlflowException, OSError) as e:
+            raise FileNotFoundError(f"{source}: expected {expected}; {file_uri} could not be downloaded ({e})") from e
+        if not local.is_file():
+            raise FileNotFoundError(f"{source}: expected {expected}; {file_uri} is not a file")
+        return torch.load(local, map_location="cpu", weights_only=True)

@@ -45,7 +45,7 @@ import time
 import traceback
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
@@ -62,6 +62,9 @@ from talkmesh.serving.inputs import (
     template_array,
 )
 from talkmesh.serving.store import StyleNotFound, StyleStore
+
+if TYPE_CHECKING:  # pragma: no cover
+    from talkmesh.methods.base import MotionMethod
 
 __all__ = ["Ingress", "ServeConfig", "StyleModel", "build_app", "load_serve_config"]
 
@@ -156,8 +159,7 @@ class StyleModel:
             from talkmesh.data.corpus import load_face_model
 
             layer = load_face_model(self.cfg.face_model)
-            if hasattr(self.method, "set_face_model"):
-                self.method.set_face_model(layer)
+            self.method.set_face_model(layer)
             if self.faces is None:
                 faces = layer.faces() if callable(layer.faces) else layer.faces
                 self.faces = np.asarray(faces, dtype=np.int64)
@@ -182,7 +184,7 @@ class StyleModel:
             "motion": f.motion,
             "param_dim": int(f.param_dim),
             "train_subjects": list(f.train_subjects),
-            "supports_mix": hasattr(self.method, "mix_styles"),
+            "supports_mix": self.method.supports_style_mixing,
             "limits": {
                 "max_upload_mb": self.cfg.max_upload_mb,
                 "max_audio_seconds": self.cfg.max_audio_seconds,
@@ -261,8 +263,7 @@ class StyleModel:
         parts = parse_style_spec(spec)
         if len(parts) == 1:
             return self._component(parts[0][0])
-        mix = getattr(self.method, "mix_styles", None)
-        if mix is None:
+        if not self.method.supports_style_mixing:
             raise _Problem(422, f"{self.cfg.method} does not support style mixing; send one style_id")
         states, template = [], None
         for name, _ in parts:
@@ -271,7 +272,7 @@ class StyleModel:
                 style = self.method.encode_style(subject=style)
             states.append(style)
             template = tmpl if template is None else template
-        return mix(states, [w for _, w in parts]), template
+        return self.method.mix_styles(states, [w for _, w in parts]), template
 
     # ---- animation ------------------------------------------------------------------------
     async def animate(self, audio: np.ndarray, template: np.ndarray | None, preview: bool) -> dict[str, Any]:
@@ -325,7 +326,7 @@ class StyleModel:
             return path.read_bytes()
 
 
-def _load_model(cfg: ServeConfig) -> tuple[Any, str, int | None, str]:
+def _load_model(cfg: ServeConfig) -> tuple["MotionMethod", str, int | None, str]:
     """(method in eval mode, model reference, registry version or None, model key)."""
     from talkmesh.ops import tracking
     from talkmesh.train.checkpoint import MODEL_FILE, load_method

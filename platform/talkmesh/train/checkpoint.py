@@ -24,11 +24,14 @@ import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from talkmesh.config import to_dict
+
+if TYPE_CHECKING:  # pragma: no cover
+    from talkmesh.methods.base import DataFacts, MethodConfig, MotionMethod
 
 __all__ = [
     "METHOD_FILE",
@@ -60,9 +63,11 @@ def checkpoint_dir_name(epoch: int) -> str:
     return f"epoch-{epoch:04d}"
 
 
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    """The method inside a DistributedDataParallel wrapper (or the module itself)."""
-    return getattr(module, "module", module)
+def _unwrap(module: torch.nn.Module) -> MotionMethod:
+    """The method inside a DistributedDataParallel wrapper (or the method itself)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return module.module if isinstance(module, DistributedDataParallel) else module
 
 
 def _json_safe(value: Any) -> Any:
@@ -88,7 +93,7 @@ def save_method(directory: str | Path, method: torch.nn.Module, extra: Mapping[s
         "method": m.name,
         "config": to_dict(m.config),
         "facts": m.facts.to_dict(),
-        "stage": getattr(m, "stage", ""),
+        "stage": m.stage,
         **dict(extra or {}),
     }
     (d / METHOD_FILE).write_text(json.dumps(_json_safe(info), indent=2, sort_keys=True))
@@ -101,16 +106,16 @@ def save_method(directory: str | Path, method: torch.nn.Module, extra: Mapping[s
 class LoadedMethod:
     """A method rebuilt from a method directory."""
 
-    method: Any  # MotionMethod, in eval mode, on ``device``
-    facts: Any  # DataFacts
-    config: Any  # the method's config dataclass
+    method: MotionMethod  # in eval mode, on ``device``
+    facts: DataFacts
+    config: MethodConfig  # the method's config dataclass
     info: dict[str, Any]  # method.json
 
 
 def load_method(directory: str | Path, device: str | torch.device = "cpu") -> LoadedMethod:
     """Rebuild the method saved in ``directory`` (config + data facts + state dict)."""
     from talkmesh.methods.base import DataFacts
-    from talkmesh.methods.registry import build_method
+    from talkmesh.methods.registry import build_method, get_config_class
 
     d = Path(directory)
     meta_path = d / METHOD_FILE
@@ -120,7 +125,7 @@ def load_method(directory: str | Path, device: str | torch.device = "cpu") -> Lo
     if info.get("format") != FORMAT_VERSION:
         raise ValueError(f"{meta_path}: format {info.get('format')!r}, this talkmesh reads {FORMAT_VERSION}")
     facts = DataFacts.from_dict(info["facts"])
-    method = build_method(info["method"], info["config"], facts)
+    method = build_method(info["method"], get_config_class(info["method"]).upgrade(info["config"]), facts)
     stage = info.get("stage")
     if stage:
         method.set_stage(stage)
@@ -142,7 +147,7 @@ def save_checkpoint(
     ``optimizer`` None (a fit-only stage) stores an empty optimizer state."""
     d = save_method(directory, method, extra={"epoch": int(epoch)})
     opt_state = optimizer.state_dict() if optimizer is not None else {}
-    state = {"epoch": int(epoch), "optimizer": opt_state, "stage": getattr(_unwrap(method), "stage", "")}
+    state = {"epoch": int(epoch), "optimizer": opt_state, "stage": _unwrap(method).stage}
     state.update(dict(extra or {}))
     torch.save(state, d / TRAINER_FILE)
     (d / METRICS_FILE).write_text(json.dumps(_json_safe(dict(metrics)), indent=2, sort_keys=True))

@@ -9,8 +9,9 @@ A preset (``configs/<method>/<name>.yaml``) selects and overrides; dotted overri
 of ``preset``); it is validated against that class through the method registry when the
 ``ExperimentConfig`` is built, so a misspelled ``model.d_modle`` fails at load time, not
 on a worker half an hour later. Fields of ``TrainConfig`` left at ``None`` take the
-method config's value where it has one (``lr``, ``epochs``, ``batch_size``,
-``grad_accum``: the paper schedule lives in one place, the method's preset).
+method config's schedule of the stage (``lr``, ``epochs``, ``batch_size``, ``grad_accum``
+from ``MethodConfig.stage_schedule``: the paper schedule lives in one place, the
+method's preset).
 """
 
 from __future__ import annotations
@@ -19,14 +20,16 @@ import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from talkmesh.config import ConfigError, DataConfig, load_config, to_dict
+
+if TYPE_CHECKING:  # pragma: no cover
+    from talkmesh.methods.base import MethodConfig, StageSchedule
 
 __all__ = [
     "RUN_NAME",
     "ExperimentConfig",
-    "ResolvedSchedule",
     "TrainConfig",
     "load_experiment",
 ]
@@ -40,12 +43,12 @@ RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")
 class TrainConfig:
     """How to train (the method config says what to train)."""
 
-    # ---- schedule (None = the method config's value, else the fallback in ResolvedSchedule) ----
+    # ---- schedule (None = the method config's value for the stage: MethodConfig.stage_schedule) ----
     epochs: int | None = None
     batch_size: int | None = None  # per worker
     lr: float | None = None
     grad_accum: int | None = None
-    weight_decay: float = 0.0  # AdamW; 0 = Adam
+    weight_decay: float = 0.0  # passed to MethodConfig.build_optimizer (default AdamW; 0 = Adam)
     grad_clip: float = 0.0  # max global grad norm; 0 = off
     # ---- resources ----
     num_workers: int = 0  # Ray Train workers; 0 = local mode (in-process, no Ray cluster)
@@ -111,19 +114,6 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class ResolvedSchedule:
-    """The schedule a run actually uses (TrainConfig over the method config over fallbacks)."""
-
-    epochs: int
-    batch_size: int
-    lr: float
-    grad_accum: int
-
-
-_FALLBACK = ResolvedSchedule(epochs=10, batch_size=1, lr=1e-4, grad_accum=1)
-
-
-@dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     """One training run: which method (registry name) with which preset and overrides, on
     which data, trained how. Building one validates ``model`` with the method's config class."""
@@ -137,7 +127,7 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         self.method_config()  # validate now (imports the method's module)
 
-    def method_config(self) -> Any:
+    def method_config(self) -> MethodConfig:
         """The method's config dataclass: ``preset``, then the ``model`` overrides."""
         from talkmesh.methods.registry import UnknownMethodError, build_config, get_config_class
 
@@ -159,19 +149,19 @@ class ExperimentConfig:
         except (ValueError, TypeError) as e:  # the method config's own checks
             raise ConfigError(f"model: {e}") from None
 
-    def schedule(self) -> ResolvedSchedule:
-        """epochs / batch size / lr / grad accumulation actually used. A method config with a
-        ``stage_schedule(stage) -> dict`` method gives per-stage values (for ``train.stage``)."""
-        mc = self.method_config()
-        hook = getattr(mc, "stage_schedule", None)
-        staged = hook(self.train.stage) if callable(hook) else {}
-        values = {}
-        for f in dataclasses.fields(ResolvedSchedule):
-            v = getattr(self.train, f.name)
-            if v is None:
-                v = staged.get(f.name, getattr(mc, f.name, None))
-            values[f.name] = getattr(_FALLBACK, f.name) if v is None else v
-        return ResolvedSchedule(**values)
+    def schedule(self) -> StageSchedule:
+        """epochs / batch size / lr / grad accumulation actually used: each ``TrainConfig``
+        field that is set, else the method config's schedule of ``train.stage``
+        (``MethodConfig.stage_schedule``)."""
+        t = self.train
+        staged = self.method_config().stage_schedule(t.stage)
+        return dataclasses.replace(
+            staged,
+            epochs=staged.epochs if t.epochs is None else t.epochs,
+            batch_size=staged.batch_size if t.batch_size is None else t.batch_size,
+            lr=staged.lr if t.lr is None else t.lr,
+            grad_accum=staged.grad_accum if t.grad_accum is None else t.grad_accum,
+        )
 
     @property
     def experiment_name(self) -> str:

@@ -2,35 +2,32 @@
 
 Run by Ray Train's ``TorchTrainer`` on each worker (gloo on CPU, NCCL on GPU), or
 in-process with ``ScalingConfig(num_workers=0)`` (Ray Train local mode, for tests and
-quick runs). Per worker it
+quick runs). Per worker, in named steps (as torchtitan's trainer reads):
 
-1. rebuilds the ``ExperimentConfig`` from ``config["experiment"]``, opens the corpus and
-   builds the method through the registry (same seed on every rank: same init);
-2. resumes from ``ray.train.get_checkpoint()`` (model, optimizer, epoch), or in local
-   mode from the newest ``epoch-NNNN/`` under ``<storage_path>/<run_name>/`` (local mode
-   keeps checkpoints in memory only, so the loop writes them there itself);
-   else loads ``train.init_from`` (a stage's input weights), if given;
-3. wraps the method with ``ray.train.torch.prepare_model`` (DDP when world > 1) and
-   shards the training windows with a seeded ``DistributedSampler``
-   (``prepare_data_loader``), with ``set_epoch`` every epoch;
-4. per epoch: trains on windows, validates on whole sequences of ``train.eval_split``
-   (sharded over ranks, gathered, scored as in :mod:`talkmesh.eval.evaluate`), and
-   calls ``ray.train.report(metrics, checkpoint, checkpoint_dir_name="epoch-NNNN")`` on
-   **every** rank (a barrier) with a checkpoint written by rank 0 only;
-5. rank 0 logs the metrics of every epoch to MLflow (``talkmesh.ops.tracking``), since Ray
-   drops metrics-only reports and keeps no per-epoch history with workers >= 1.
+1. :func:`build_worker` - rebuild the ``ExperimentConfig`` from ``config["experiment"]``,
+   open the corpus and build the method through the registry (same seed on every rank:
+   same init); resume from ``ray.train.get_checkpoint()`` (model, optimizer, epoch), or in
+   local mode from the newest ``epoch-NNNN/`` under ``<storage_path>/<run_name>/`` (local
+   mode keeps checkpoints in memory only, so the loop writes them there itself), else load
+   ``train.init_from`` (a stage's input weights) and run the method's ``fit_stage``; build
+   the optimizer (``MethodConfig.build_optimizer``), wrap the method with
+   ``ray.train.torch.prepare_model`` (DDP when world > 1) and shard the training windows
+   with a seeded ``DistributedSampler`` (``prepare_data_loader``);
+2. :func:`train_epoch` - per epoch: the learning rate of the stage's schedule times
+   ``MethodConfig.lr_factor(stage, epoch)``, ``MotionMethod.on_epoch_start(epoch)``, then
+   the training windows;
+3. :func:`validate` - whole sequences of ``train.eval_split`` (sharded over ranks,
+   gathered, scored as in :mod:`talkmesh.eval.evaluate`);
+4. :func:`report_epoch` - rank 0 logs the metrics to MLflow (``talkmesh.ops.tracking``,
+   since Ray drops metrics-only reports and keeps no per-epoch history with workers >= 1)
+   and writes the checkpoint; every rank calls ``ray.train.report(metrics, checkpoint,
+   checkpoint_dir_name="epoch-NNNN")`` (a barrier).
 
-Optional method hooks (duck-typed; methods without them train exactly as above):
-
-* ``fit_stage(dataset) -> dict`` - non-gradient fitting (normalisation statistics, k-means,
-  ...). Called once on a fresh (not resumed) run, after ``train.init_from`` is loaded, on
-  every rank with the training split as whole sequences (a ``ClipDataset``); its logs are
-  reported as ``train/fit/<key>``. A stage whose ``trainable_parameters()`` is empty is
-  fit-only: it runs one epoch without an optimiser (validation, checkpoint, report as usual).
-* ``lr_multiplier(epoch) -> float`` - the epoch's learning rate is ``lr x`` its value
-  (e.g. a StepLR schedule; stateless, so resuming needs no scheduler state).
-* ``trains_on_vertices = False`` - a parameter-corpus method that does not need the face
-  model's vertices in its training batches (skips computing them).
+The method is called only through the :class:`~talkmesh.methods.base.MotionMethod` contract:
+``fit_stage`` (non-gradient fitting, once on a fresh run, logs reported as
+``train/fit/<key>``; a stage whose ``trainable_parameters()`` is empty is fit-only: one
+epoch without an optimizer), ``on_epoch_start`` and ``trains_on_vertices`` (False: the
+training batches of a parameter corpus carry no face-model vertices).
 
 Metric names: ``train/loss`` and every ``train/<term>`` the method logs, ``<split>/lve``,
 ``<split>/fdd``, ... (all predictions), ``<split>/seen/*``, ``<split>/unseen/*`` (+
@@ -40,17 +37,19 @@ Metric names: ``train/loss`` and every ``train/<term>`` the method logs, ``<spli
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from talkmesh.config import from_dict
 from talkmesh.train.checkpoint import (
+    MODEL_FILE,
     checkpoint_dir_name,
     list_checkpoints,
     load_trainer_state,
@@ -59,7 +58,15 @@ from talkmesh.train.checkpoint import (
 )
 from talkmesh.train.config import ExperimentConfig
 
-__all__ = ["train_loop_per_worker"]
+if TYPE_CHECKING:  # pragma: no cover
+    from torch.utils.data import DataLoader
+
+    from talkmesh.data.corpus import Corpus
+    from talkmesh.data.dataset import ClipDataset
+    from talkmesh.methods.base import MotionMethod, StageSchedule
+    from talkmesh.ops.tracking import RunLogger
+
+__all__ = ["WorkerState", "build_worker", "report_epoch", "train_epoch", "train_loop_per_worker", "validate"]
 
 
 def _all_gather(obj: Any, world: int) -> list[Any]:
@@ -111,8 +118,6 @@ def _load_init_weights(method: torch.nn.Module, source: str, uri: str | None) ->
     (``runs:/<id>/<path>``, ``models:/<name>@<alias>``) in the tracking store ``uri``."""
     import re
 
-    from talkmesh.train.checkpoint import MODEL_FILE
-
     path = Path(source).expanduser()
     if re.match(r"^[A-Za-z][\w+.-]*:/", source) and not path.exists():
         from talkmesh.ops.tracking import download_artifacts
@@ -157,196 +162,334 @@ def _prune_local(run_dir: Path, keep: int, metric: str, mode: str) -> None:
             shutil.rmtree(c.path, ignore_errors=True)
 
 
+# --------------------------------------------------------------------------------------
+# The worker's state and the steps
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class WorkerState:
+    """What one worker holds while it trains (built by :func:`build_worker`)."""
+
+    exp: ExperimentConfig
+    sched: StageSchedule
+    corpus: Corpus
+    method: MotionMethod
+    model: torch.nn.Module  # the method, DDP-wrapped when world > 1 (the method itself when fit-only)
+    optimizer: torch.optim.Optimizer | None  # None: a fit-only stage
+    train_ds: ClipDataset
+    loader: DataLoader
+    generator: torch.Generator  # the loader's shuffling, reseeded every epoch
+    device: torch.device
+    rank: int
+    world: int
+    run_dir: Path  # <storage_path>/<run_name>
+    local_mode: bool
+    start_epoch: int
+    num_epochs: int
+    global_step: int
+    steps_per_epoch: int
+    conditions: list[str]  # training subjects that decode unseen subjects in validation
+    fit_logs: dict[str, float]  # train/fit/* of fit_stage, reported with the first epoch
+    logger: RunLogger | None = None  # rank 0 with an MLflow run
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Train one method on one worker (see the module docstring). ``config`` keys:
     ``experiment`` (``to_dict(ExperimentConfig)``), ``run_name``, ``storage_path``,
     ``local_mode`` (bool), ``mlflow_run_id`` and ``tracking_uri`` (None = no MLflow)."""
-    import ray.train
-    import ray.train.torch
-    from torch.utils.data import DataLoader, DistributedSampler
-
-    from talkmesh.data import open_corpus
-    from talkmesh.data.dataset import ClipDataset
-    from talkmesh.eval.evaluate import condition_subjects, flat_metrics, score_method, summarize
-    from talkmesh.methods.base import DataFacts
-    from talkmesh.methods.registry import build_method
-
     exp = from_dict(ExperimentConfig, config["experiment"])
     t = exp.train
-    sched = exp.schedule()
-    local_mode = bool(config.get("local_mode", False))
-    run_dir = Path(config["storage_path"]) / config["run_name"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     threads_before = torch.get_num_threads()
     if t.torch_threads:
         torch.set_num_threads(t.torch_threads)
-
-    logger = None
+    state: WorkerState | None = None
     try:
-        # ---- data and method ------------------------------------------------------------
-        corpus = open_corpus(exp.data)
-        facts = DataFacts.from_corpus(corpus)
-        torch.manual_seed(t.seed)  # identical init on every rank
-        method = build_method(exp.method, exp.model, facts, preset=exp.preset or None)
-        if t.stage:
-            method.set_stage(t.stage)
-
-        trainer_state: dict[str, Any] | None = None
-        with _resume_source(local_mode, run_dir) as resume_dir:
-            if resume_dir is not None:
-                from talkmesh.train.checkpoint import MODEL_FILE
-
-                method.load_state_dict(torch.load(resume_dir / MODEL_FILE, map_location="cpu", weights_only=True))
-                trainer_state = load_trainer_state(resume_dir)
-                if trainer_state.get("stage"):
-                    method.set_stage(trainer_state["stage"])
-        if trainer_state is None and t.init_from:
-            _load_init_weights(method, t.init_from, config.get("tracking_uri"))
-
-        device = ray.train.torch.get_device()
-        fit_logs: dict[str, float] = {}
-        if trainer_state is None and callable(getattr(method, "fit_stage", None)):  # non-gradient fitting
-            method.to(device)
-            fit_ds = ClipDataset(corpus, "train", mode="sequence", seed=t.seed)
-            fit_logs = {f"train/fit/{k}": float(v) for k, v in (method.fit_stage(fit_ds) or {}).items()}
-        params = method.trainable_parameters()
-        fit_only = not params  # e.g. a k-means stage: one epoch, no optimiser
-        if fit_only:
-            model = method.to(device)
-            optimizer = None
-        else:
-            model = ray.train.torch.prepare_model(method, parallel_strategy_kwargs={"find_unused_parameters": True})
-            optimizer = torch.optim.AdamW(params, lr=sched.lr, weight_decay=t.weight_decay)
-        lr_multiplier = getattr(method, "lr_multiplier", None)
-        num_epochs = 1 if fit_only else sched.epochs
-        start_epoch, global_step = 0, 0
-        if trainer_state is not None:
-            if optimizer is not None:
-                optimizer.load_state_dict(trainer_state["optimizer"])
-            start_epoch = int(trainer_state["epoch"]) + 1
-            global_step = int(trainer_state.get("global_step", 0))
-        torch.manual_seed(t.seed + 7919 * (rank + 1) + start_epoch)  # dropout etc.: per rank, per resume
-
-        with_vertices = facts.motion == "params" and facts.num_vertices > 0
-        with_vertices = with_vertices and getattr(method, "trains_on_vertices", True)
-        train_ds = ClipDataset(corpus, "train", mode="window", seed=t.seed, with_vertices=with_vertices)
-        sampler = (
-            DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=t.seed)
-            if world > 1
-            else None
-        )
-        generator = torch.Generator()
-        loader = DataLoader(
-            train_ds,
-            batch_size=sched.batch_size,
-            shuffle=sampler is None,
-            sampler=sampler,
-            collate_fn=train_ds.collate,
-            num_workers=t.loader_workers,
-            generator=generator,
-        )
-        loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)  # methods move their inputs
-        steps_per_epoch = len(loader) if not t.limit_train_batches else min(len(loader), t.limit_train_batches)
-        conditions = condition_subjects(facts.train_subjects, exp.data.max_conditions, t.seed)
-
-        run_id = config.get("mlflow_run_id")
-        if rank == 0 and run_id:
-            from talkmesh.ops.tracking import RunLogger
-
-            logger = RunLogger(run_id, uri=config.get("tracking_uri"), system_metrics=t.system_metrics)
-
-        use_bf16 = t.bf16 and device.type == "cuda"
-        for epoch in range(start_epoch, num_epochs):
-            # ---- train ----------------------------------------------------------------------
-            t0 = time.perf_counter()
-            train_ds.set_epoch(epoch)
-            generator.manual_seed(t.seed * 1_000_003 + epoch)
-            if isinstance(getattr(loader, "sampler", None), DistributedSampler):
-                loader.sampler.set_epoch(epoch)
-            model.train()
-            if optimizer is not None and callable(lr_multiplier):
-                for group in optimizer.param_groups:
-                    group["lr"] = sched.lr * float(lr_multiplier(epoch))
-            sums: dict[str, float] = {}
-            batches = 0
-            if optimizer is not None:
-                optimizer.zero_grad(set_to_none=True)
-            for i, batch in enumerate(loader if optimizer is not None else ()):
-                if i >= steps_per_epoch:
-                    break
-                autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-                with autocast:
-                    loss, logs = model(batch)
-                if not torch.isfinite(loss.detach()):
-                    raise FloatingPointError(f"{exp.method}: non-finite loss {float(loss)} at epoch {epoch}, batch {i}")
-                (loss / sched.grad_accum).backward()
-                if (i + 1) % sched.grad_accum == 0 or i + 1 == steps_per_epoch:
-                    if t.grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(method.trainable_parameters(), t.grad_clip)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    global_step += 1
-                for k, v in logs.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-                batches += 1
-            train_s = time.perf_counter() - t0
-            totals: dict[str, float] = {}
-            n_total = 0
-            for part_sums, part_n in _all_gather((sums, batches), world):
-                n_total += part_n
-                for k, v in part_sums.items():
-                    totals[k] = totals.get(k, 0.0) + v
-            metrics: dict[str, Any] = {f"train/{k}": v / max(n_total, 1) for k, v in totals.items()}
-            if epoch == start_epoch:
-                metrics.update(fit_logs)
-            metrics.update(
-                {
-                    "epoch": epoch,
-                    "step": global_step,
-                    "world_size": world,
-                    "lr": optimizer.param_groups[0]["lr"] if optimizer is not None else 0.0,
-                    "time/train_s": train_s,
-                }
-            )
-
-            # ---- validate (whole sequences, sharded over ranks) -----------------------------
-            if (epoch + 1) % t.eval_every == 0 or epoch + 1 == num_epochs:
-                t1 = time.perf_counter()
-                _sync_buffers(method, world)  # every rank validates the weights rank 0 checkpoints
-                scored = score_method(
-                    method,
-                    corpus,
-                    t.eval_split,
-                    limit=t.limit_eval_sequences,
-                    max_conditions=exp.data.max_conditions,
-                    seed=t.seed,
-                    shard=(rank, world),
-                    adapted=t.eval_adapted,
-                )
-                scored = [s for part in _all_gather(scored, world) for s in part]
-                summary = summarize(scored, t.eval_split, conditions)
-                metrics.update(flat_metrics(summary, t.eval_split))
-                metrics["time/eval_s"] = time.perf_counter() - t1
+        state = build_worker(exp, config)
+        for epoch in range(state.start_epoch, state.num_epochs):
+            metrics = train_epoch(state, epoch)
+            if (epoch + 1) % t.eval_every == 0 or epoch + 1 == state.num_epochs:
+                metrics.update(validate(state))
             metrics.setdefault(t.checkpoint_metric, math.nan)  # no validation: ranked last, still resumable
-
-            # ---- log, checkpoint, report (every rank reports: report() is a barrier) --------
-            if logger is not None:
-                logger.log_metrics(metrics, step=epoch)
-            with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
-                checkpoint = None
-                if rank == 0:
-                    target = run_dir / checkpoint_dir_name(epoch) if local_mode else Path(tmp) / "ckpt"
-                    save_checkpoint(target, model, optimizer, epoch, metrics, extra={"global_step": global_step})
-                    checkpoint = ray.train.Checkpoint.from_directory(str(target))
-                ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(epoch))
-            if local_mode and rank == 0:
-                _prune_local(run_dir, t.checkpoint_num_to_keep, t.checkpoint_metric, t.checkpoint_mode)
-            if rank == 0:
-                shown = {k: metrics[k] for k in ("train/loss", t.checkpoint_metric) if k in metrics}
-                print(f"[talkmesh] {exp.method} epoch {epoch + 1}/{num_epochs} {shown}", flush=True)
+            report_epoch(state, epoch, metrics)
     finally:
-        if logger is not None:
-            logger.close()
+        if state is not None and state.logger is not None:
+            state.logger.close()
         if t.torch_threads:
             torch.set_num_threads(threads_before)
+
+
+# ---- build ----------------------------------------------------------------------------
+
+
+def build_worker(exp: ExperimentConfig, config: dict[str, Any]) -> WorkerState:
+    """Corpus, method (resumed, or initialised and fitted), optimizer, sharded loader and
+    rank 0's MLflow logger of one worker."""
+    import ray.train
+    import ray.train.torch
+
+    from talkmesh.data import open_corpus
+    from talkmesh.eval.evaluate import condition_subjects
+
+    t = exp.train
+    sched = exp.schedule()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    local_mode = bool(config.get("local_mode", False))
+    run_dir = Path(config["storage_path"]) / config["run_name"]
+    corpus = open_corpus(exp.data)
+    method = _build_method(exp, corpus)
+    trainer_state = _resume(method, local_mode, run_dir)
+    if trainer_state is None and t.init_from:
+        _load_init_weights(method, t.init_from, config.get("tracking_uri"))
+    device = ray.train.torch.get_device()
+    fit_logs = _fit_stage(method, corpus, t.seed, device) if trainer_state is None else {}
+    model, optimizer = _build_optimizer(method, sched, t.weight_decay, device)
+    start_epoch, global_step = _restore_trainer(optimizer, trainer_state)
+    torch.manual_seed(t.seed + 7919 * (rank + 1) + start_epoch)  # dropout etc.: per rank, per resume
+    train_ds, loader, generator = _build_loader(exp, corpus, method, sched, rank, world)
+    state = WorkerState(
+        exp=exp,
+        sched=sched,
+        corpus=corpus,
+        method=method,
+        model=model,
+        optimizer=optimizer,
+        train_ds=train_ds,
+        loader=loader,
+        generator=generator,
+        device=device,
+        rank=rank,
+        world=world,
+        run_dir=run_dir,
+        local_mode=local_mode,
+        start_epoch=start_epoch,
+        num_epochs=1 if optimizer is None else sched.epochs,  # a fit-only stage: one epoch
+        global_step=global_step,
+        steps_per_epoch=len(loader) if not t.limit_train_batches else min(len(loader), t.limit_train_batches),
+        conditions=condition_subjects(method.facts.train_subjects, exp.data.max_conditions, t.seed),
+        fit_logs=fit_logs,
+    )
+    state.logger = _run_logger(config, t.system_metrics) if rank == 0 else None
+    return state
+
+
+def _run_logger(config: dict[str, Any], system_metrics: bool) -> RunLogger | None:
+    """Rank 0's MLflow logger of the run ``config["mlflow_run_id"]`` (None: no MLflow)."""
+    run_id = config.get("mlflow_run_id")
+    if not run_id:
+        return None
+    from talkmesh.ops.tracking import RunLogger
+
+    return RunLogger(run_id, uri=config.get("tracking_uri"), system_metrics=system_metrics)
+
+
+def _build_method(exp: ExperimentConfig, corpus: Corpus) -> MotionMethod:
+    """The method of ``exp`` on the corpus's facts, seeded so every rank starts alike."""
+    from talkmesh.methods.base import DataFacts
+    from talkmesh.methods.registry import build_method
+
+    facts = DataFacts.from_corpus(corpus)
+    torch.manual_seed(exp.train.seed)  # identical init on every rank
+    method = build_method(exp.method, exp.model, facts, preset=exp.preset or None)
+    if exp.train.stage:
+        method.set_stage(exp.train.stage)
+    return method
+
+
+def _resume(method: MotionMethod, local_mode: bool, run_dir: Path) -> dict[str, Any] | None:
+    """Load the checkpoint to resume from into ``method``; its trainer state (None: a fresh run)."""
+    with _resume_source(local_mode, run_dir) as resume_dir:
+        if resume_dir is None:
+            return None
+        method.load_state_dict(torch.load(resume_dir / MODEL_FILE, map_location="cpu", weights_only=True))
+        trainer_state = load_trainer_state(resume_dir)
+    if trainer_state.get("stage"):
+        method.set_stage(trainer_state["stage"])
+    return trainer_state
+
+
+def _restore_trainer(optimizer: torch.optim.Optimizer | None, trainer_state: dict[str, Any] | None) -> tuple[int, int]:
+    """(first epoch to train, global step so far); a resumed optimizer gets its saved state."""
+    if trainer_state is None:
+        return 0, 0
+    if optimizer is not None:
+        optimizer.load_state_dict(trainer_state["optimizer"])
+    return int(trainer_state["epoch"]) + 1, int(trainer_state.get("global_step", 0))
+
+
+def _fit_stage(method: MotionMethod, corpus: Corpus, seed: int, device: torch.device) -> dict[str, float]:
+    """The method's non-gradient fitting of its stage on whole training sequences; its logs
+    as ``train/fit/<key>``."""
+    from talkmesh.data.dataset import ClipDataset
+
+    method.to(device)
+    fit_ds = ClipDataset(corpus, "train", mode="sequence", seed=seed)
+    return {f"train/fit/{k}": float(v) for k, v in method.fit_stage(fit_ds).items()}
+
+
+def _build_optimizer(
+    method: MotionMethod, sched: StageSchedule, weight_decay: float, device: torch.device
+) -> tuple[torch.nn.Module, torch.optim.Optimizer | None]:
+    """(model, optimizer): the prepared (DDP when world > 1) method and its config's
+    optimizer; a stage without trainable parameters (e.g. k-means) gets no optimizer."""
+    import ray.train.torch
+
+    params = method.trainable_parameters()
+    if not params:
+        return method.to(device), None
+    model = ray.train.torch.prepare_model(method, parallel_strategy_kwargs={"find_unused_parameters": True})
+    optimizer = method.config.build_optimizer(params, stage=method.stage, lr=sched.lr, weight_decay=weight_decay)
+    return model, optimizer
+
+
+def _build_loader(
+    exp: ExperimentConfig, corpus: Corpus, method: MotionMethod, sched: StageSchedule, rank: int, world: int
+) -> tuple[ClipDataset, DataLoader, torch.Generator]:
+    """Training windows, sharded over ranks by a seeded ``DistributedSampler`` (world > 1)."""
+    import ray.train.torch
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from talkmesh.data.dataset import ClipDataset
+
+    t = exp.train
+    facts = method.facts
+    with_vertices = facts.motion == "params" and facts.num_vertices > 0 and method.trains_on_vertices
+    train_ds = ClipDataset(corpus, "train", mode="window", seed=t.seed, with_vertices=with_vertices)
+    sampler = None
+    if world > 1:
+        sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=t.seed)
+    generator = torch.Generator()
+    loader = DataLoader(
+        train_ds,
+        batch_size=sched.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        collate_fn=train_ds.collate,
+        num_workers=t.loader_workers,
+        generator=generator,
+    )
+    loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)  # methods move their inputs
+    return train_ds, loader, generator
+
+
+# ---- train one epoch ------------------------------------------------------------------
+
+
+def train_epoch(s: WorkerState, epoch: int) -> dict[str, Any]:
+    """One epoch on the training windows (none for a fit-only stage); the metrics so far:
+    ``train/*`` averaged over every rank's batches, ``epoch``, ``step``, ``lr``, ..."""
+    from torch.utils.data import DistributedSampler
+
+    t0 = time.perf_counter()
+    s.train_ds.set_epoch(epoch)
+    s.generator.manual_seed(s.exp.train.seed * 1_000_003 + epoch)
+    if isinstance(s.loader.sampler, DistributedSampler):
+        s.loader.sampler.set_epoch(epoch)
+    s.model.train()
+    if s.optimizer is not None:
+        factor = s.method.config.lr_factor(s.method.stage, epoch)
+        for group in s.optimizer.param_groups:
+            group["lr"] = s.sched.lr * float(factor)
+    s.method.on_epoch_start(epoch)
+    sums, batches = _train_batches(s, epoch) if s.optimizer is not None else ({}, 0)
+    train_s = time.perf_counter() - t0
+    totals: dict[str, float] = {}
+    n_total = 0
+    for part_sums, part_n in _all_gather((sums, batches), s.world):
+        n_total += part_n
+        for k, v in part_sums.items():
+            totals[k] = totals.get(k, 0.0) + v
+    metrics: dict[str, Any] = {f"train/{k}": v / max(n_total, 1) for k, v in totals.items()}
+    if epoch == s.start_epoch:
+        metrics.update(s.fit_logs)
+    metrics.update(
+        {
+            "epoch": epoch,
+            "step": s.global_step,
+            "world_size": s.world,
+            "lr": s.optimizer.param_groups[0]["lr"] if s.optimizer is not None else 0.0,
+            "time/train_s": train_s,
+        }
+    )
+    return metrics
+
+
+def _train_batches(s: WorkerState, epoch: int) -> tuple[dict[str, float], int]:
+    """Forward, backward and (every ``grad_accum`` batches) optimizer steps over this rank's
+    share of the epoch; the summed logs and the number of batches."""
+    assert s.optimizer is not None
+    t = s.exp.train
+    use_bf16 = t.bf16 and s.device.type == "cuda"
+    sums: dict[str, float] = {}
+    batches = 0
+    s.optimizer.zero_grad(set_to_none=True)
+    for i, batch in enumerate(s.loader):
+        if i >= s.steps_per_epoch:
+            break
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+        with autocast:
+            loss, logs = s.model(batch)
+        if not torch.isfinite(loss.detach()):
+            raise FloatingPointError(f"{s.exp.method}: non-finite loss {float(loss)} at epoch {epoch}, batch {i}")
+        (loss / s.sched.grad_accum).backward()
+        if (i + 1) % s.sched.grad_accum == 0 or i + 1 == s.steps_per_epoch:
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(s.method.trainable_parameters(), t.grad_clip)
+            s.optimizer.step()
+            s.optimizer.zero_grad(set_to_none=True)
+            s.global_step += 1
+        for k, v in logs.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        batches += 1
+    return sums, batches
+
+
+# ---- validate -------------------------------------------------------------------------
+
+
+def validate(s: WorkerState) -> dict[str, float]:
+    """Whole sequences of ``train.eval_split``, sharded over ranks and gathered: the
+    ``<split>/*`` metrics and ``time/eval_s``."""
+    from talkmesh.eval.evaluate import EvalProtocol, flat_metrics, score_method, summarize
+
+    t = s.exp.train
+    t1 = time.perf_counter()
+    _sync_buffers(s.method, s.world)  # every rank validates the weights rank 0 checkpoints
+    protocol = EvalProtocol(
+        limit=t.limit_eval_sequences,
+        max_conditions=s.exp.data.max_conditions,
+        seed=t.seed,
+        shard=(s.rank, s.world),
+        adapted=t.eval_adapted,
+    )
+    scored = score_method(s.method, s.corpus, t.eval_split, protocol)
+    scored = [x for part in _all_gather(scored, s.world) for x in part]
+    metrics = flat_metrics(summarize(scored, t.eval_split, s.conditions), t.eval_split)
+    metrics["time/eval_s"] = time.perf_counter() - t1
+    return metrics
+
+
+# ---- report and checkpoint ------------------------------------------------------------
+
+
+def report_epoch(s: WorkerState, epoch: int, metrics: dict[str, Any]) -> None:
+    """Rank 0 logs ``metrics`` to MLflow and writes the epoch's checkpoint; every rank
+    reports (``ray.train.report`` is a barrier)."""
+    import ray.train
+
+    t = s.exp.train
+    if s.logger is not None:
+        s.logger.log_metrics(metrics, step=epoch)
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
+        checkpoint = None
+        if s.rank == 0:
+            target = s.run_dir / checkpoint_dir_name(epoch) if s.local_mode else Path(tmp) / "ckpt"
+            save_checkpoint(target, s.model, s.optimizer, epoch, metrics, extra={"global_step": s.global_step})
+            checkpoint = ray.train.Checkpoint.from_directory(str(target))
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(epoch))
+    if s.local_mode and s.rank == 0:
+        _prune_local(s.run_dir, t.checkpoint_num_to_keep, t.checkpoint_metric, t.checkpoint_mode)
+    if s.rank == 0:
+        shown = {k: metrics[k] for k in ("train/loss", t.checkpoint_metric) if k in metrics}
+        print(f"[talkmesh] {s.exp.method} epoch {epoch + 1}/{s.num_epochs} {shown}", flush=True)

@@ -20,11 +20,18 @@ import secrets
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from talkmesh.config import flatten, to_dict
-from talkmesh.train.checkpoint import list_checkpoints, select_checkpoint
+from talkmesh.train.checkpoint import CheckpointInfo, list_checkpoints, load_method, select_checkpoint
 from talkmesh.train.config import RUN_NAME, ExperimentConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ray.train import UserCallback
+    from ray.train.torch import TorchTrainer
+
+    from talkmesh.data.corpus import Corpus
+    from talkmesh.methods.base import MotionMethod
 
 __all__ = ["RunResult", "default_run_name", "make_preview", "run_training", "submission_id"]
 
@@ -69,7 +76,7 @@ def default_run_name(method: str) -> str:
     return f"{method}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
-def _worker_experiment(exp: ExperimentConfig, corpus: Any) -> dict[str, Any]:
+def _worker_experiment(exp: ExperimentConfig, corpus: Corpus) -> dict[str, Any]:
     """The experiment dict the workers get: the synthetic corpus pinned to the directory
     the driver resolved (workers may not share the driver's cache environment)."""
     d = to_dict(exp)
@@ -78,7 +85,7 @@ def _worker_experiment(exp: ExperimentConfig, corpus: Any) -> dict[str, Any]:
     return d
 
 
-def make_preview(method: Any, corpus: Any, split: str, out_dir: str | Path) -> list[Path]:
+def make_preview(method: MotionMethod, corpus: Corpus, split: str, out_dir: str | Path) -> list[Path]:
     """Decode one sequence of ``split`` (an unseen speaker where there is one) and write
     ``<seq>.npy`` (T, V*3) plus ``<seq>.mp4``: prediction | ground truth with the lip
     error heat map and the audio (``talkmesh.render``). Returns the files written; the
@@ -86,14 +93,13 @@ def make_preview(method: Any, corpus: Any, split: str, out_dir: str | Path) -> l
     import warnings
 
     from talkmesh.data.dataset import match_audio_to_motion
-    from talkmesh.eval.evaluate import predict_split, save_predictions
+    from talkmesh.eval.evaluate import EvalProtocol, predict_split, save_predictions
 
     out = Path(out_dir)
-    pred, gt, _ = next(iter(predict_split(method, corpus, split, limit=1, max_conditions=1)))
+    pred, gt, _ = next(iter(predict_split(method, corpus, split, EvalProtocol(limit=1, max_conditions=1))))
     files = save_predictions([pred], out)
     layer = corpus.face_model()
-    faces = getattr(layer, "faces", None) if layer is not None else None
-    faces = faces() if callable(faces) else faces
+    faces = layer.faces if layer is not None else None  # (F, 3)
     audio = match_audio_to_motion(corpus.load(pred.sequence)).audio
     try:
         from talkmesh.render import render_motion
@@ -115,7 +121,7 @@ def run_training(
     parent_run_id: str | None = None,
     tags: Mapping[str, Any] | None = None,
     tracking_uri: str | None = None,
-    callbacks: Sequence[Any] = (),
+    callbacks: Sequence[UserCallback] = (),
 ) -> RunResult:
     """Train ``exp`` with Ray Train and track it in MLflow; see the module docstring.
 
@@ -126,23 +132,67 @@ def run_training(
     when training raises. ``callbacks`` are extra Ray Train ``UserCallback``s for the
     ``RunConfig`` (a sweep passes ``TuneReportCallback`` so every epoch's report reaches Tune).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from talkmesh.data import open_corpus
     from talkmesh.ops import tracking
-    from talkmesh.train.loop import train_loop_per_worker
 
-    t = exp.train
-    name = run_name or t.run_name or default_run_name(exp.method)
+    name = run_name or exp.train.run_name or default_run_name(exp.method)
     if not RUN_NAME.fullmatch(name):
         raise ValueError(f"run name {name!r}: use letters, digits, '.', '_' or '-'")
-    storage = Path(t.storage_path).expanduser().resolve()
+    storage = Path(exp.train.storage_path).expanduser().resolve()
     storage.mkdir(parents=True, exist_ok=True)
     run_dir = storage / name
     uri = tracking_uri or tracking.tracking_uri()
-
     corpus = open_corpus(exp.data)  # generates the synthetic corpus here, once, if needed
+    run_id = _start_run(exp, corpus, name, run_dir, uri, parent_run_id, tags)
+    trainer = _make_trainer(exp, corpus, name, storage, run_id, uri, callbacks)
+    wall = _fit(trainer, run_id, uri)
+    best, last, selected = _select_and_log(exp, corpus, run_dir, run_id, uri)
+    tracking.log_metrics(run_id, {"time/fit_s": wall}, uri=uri)
+    tracking.end_run(run_id, "FINISHED", uri=uri)
+    return RunResult(
+        run_name=name,
+        run_dir=str(run_dir),
+        mlflow_run_id=run_id,
+        experiment=exp.experiment_name,
+        tracking_uri=uri,
+        best_checkpoint=str(best.path) if best else None,
+        last_checkpoint=str(last.path) if last else None,
+        selected_checkpoint=str(selected.path) if selected else None,
+        best_metrics=dict(best.metrics) if best else {},
+        last_metrics=dict(last.metrics) if last else {},
+        selected_metrics=dict(selected.metrics) if selected else {},
+        epochs=(last.epoch + 1) if last else 0,
+        wall_s=wall,
+    )
+
+
+def _fit(trainer: TorchTrainer, run_id: str, uri: str) -> float:
+    """``trainer.fit()``; its wall time in seconds. The MLflow run ends FAILED (KILLED on
+    Ctrl-C) when it raises."""
+    from talkmesh.ops import tracking
+
+    t0 = time.perf_counter()
+    try:
+        trainer.fit()
+    except BaseException as e:
+        tracking.end_run(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", uri=uri)
+        raise
+    return time.perf_counter() - t0
+
+
+def _start_run(
+    exp: ExperimentConfig,
+    corpus: Corpus,
+    name: str,
+    run_dir: Path,
+    uri: str,
+    parent_run_id: str | None,
+    tags: Mapping[str, Any] | None,
+) -> str:
+    """Start (or continue, same name) the MLflow run: resolved config as params, the git
+    commit, the dataset fingerprint and the Ray job submission id as tags. Its run id."""
+    from talkmesh.ops import tracking
+
     commit, dirty = tracking.git_commit()
     run_tags: dict[str, Any] = {
         "talkmesh.method": exp.method,
@@ -150,7 +200,7 @@ def run_training(
         "talkmesh.dataset_root": corpus.info.root,
         "talkmesh.dataset_fingerprint": tracking.dataset_fingerprint(corpus),
         "talkmesh.run_dir": str(run_dir),
-        "talkmesh.num_workers": t.num_workers,
+        "talkmesh.num_workers": exp.train.num_workers,
     }
     if commit:
         run_tags["mlflow.source.git.commit"] = commit
@@ -164,8 +214,27 @@ def run_training(
     run_id = tracking.start_run(
         exp.experiment_name, name, params=params, tags=run_tags, parent_run_id=parent_run_id, uri=uri
     )
+    tracking.log_dataset(run_id, corpus, uri=uri)  # the corpus as the run's input (mlflow.log_input)
+    return run_id
 
-    trainer = TorchTrainer(
+
+def _make_trainer(
+    exp: ExperimentConfig,
+    corpus: Corpus,
+    name: str,
+    storage: Path,
+    run_id: str,
+    uri: str,
+    callbacks: Sequence[UserCallback],
+) -> TorchTrainer:
+    """The ``TorchTrainer`` of the run: the loop's config, workers, checkpoint ranking and retries."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from talkmesh.train.loop import train_loop_per_worker
+
+    t = exp.train
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "experiment": _worker_experiment(exp, corpus),
@@ -188,46 +257,31 @@ def run_training(
             callbacks=list(callbacks) or None,
         ),
     )
-    t0 = time.perf_counter()
-    try:
-        trainer.fit()
-    except BaseException as e:
-        tracking.end_run(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", uri=uri)
-        raise
-    wall = time.perf_counter() - t0
 
+
+def _select_and_log(
+    exp: ExperimentConfig, corpus: Corpus, run_dir: Path, run_id: str, uri: str
+) -> tuple[CheckpointInfo | None, CheckpointInfo | None, CheckpointInfo | None]:
+    """(best, last, selected) checkpoints of the finished run; the selected one is tagged,
+    logged as artifacts (``train.log_checkpoint``) and previewed (``train.preview``)."""
+    from talkmesh.ops import tracking
+
+    t = exp.train
     checkpoints = list_checkpoints(run_dir)
     best = select_checkpoint(checkpoints, t.checkpoint_metric, t.checkpoint_mode, "best")
     last = checkpoints[-1] if checkpoints else None
     selected = best if t.select == "best" else last
-    if selected is not None:
-        tracking.set_tags(
-            run_id,
-            {"talkmesh.selected_checkpoint": str(selected.path), "talkmesh.selected_epoch": selected.epoch},
-            uri=uri,
-        )
-        if t.log_checkpoint:
-            tracking.log_artifacts(run_id, selected.path, f"checkpoints/{selected.path.name}", uri=uri)
-        if t.preview:
-            from talkmesh.train.checkpoint import load_method
-
-            method = load_method(selected.path).method
-            for f in make_preview(method, corpus, t.eval_split, run_dir / "preview"):
-                tracking.log_artifacts(run_id, f, "preview", uri=uri)
-    tracking.log_metrics(run_id, {"time/fit_s": wall}, uri=uri)
-    tracking.end_run(run_id, "FINISHED", uri=uri)
-    return RunResult(
-        run_name=name,
-        run_dir=str(run_dir),
-        mlflow_run_id=run_id,
-        experiment=exp.experiment_name,
-        tracking_uri=uri,
-        best_checkpoint=str(best.path) if best else None,
-        last_checkpoint=str(last.path) if last else None,
-        selected_checkpoint=str(selected.path) if selected else None,
-        best_metrics=dict(best.metrics) if best else {},
-        last_metrics=dict(last.metrics) if last else {},
-        selected_metrics=dict(selected.metrics) if selected else {},
-        epochs=(last.epoch + 1) if last else 0,
-        wall_s=wall,
+    if selected is None:
+        return best, last, selected
+    tracking.set_tags(
+        run_id,
+        {"talkmesh.selected_checkpoint": str(selected.path), "talkmesh.selected_epoch": selected.epoch},
+        uri=uri,
     )
+    if t.log_checkpoint:
+        tracking.log_artifacts(run_id, selected.path, f"checkpoints/{selected.path.name}", uri=uri)
+    if t.preview:
+        method = load_method(selected.path).method
+        for f in make_preview(method, corpus, t.eval_split, run_dir / "preview"):
+            tracking.log_artifacts(run_id, f, "preview", uri=uri)
+    return best, last, selected

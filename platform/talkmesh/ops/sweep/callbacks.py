@@ -1,28 +1,22 @@
-"""Ray-side helpers of :mod:`talkmesh.ops.sweep`: epoch-counted Tune reports, and freeing the
-placement groups of stopped trials.
+"""Ray-side parts of a sweep: the epoch-counted Tune report, and a placement-group work-around.
 
-:class:`EpochTuneReportCallback` is Ray Train's ``TuneReportCallback`` (rank 0's metrics of
-every report go to Tune) that also sets ``epochs_done`` from the loop's ``epoch``: ASHA counts
-in it, so a trial whose Train run resumed from a checkpoint (a Tune retry, a restored sweep)
-is compared at its true epoch, not at the number of reports since it restarted.
+:class:`EpochTuneReportCallback` is Ray Train's ``TuneReportCallback`` plus ``epochs_done``
+(rank 0's ``epoch`` + 1): ASHA counts in it, so a trial whose Train run resumed from a
+checkpoint (a Tune retry, a restored sweep) is compared at its true epoch.
 
-Why: when ASHA stops a trial, Tune terminates the trial's actor, which kills the Ray Train
-controller it owns before that controller can remove its workers' placement group. A
-placement group made by a non-detached actor lives as long as the *job* (the sweep
-driver), so the CPUs stay reserved and later trials wait forever ("worker group startup
-timed out"). Ray Train's own ``PlacementGroupCleaner`` frees it only where the State API
-answers (a dashboard, and a single Ray instance on the host): not on a cluster started
-without the dashboard (the test fixture) nor on a machine that runs several clusters.
-
-So each trial's Train run records its placement group ids with its controller's actor id
-(:class:`PlacementGroupRecorder`, a Ray Train worker-group callback: internal API of Ray
-2.60, guarded) in ``<dir>/<run name>.txt``, and the sweep driver removes the recorded groups
-of trials Tune has finished once their controller is dead (:class:`PlacementGroupReaper`, a
-Tune callback; liveness from the GCS actor table, which needs no dashboard). A group whose
-controller is alive is left alone: a finishing run removes its own, and removing it under a
-live controller would fail that run.
-
-Imports Ray at import time: import this module only where a sweep runs.
+Work-around for https://github.com/ray-project/ray/issues/54305 ("[Ray Tune + Train V2]
+Broken resource sharing among Tune trials"): when ASHA stops a trial, Tune kills the trial
+actor and with it the Train controller it owns, before the controller removes its workers'
+placement group. Ray cleans up a group only once both its creator actor and creator job (the
+sweep driver) are dead (https://github.com/ray-project/ray/issues/65881, open), so the CPUs
+stay reserved and later trials wait ("worker group startup timed out"). #54305 was closed by
+Train's ``PlacementGroupCleaner`` (https://github.com/ray-project/ray/pull/58515), which tests
+the controller's liveness through the State API, i.e. only where a dashboard runs; without
+one the group still leaked (observed on ray 2.60.0). So each trial's Train run records its
+group ids and controller actor id (:class:`PlacementGroupRecorder`, an internal Train
+callback API) and the sweep driver removes the groups of finished trials once their
+controller is dead (:class:`PlacementGroupReaper`, liveness from the GCS actor table). Used
+only while :func:`placement_group_workaround_needed` (the Ray version) says so.
 """
 
 from __future__ import annotations
@@ -32,13 +26,36 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import ray
+from packaging.version import Version
 from ray import tune
-from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from talkmesh.ops.sweep import EPOCHS_DONE
+from talkmesh.ops.sweep.config import EPOCHS_DONE
 
-__all__ = ["EpochTuneReportCallback", "PlacementGroupReaper", "PlacementGroupRecorder", "remove_recorded"]
+try:  # internal Ray Train API (2.60); a Ray where it moved is past the work-around's versions
+    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+except ImportError:  # pragma: no cover
+    WorkerGroupCallback = object  # type: ignore[assignment,misc]
+
+__all__ = [
+    "PG_LEAK_LAST_SEEN",
+    "EpochTuneReportCallback",
+    "PlacementGroupReaper",
+    "PlacementGroupRecorder",
+    "placement_group_workaround_needed",
+    "remove_recorded",
+]
+
+# Newest Ray (major, minor) on which the leak of ray-project/ray#54305 was seen without a
+# dashboard. Newer Rays run without the work-around; raise this after re-checking one that
+# still leaks (ASHA stops a trial on a cluster started with include_dashboard=False).
+PG_LEAK_LAST_SEEN = (2, 60)
+
+
+def placement_group_workaround_needed(ray_version: str | None = None) -> bool:
+    """Whether this Ray (or ``ray_version``) is one on which stopped trials leak placement groups."""
+    return Version(ray_version or ray.__version__).release[:2] <= PG_LEAK_LAST_SEEN
 
 
 class EpochTuneReportCallback(TuneReportCallback):
@@ -59,8 +76,6 @@ class PlacementGroupRecorder(WorkerGroupCallback):
         self.path = path
 
     def after_worker_group_start(self, worker_group: Any) -> None:
-        import ray
-
         try:
             pg = worker_group.get_worker_group_state().placement_group_handle.placement_group
             controller = ray.get_runtime_context().get_actor_id()
@@ -74,7 +89,7 @@ class PlacementGroupRecorder(WorkerGroupCallback):
 
 
 def _actor_dead(actor_id: str) -> bool:
-    """Whether the GCS lists ``actor_id`` as DEAD (or not at all)."""
+    """Whether the GCS lists ``actor_id`` as DEAD (or not at all); needs no dashboard."""
     from ray._private.state import actors
 
     info = actors(actor_id=actor_id)
@@ -84,14 +99,12 @@ def _actor_dead(actor_id: str) -> bool:
 def remove_recorded(path: Path, force: bool = False) -> tuple[int, int]:
     """Remove the placement groups listed in ``path`` whose controller is dead (every one
     still there with ``force``). Returns (removed now, still held by a live controller)."""
-    import ray
     from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
     if not path.is_file():
         return 0, 0
     removed = live = 0
-    for line in path.read_text().splitlines():
-        parts = line.split()
+    for parts in (line.split() for line in path.read_text().splitlines()):
         if not parts:
             continue
         pg = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(parts[0])))
@@ -110,8 +123,8 @@ def remove_recorded(path: Path, force: bool = False) -> tuple[int, int]:
 
 
 class PlacementGroupReaper(tune.Callback):
-    """Tune callback (sweep driver): frees the placement groups of trials Tune has finished
-    (completed, stopped or failed) once their Train controller is dead, checking every
+    """Tune callback (sweep driver): frees the recorded placement groups of trials Tune has
+    finished (completed, stopped or failed) once their Train controller is dead, checking every
     ``interval_s``; at the end of the experiment it waits up to ``final_wait_s`` for the
     controllers to die, then frees what is left."""
 
@@ -124,12 +137,9 @@ class PlacementGroupReaper(tune.Callback):
         self._last = 0.0
         self.removed = 0
 
-    def _path(self, trial_id: str) -> Path:
-        return Path(self.directory) / f"{self.sweep_name}-{trial_id}.txt"
-
     def _reap(self, force: bool = False) -> None:
         for trial_id in sorted(self._pending):
-            removed, live = remove_recorded(self._path(trial_id), force=force)
+            removed, live = remove_recorded(Path(self.directory) / f"{self.sweep_name}-{trial_id}.txt", force=force)
             self.removed += removed
             if not live:
                 self._pending.discard(trial_id)

@@ -1,0 +1,119 @@
+"""talkmesh.ops.tracking on a real MLflow SQLite store: child runs, the dataset input, the
+models-from-code pyfunc (logged, registered, loaded and unwrapped) and load_model_state for
+run and registry URIs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from talkmesh.config import DataConfig
+from talkmesh.data import open_corpus
+from talkmesh.methods.base import DataFacts
+from talkmesh.methods.registry import build_method
+from talkmesh.ops import tracking
+from talkmesh.train.checkpoint import MODEL_FILE, save_method
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
+
+def store(root: Path) -> str:
+    """A SQLite store in ``root`` whose experiment keeps its artifacts there too (not in ./mlruns)."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    MlflowClient(tracking_uri=uri).create_experiment("talkmesh-faceformer", (root / "artifacts").as_uri())
+    return uri
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return open_corpus(DataConfig(format="synthetic"))  # generated once into the test cache
+
+
+@pytest.fixture(scope="module")
+def registered(corpus, tmp_path_factory):
+    """A debug FaceFormer logged in run ``weights`` (checkpoint artifact + registered model v1 @champion)."""
+    root = tmp_path_factory.mktemp("tracking")
+    uri = store(root)
+    torch.manual_seed(0)
+    method = build_method("faceformer", None, DataFacts.from_corpus(corpus), preset="debug")
+    ckpt = save_method(root / "epoch-0000", method)
+    run_id = tracking.start_run("talkmesh-faceformer", "weights", uri=uri)
+    tracking.log_artifacts(run_id, ckpt, "checkpoints/epoch-0000", uri=uri)
+    version = tracking.register_model("faceformer", run_id, method, uri=uri)
+    tracking.set_alias("faceformer", "champion", version, uri=uri)
+    tracking.end_run(run_id, uri=uri)
+    return {"uri": uri, "run_id": run_id, "version": version, "method": method, "ckpt": ckpt}
+
+
+def test_child_runs_and_the_dataset_input(corpus, tmp_path):
+    from mlflow import MlflowClient
+
+    uri = store(tmp_path)
+    parent = tracking.start_run("talkmesh-faceformer", "sweep", uri=uri)
+    kids = [tracking.start_run("talkmesh-faceformer", f"trial-{i}", parent_run_id=parent, uri=uri) for i in range(3)]
+    tracking.end_run(kids[1], "KILLED", uri=uri)
+    found = tracking.child_runs(parent, uri=uri)
+    assert [c["run_id"] for c in found] == kids and [c["run_name"] for c in found] == ["trial-0", "trial-1", "trial-2"]
+    assert [c["status"] for c in found] == ["RUNNING", "KILLED", "RUNNING"]
+    assert tracking.child_runs(kids[0], uri=uri) == []
+
+    fingerprint = tracking.log_dataset(kids[0], corpus, uri=uri)
+    tracking.log_dataset(kids[0], corpus, uri=uri)  # again (a resumed run): still one input
+    run = MlflowClient(tracking_uri=uri).get_run(kids[0])
+    assert run.info.status == "RUNNING", "logging the input leaves the run's status alone"
+    (inp,) = run.inputs.dataset_inputs
+    assert inp.dataset.digest == fingerprint == tracking.dataset_fingerprint(corpus)
+    assert inp.dataset.name == corpus.info.format and str(corpus.info.root) in inp.dataset.source
+    assert {t.key: t.value for t in inp.tags}["mlflow.data.context"] == "training"
+
+
+def test_registered_pyfunc_is_logged_from_code_and_unwraps_to_the_method(registered, corpus):
+    import mlflow.pyfunc
+    from mlflow import MlflowClient
+
+    uri, method = registered["uri"], registered["method"]
+    assert MlflowClient(tracking_uri=uri).get_run(registered["run_id"]).info.status == "FINISHED"
+    module, facts, config = tracking.load_registered("faceformer", "champion", uri=uri)
+    assert facts == method.facts and config == method.config and not module.training
+    for k, v in method.state_dict().items():
+        assert torch.equal(module.state_dict()[k], v), k
+
+    clip = corpus.load(corpus.sequences("val")[0])
+    tmpl = corpus.template(clip.subject).astype(np.float32)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    pyfunc = mlflow.pyfunc.load_model("models:/talkmesh-faceformer@champion")
+    out = pyfunc.predict({"audio": clip.audio.astype(np.float32), "template": tmpl}, params={"style": 0})
+    want = method.eval().generate(clip.audio, tmpl, 0)["vertices"].detach().numpy()
+    np.testing.assert_allclose(out["vertices"], want, rtol=0, atol=1e-6)
+    assert pyfunc.unwrap_python_model().loaded.info["method"] == "faceformer"
+
+
+@pytest.mark.parametrize("kind", ["run", "run-file", "alias", "version"])
+def test_load_model_state_from_run_and_registry_uris(registered, kind):
+    uri, v = registered["uri"], registered["version"]
+    source = {
+        "run": f"runs:/{registered['run_id']}/checkpoints/epoch-0000",
+        "run-file": f"runs:/{registered['run_id']}/checkpoints/epoch-0000/{MODEL_FILE}",
+        "alias": "models:/talkmesh-faceformer@champion",
+        "version": f"models:/talkmesh-faceformer/{v}",
+    }[kind]
+    state = tracking.load_model_state(source, uri=uri)
+    want = torch.load(Path(registered["ckpt"]) / MODEL_FILE, weights_only=True)
+    assert state.keys() == want.keys()
+    assert all(torch.equal(state[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize(
+    "source", ["runs:/{run_id}/checkpoints/missing", "models:/talkmesh-faceformer@nobody", "models:/talkmesh-none/1"]
+)
+def test_load_model_state_names_the_uri_and_what_was_expected(registered, source):
+    source = source.format(run_id=registered["run_id"])
+    with pytest.raises(FileNotFoundError, match="expected") as err:
+        tracking.load_model_state(source, uri=registered["uri"])
+    assert source in str(err.value)
