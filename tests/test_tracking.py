@@ -117,3 +117,55 @@ def test_load_model_state_names_the_uri_and_what_was_expected(registered, source
     with pytest.raises(FileNotFoundError, match="expected") as err:
         tracking.load_model_state(source, uri=registered["uri"])
     assert source in str(err.value)
+
+
+def test_fluent_calls_leave_the_callers_tracking_uri_alone(tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; tracking's fluent calls must not leave it changed."""
+    import os
+
+    elsewhere = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    uri = store(tmp_path)
+    parent = tracking.start_run("talkmesh-faceformer", "p", uri=uri)
+    assert tracking.child_runs(parent, uri=uri) == []
+    assert os.environ["MLFLOW_TRACKING_URI"] == elsewhere and "MLFLOW_REGISTRY_URI" not in os.environ
+    assert tracking.tracking_uri() == elsewhere
+
+
+def test_models_registered_by_stop_7_load_through_their_method_directory(registered, tmp_path, monkeypatch):
+    """Stop 7 logged its pyfunc with code importing ``talkmesh.tracking`` (since moved to
+    ``talkmesh.ops``): such a registered model still loads, from the method directory in it."""
+    import importlib
+    import sys
+    import types
+
+    import mlflow.pyfunc
+
+    code = tmp_path / "talkmesh_pyfunc.py"
+    lines = ["import mlflow.models", "from talkmesh.tracking import TalkmeshPyfunc"]
+    lines.append("mlflow.models.set_model(TalkmeshPyfunc())")
+    code.write_text("\n".join(lines) + "\n")
+    old = types.ModuleType("talkmesh.tracking")  # present while logging, as it was then
+    old.TalkmeshPyfunc = importlib.import_module("talkmesh.ops.pyfunc_model").TalkmeshPyfunc
+    uri = registered["uri"]
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "talkmesh.tracking", old)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("talkmesh-faceformer").experiment_id):
+            mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(code),
+                artifacts={tracking.MODEL_ARTIFACT: str(registered["ckpt"])},
+                registered_model_name="talkmesh-faceformer",
+            )
+    assert "talkmesh.tracking" not in sys.modules
+    versions = mlflow.MlflowClient(tracking_uri=uri).search_model_versions("name='talkmesh-faceformer'")
+    newest = max(int(v.version) for v in versions)
+    with pytest.raises(Exception, match="talkmesh.tracking"):
+        mlflow.pyfunc.load_model(f"models:/talkmesh-faceformer/{newest}")
+    module, facts, config = tracking.load_registered("faceformer", str(newest), uri=uri)
+    assert facts == registered["method"].facts and config == registered["method"].config
+    for k, v in registered["method"].state_dict().items():
+        assert torch.equal(module.state_dict()[k], v), k

@@ -108,6 +108,7 @@ def _fluent(uri: str | None) -> Iterator[Any]:
     import mlflow
 
     uri = uri or tracking_uri()
+    env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -116,6 +117,12 @@ def _fluent(uri: str | None) -> Iterator[Any]:
     finally:
         mlflow.set_tracking_uri(before[0])
         mlflow.set_registry_uri(before[1])
+        # set_*_uri also export MLFLOW_*_URI, which tracking_uri() reads: give the caller's back.
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @contextmanager
@@ -573,11 +580,25 @@ def load_registered(
     """(method module in eval mode, data facts, method config) of
     ``models:/talkmesh-<method>@<alias>`` (``alias`` may also be a version number, ``"3"``),
     loaded with ``mlflow.pyfunc.load_model`` and unwrapped to the talkmesh pyfunc."""
+    from talkmesh.train.checkpoint import load_method
+
     ref = f"models:/{model_name(method)}{'/' if str(alias).isdigit() else '@'}{alias}"
     with _fluent(uri) as mlflow, tempfile.TemporaryDirectory() as tmp:
         import mlflow.pyfunc
+        from mlflow.exceptions import MlflowException
 
-        loaded = mlflow.pyfunc.load_model(ref, dst_path=tmp).unwrap_python_model().loaded
+        try:
+            loaded = mlflow.pyfunc.load_model(ref, dst_path=tmp).unwrap_python_model().loaded
+        except MlflowException as e:
+            if not isinstance(e.__cause__, ImportError):
+                raise
+            # Registered by an earlier talkmesh, whose wrapper code imports a module that has
+            # since moved (talkmesh.tracking): the method directory inside it is all we need.
+            from mlflow.models import Model
+
+            artifacts = Model.load(ref).flavors["python_function"]["artifacts"]
+            local = download_artifacts(f"{ref}/{artifacts[MODEL_ARTIFACT]['path']}", Path(tmp) / "m", uri=uri)
+            loaded = load_method(local)
     if loaded.info.get("method") != method:
         raise ValueError(f"{ref} holds method {loaded.info.get('method')!r}, not {method!r}")
     return loaded.method.to(device), loaded.facts, loaded.config

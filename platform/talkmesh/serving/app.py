@@ -397,6 +397,40 @@ async def _read_upload(upload: UploadFile, field: str, max_bytes: int) -> bytes:
     return data
 
 
+# Defined above Ingress: the replica resolves the names the class uses from when it was decorated.
+def _motion_response(result: Mapping[str, Any], format: Format) -> Response:
+    """The body of ``POST /v1/animate`` in the requested ``format`` from the model's result
+    (``outputs`` (T, ...) arrays, ``fps``, ``model_key``, optional ``preview_mp4``)."""
+    outputs: dict[str, np.ndarray] = result["outputs"]
+    frames = int(next(iter(outputs.values())).shape[0]) if outputs else 0
+    headers = {
+        "X-Talkmesh-Fps": f"{result['fps']:g}",
+        "X-Talkmesh-Frames": str(frames),
+        "X-Talkmesh-Model": result["model_key"],
+        "X-Talkmesh-Generate-Seconds": f"{result['generate_s']:.4f}",
+    }
+    if format == "mp4":
+        return Response(result["preview_mp4"], media_type="video/mp4", headers=headers)
+    if format == "npy":
+        if "vertices" not in outputs:
+            raise HTTPException(422, detail="format: this model returns no vertices; use npz or json")
+        buf = io.BytesIO()
+        np.save(buf, outputs["vertices"])
+        return Response(buf.getvalue(), media_type="application/octet-stream", headers=headers)
+    if format == "json":
+        body: dict[str, Any] = {"fps": result["fps"], "frames": frames, "model": result["model_key"]}
+        body["outputs"] = {k: v.tolist() for k, v in outputs.items()}
+        if "preview_mp4" in result:
+            body["preview_mp4_base64"] = base64.b64encode(result["preview_mp4"]).decode()
+        return JSONResponse(body, headers=headers)
+    extra = {"fps": np.float32(result["fps"])}
+    if "preview_mp4" in result:
+        extra["preview_mp4"] = np.frombuffer(result["preview_mp4"], dtype=np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, **outputs, **extra)
+    return Response(buf.getvalue(), media_type="application/octet-stream", headers=headers)
+
+
 @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class Ingress:
@@ -454,34 +488,10 @@ class Ingress:
         try:
             max_bytes = self._check_length(request)
             info = await self.info()
-            audio_arr = read_audio(
-                await _read_upload(audio, "audio", max_bytes),
-                "audio",
-                self.cfg.max_reference_seconds,
-                min_seconds=self.cfg.min_reference_seconds,
-            )
-            motion_arr = read_array(await _read_upload(motion, "motion", max_bytes), "motion")
-            record = reference_motion(
-                motion_arr,
-                info,
-                fps=info["fps"],
-                min_seconds=self.cfg.min_reference_seconds,
-                max_seconds=self.cfg.max_reference_seconds,
-            )
-            frames = next(iter(record.values())).shape[0]
-            a_s, m_s = audio_arr.shape[0] / SAMPLE_RATE, frames / info["fps"]
-            if abs(a_s - m_s) > max(0.5, 0.1 * m_s):
-                msg = f"{m_s:.2f} s of motion but {a_s:.2f} s of audio; send one synchronised clip"
-                raise InputError(422, "motion", msg)
-            if template is not None:
-                record["template"] = template_array(
-                    read_array(await _read_upload(template, "template", max_bytes), "template"), info
-                )
+            arrays, meta = await self._read_reference(audio, motion, template, max_bytes, info)
         except InputError as e:
             raise _problem(e) from None
-        arrays = {"audio": audio_arr, **record}
-        meta = {"name": name, "seconds": round(a_s, 3), "frames": int(frames), "fps": info["fps"]}
-        sid, created = await asyncio.to_thread(self.store.put_reference, info["method"], arrays, meta)
+        sid, created = await asyncio.to_thread(self.store.put_reference, info["method"], arrays, {"name": name, **meta})
         started = await self.model.start_adaptation.remote(sid, retry_failed=True)
         if "error" in started:
             raise HTTPException(started["error"]["status"], detail=started["error"]["message"])
@@ -493,6 +503,42 @@ class Ingress:
         if st["status"] == "ready":
             return JSONResponse(body, status_code=201 if created else 200)
         return JSONResponse(body, status_code=202, headers={"Location": f"/v1/styles/{sid}", "Retry-After": "1"})
+
+    async def _read_reference(
+        self,
+        audio: UploadFile,
+        motion: UploadFile,
+        template: UploadFile | None,
+        max_bytes: int,
+        info: Mapping[str, Any],
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The checked arrays of a reference clip (audio, motion record, optional template)
+        and its metadata; raises :class:`InputError` naming the bad field."""
+        audio_arr = read_audio(
+            await _read_upload(audio, "audio", max_bytes),
+            "audio",
+            self.cfg.max_reference_seconds,
+            min_seconds=self.cfg.min_reference_seconds,
+        )
+        motion_arr = read_array(await _read_upload(motion, "motion", max_bytes), "motion")
+        record = reference_motion(
+            motion_arr,
+            info,
+            fps=info["fps"],
+            min_seconds=self.cfg.min_reference_seconds,
+            max_seconds=self.cfg.max_reference_seconds,
+        )
+        frames = next(iter(record.values())).shape[0]
+        a_s, m_s = audio_arr.shape[0] / SAMPLE_RATE, frames / info["fps"]
+        if abs(a_s - m_s) > max(0.5, 0.1 * m_s):
+            msg = f"{m_s:.2f} s of motion but {a_s:.2f} s of audio; send one synchronised clip"
+            raise InputError(422, "motion", msg)
+        if template is not None:
+            record["template"] = template_array(
+                read_array(await _read_upload(template, "template", max_bytes), "template"), info
+            )
+        meta = {"seconds": round(a_s, 3), "frames": int(frames), "fps": info["fps"]}
+        return {"audio": audio_arr, **record}, meta
 
     async def _wait(self, sid: str, key: str, wait_s: float) -> dict[str, Any]:
         deadline = time.monotonic() + wait_s
@@ -584,34 +630,7 @@ class Ingress:
         result = await handle.animate.remote(audio_arr, tmpl, bool(preview or format == "mp4"))
         if "error" in result:
             raise HTTPException(result["error"]["status"], detail=result["error"]["message"])
-        outputs: dict[str, np.ndarray] = result["outputs"]
-        frames = int(next(iter(outputs.values())).shape[0]) if outputs else 0
-        headers = {
-            "X-Talkmesh-Fps": f"{result['fps']:g}",
-            "X-Talkmesh-Frames": str(frames),
-            "X-Talkmesh-Model": result["model_key"],
-            "X-Talkmesh-Generate-Seconds": f"{result['generate_s']:.4f}",
-        }
-        if format == "mp4":
-            return Response(result["preview_mp4"], media_type="video/mp4", headers=headers)
-        if format == "npy":
-            if "vertices" not in outputs:
-                raise HTTPException(422, detail="format: this model returns no vertices; use npz or json")
-            buf = io.BytesIO()
-            np.save(buf, outputs["vertices"])
-            return Response(buf.getvalue(), media_type="application/octet-stream", headers=headers)
-        if format == "json":
-            body: dict[str, Any] = {"fps": result["fps"], "frames": frames, "model": result["model_key"]}
-            body["outputs"] = {k: v.tolist() for k, v in outputs.items()}
-            if "preview_mp4" in result:
-                body["preview_mp4_base64"] = base64.b64encode(result["preview_mp4"]).decode()
-            return JSONResponse(body, headers=headers)
-        extra = {"fps": np.float32(result["fps"])}
-        if "preview_mp4" in result:
-            extra["preview_mp4"] = np.frombuffer(result["preview_mp4"], dtype=np.uint8)
-        buf = io.BytesIO()
-        np.savez(buf, **outputs, **extra)
-        return Response(buf.getvalue(), media_type="application/octet-stream", headers=headers)
+        return _motion_response(result, format)
 
 
 def build_app(args: Mapping[str, Any] | None = None) -> Any:

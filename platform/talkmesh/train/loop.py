@@ -120,14 +120,9 @@ def _load_init_weights(method: torch.nn.Module, source: str, uri: str | None) ->
 
     path = Path(source).expanduser()
     if re.match(r"^[A-Za-z][\w+.-]*:/", source) and not path.exists():
-        from talkmesh.ops.tracking import download_artifacts
+        from talkmesh.ops.tracking import load_model_state
 
-        with tempfile.TemporaryDirectory() as tmp:
-            local = download_artifacts(source, tmp, uri=uri)
-            found = next(iter(sorted(local.rglob(MODEL_FILE))), None)
-            if found is None:
-                raise FileNotFoundError(f"train.init_from: {source} holds no {MODEL_FILE}")
-            state = torch.load(found, map_location="cpu", weights_only=True)
+        state = load_model_state(source, uri)
     else:
         file = path / MODEL_FILE if path.is_dir() else path
         if not file.is_file():
