@@ -128,46 +128,78 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     if origin is Literal:
-        choices = get_args(tp)
-        if value not in choices or (isinstance(value, bool) and not any(c is value for c in choices)):
-            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
-        return value
+        return _convert_literal(value, tp, key)
     if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ConfigError(f"{key}: null is not allowed (expected {_type_name(tp)})")
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: {value!r} does not match {_type_name(tp)}")
+        return _convert_union(value, tp, key)
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {type(value).__name__}")
-        return from_dict(tp, value, _prefix=key)
+        return _convert_section(value, tp, key)
     if origin in (list, tuple, Sequence) or tp in (list, tuple):
-        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-        args = get_args(tp)
-        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(args) != len(value):
-                raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
-            return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
-        item = args[0] if args else Any
-        out = [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(out) if (origin is tuple or tp is tuple) else out
+        return _convert_sequence(value, tp, key)
     if origin in (dict, Mapping) or tp is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
-        args = get_args(tp) or (str, Any)
-        return {_convert(k, args[0], f"{key}.<key>"): _convert(v, args[1], f"{key}.{k}") for k, v in value.items()}
+        return _convert_mapping(value, tp, key)
+    return _convert_scalar(value, tp, key)
+
+
+def _convert_literal(value: Any, tp: Any, key: str) -> Any:
+    """One of the ``Literal`` choices (``True`` does not pass for ``1``)."""
+    choices = get_args(tp)
+    if value not in choices or (isinstance(value, bool) and not any(c is value for c in choices)):
+        raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+    return value
+
+
+def _convert_union(value: Any, tp: Any, key: str) -> Any:
+    """The first member of the union (``X | None``, ``Optional[X]``) that accepts ``value``."""
+    args = get_args(tp)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ConfigError(f"{key}: null is not allowed (expected {_type_name(tp)})")
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _convert(value, arg, key)
+        except ConfigError:
+            continue
+    raise ConfigError(f"{key}: {value!r} does not match {_type_name(tp)}")
+
+
+def _convert_section(value: Any, tp: type, key: str) -> Any:
+    """A nested dataclass section, from an instance or a mapping."""
+    if isinstance(value, tp):
+        return value
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {type(value).__name__}")
+    return from_dict(tp, value, _prefix=key)
+
+
+def _convert_sequence(value: Any, tp: Any, key: str) -> list[Any] | tuple[Any, ...]:
+    """A list or tuple (fixed-length tuples checked item by item); strings are not lists."""
+    origin = get_origin(tp)
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+    args = get_args(tp)
+    if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+        if len(args) != len(value):
+            raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    item = args[0] if args else Any
+    out = [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    return tuple(out) if (origin is tuple or tp is tuple) else out
+
+
+def _convert_mapping(value: Any, tp: Any, key: str) -> dict[Any, Any]:
+    """A dict whose keys and values are converted against the annotation's arguments."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+    args = get_args(tp) or (str, Any)
+    return {_convert(k, args[0], f"{key}.<key>"): _convert(v, args[1], f"{key}.{k}") for k, v in value.items()}
+
+
+def _convert_scalar(value: Any, tp: Any, key: str) -> Any:
+    """bool, int (integral floats accepted), float (ints accepted), str (paths accepted),
+    any other class by isinstance; an annotation of no known kind passes ``value`` through."""
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -100,28 +100,17 @@ class BiwiCorpus(ProcessedCorpus):
 
     @functools.cached_property
     def info(self) -> CorpusInfo:
-        present = {s.subject for s in self._sequences}
         notes = {
             "layout": "processed (CodeTalker pipeline, datasets.md 3.2)",
             "units": "CodeTalker-normalised coordinates, never rescaled (datasets.md 3.2 DECISION)",
             "reference": "test-B subjects' e01-e36 (datasets.md 3.3 DECISION; metrics.md 6.3)",
         }
-        missing = [s for s in TRAIN_SUBJECTS if s not in present]
-        if missing:
-            notes["missing_train_subjects"] = ", ".join(missing)
-        return CorpusInfo(
-            format=self.format_name,
-            root=str(self.root),
-            fps=self.fps,
-            motion="vertices",
-            num_vertices=self.num_vertices,
-            param_dim=0,
-            has_head_pose=False,
+        return self.vertex_corpus_info(
+            notes,
             train_subjects=TRAIN_SUBJECTS,
             splits=SPLITS,
             eval_splits=("test-A", "test-B"),
             unseen_splits=("test-B",),
-            notes=notes,
         )
 
     def regions(self) -> Regions:

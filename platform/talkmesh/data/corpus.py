@@ -73,6 +73,20 @@ class Corpus(abc.ABC):
         self.root = Path(cfg.root).expanduser() if cfg.root else Path()
         self._clip_cache: OrderedDict[str, Clip] = OrderedDict()
 
+    def check_stored_rate(self, native_fps: float, stored: str) -> None:
+        """For corpora kept at one rate: ``data.fps`` must be 0 (the native rate) or ``native_fps``;
+        ``stored`` says what is stored (e.g. "MEAD FLAME parameters")."""
+        if self.cfg.fps not in (0.0, native_fps):
+            raise DataError(
+                f"data.fps={self.cfg.fps:g}: {stored} are stored at {native_fps:g} fps (datasets.md 1); "
+                f"set data.fps=0 or {native_fps:g}"
+            )
+
+    def check_root_dir(self, dataset: str) -> None:
+        """``data.root`` must name an existing directory (``dataset`` names the expected root)."""
+        if not self.cfg.root or not self.root.is_dir():
+            raise DataError(f"data.root: {self.cfg.root or '(empty)'} is not a directory (expected the {dataset} root)")
+
     # ---- to implement -----------------------------------------------------------------
     @property
     @abc.abstractmethod
@@ -163,16 +177,20 @@ class Corpus(abc.ABC):
         pool = self.reference_pool(subject)
         if not pool:
             raise DataError(f"no style-reference clips for subject {subject!r}")
-        need = int(round(seconds * self.info.fps))
+        return self._concat_frames(pool, int(round(seconds * self.info.fps)), f"{subject}_reference")
+
+    def _concat_frames(self, seqs: list[SequenceInfo], need: int, name: str) -> Clip:
+        """``seqs`` loaded and concatenated in order until ``need`` frames are reached, cut to
+        at most ``need`` frames."""
         clips: list[Clip] = []
         total = 0
-        for seq in pool:
+        for seq in seqs:
             clip = self.load(seq)
             clips.append(clip)
             total += clip.num_frames
             if total >= need:
                 break
-        return concat_clips(clips, name=f"{subject}_reference").slice_frames(0, min(total, need))
+        return concat_clips(clips, name=name).slice_frames(0, min(total, need))
 
     def style_reference(self, seq: SequenceInfo, seconds: float, fallback_seconds: float = 6.0) -> tuple[Clip, int]:
         """The style reference for evaluating ``seq`` (metrics.md 6.3) and how many of
@@ -190,14 +208,7 @@ class Corpus(abc.ABC):
         )
         need = int(round(seconds * self.info.fps))
         if others:
-            clips: list[Clip] = []
-            total = 0
-            for other in others:
-                clips.append(self.load(other))
-                total += clips[-1].num_frames
-                if total >= need:
-                    break
-            return concat_clips(clips, name=f"{seq.name}_reference").slice_frames(0, min(total, need)), 0
+            return self._concat_frames(others, need, f"{seq.name}_reference"), 0
         clip = self.load(seq)
         n = min(int(round(min(fallback_seconds, seconds) * self.info.fps)), clip.num_frames - 1)
         if n < 1:

@@ -139,13 +139,8 @@ class HdtfCorpus(Corpus):
 
     def __init__(self, cfg: DataConfig) -> None:
         super().__init__(cfg)
-        if cfg.fps not in (0.0, HDTF_FPS):
-            raise DataError(
-                f"data.fps={cfg.fps:g}: 3D-HDTF meshes are stored at {HDTF_FPS:g} fps (datasets.md 1); "
-                f"set data.fps=0 or {HDTF_FPS:g}"
-            )
-        if not cfg.root or not self.root.is_dir():
-            raise DataError(f"data.root: {cfg.root or '(empty)'} is not a directory (expected the 3D-HDTF root)")
+        self.check_stored_rate(HDTF_FPS, "3D-HDTF meshes")
+        self.check_root_dir("3D-HDTF")
         for need in (PROCESSED_DIR, TRAIN_TEST_LIST):
             if not (self.root / need).exists():
                 raise DataError(f"{self.root / need}: not found; a 3D-HDTF root holds {PROCESSED_DIR}/<video>/"

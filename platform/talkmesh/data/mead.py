@@ -220,13 +220,8 @@ class MeadCorpus(Corpus):
 
     def __init__(self, cfg: DataConfig) -> None:
         super().__init__(cfg)
-        if cfg.fps not in (0.0, MEAD_FPS):
-            raise DataError(
-                f"data.fps={cfg.fps:g}: MEAD FLAME parameters are stored at {MEAD_FPS:g} fps "
-                f"(datasets.md 1); set data.fps=0 or {MEAD_FPS:g}"
-            )
-        if not cfg.root or not self.root.is_dir():
-            raise DataError(f"data.root: {cfg.root or '(empty)'} is not a directory (expected the MEAD root)")
+        self.check_stored_rate(MEAD_FPS, "MEAD FLAME parameters")
+        self.check_root_dir("MEAD")
         if not (self.root / "flame_param").is_dir():
             raise DataError(
                 f"{self.root / 'flame_param'}: not found; a MEAD root holds flame_param/<actor>/<uid>.npy "

@@ -16,23 +16,39 @@ from __future__ import annotations
 
 import abc
 import functools
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
 from talkmesh.audio.io import AudioError, load_audio
 from talkmesh.data.clip import Clip, SequenceInfo
-from talkmesh.data.corpus import Corpus
+from talkmesh.data.corpus import Corpus, CorpusInfo
 from talkmesh.data.errors import DataError
 from talkmesh.data.safepickle import load_pickle
 
 
-def npy_shape(path: Path) -> tuple[int, ...]:
-    """Shape of an .npy file from its header (no data read)."""
+def open_npy(path: Path) -> np.ndarray:
+    """An .npy array memory-mapped read-only (only the header is read now; no pickles);
+    DataError naming ``path`` when it is not a readable array."""
     try:
-        return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape)
+        return np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as e:
         raise DataError(f"{path}: not a readable .npy array ({e})") from e
+
+
+def npy_shape(path: Path) -> tuple[int, ...]:
+    """Shape of an .npy file from its header (no data read)."""
+    return tuple(open_npy(path).shape)
+
+
+def finite_vertices(frames: np.ndarray, num_vertices: int, what: str) -> np.ndarray:
+    """(T, V, 3) float32 from stored frames (T, V, 3) or (T, V*3) (a memory-mapped selection is
+    read here); DataError ``"<what> contain NaN or infinite values"`` when any value is not finite."""
+    verts = np.asarray(frames, dtype=np.float32).reshape(-1, num_vertices, 3)  # (T, V, 3)
+    if not np.all(np.isfinite(verts)):
+        raise DataError(f"{what} contain NaN or infinite values")
+    return verts
 
 
 def wav_seconds(path: Path) -> float:
@@ -102,6 +118,41 @@ class ProcessedCorpus(Corpus):
     def stride(self) -> int:
         return int(round(self.native_fps / self.fps))
 
+    def vertex_corpus_info(
+        self,
+        notes: dict[str, str],
+        *,
+        train_subjects: tuple[str, ...],
+        splits: tuple[str, ...],
+        eval_splits: tuple[str, ...],
+        unseen_splits: tuple[str, ...],
+        extra_notes: Mapping[str, str] | None = None,
+    ) -> CorpusInfo:
+        """``info`` of a corpus that stores vertices (no parameters, no head pose) with an
+        official list of training subjects (one-hot order). The notes are ``notes``, then
+        ``missing_train_subjects`` when some of ``train_subjects`` have no sequence under the
+        root, then ``extra_notes``."""
+        present = {s.subject for s in self._sequences}
+        notes = dict(notes)
+        missing = [s for s in train_subjects if s not in present]
+        if missing:
+            notes["missing_train_subjects"] = ", ".join(missing)
+        notes.update(extra_notes or {})
+        return CorpusInfo(
+            format=self.format_name,
+            root=str(self.root),
+            fps=self.fps,
+            motion="vertices",
+            num_vertices=self.num_vertices,
+            param_dim=0,
+            has_head_pose=False,
+            train_subjects=train_subjects,
+            splits=splits,
+            eval_splits=eval_splits,
+            unseen_splits=unseen_splits,
+            notes=notes,
+        )
+
     def _require_dir(self, name: str) -> Path:
         d = self.root / name
         if not d.is_dir():
@@ -155,37 +206,53 @@ class ProcessedCorpus(Corpus):
 
     def _load(self, seq: SequenceInfo) -> Clip:
         vpath = self.root / self.vertices_dir / f"{seq.name}.npy"
-        try:
-            raw = np.load(vpath, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError) as e:
-            raise DataError(f"{vpath}: not a readable .npy array ({e})") from e
-        template = self.template(seq.subject)
+        raw = open_npy(vpath)  # memory-mapped; only the strided frames are read
+        template = self.template(seq.subject)  # (V, 3)
         nv = template.shape[0]
         if raw.ndim == 3 and raw.shape[1:] != (nv, 3) or raw.ndim == 2 and raw.shape[1] != nv * 3:
             raise DataError(f"{vpath}: shape {raw.shape}, expected (T, {nv * 3}) to match the subject's template")
-        verts = np.asarray(raw[:: self.stride], dtype=np.float32).reshape(-1, nv, 3)  # (T, V, 3)
-        if not np.all(np.isfinite(verts)):
-            raise DataError(f"{vpath}: vertices contain NaN or infinite values")
+        verts = finite_vertices(raw[:: self.stride], nv, f"{vpath}: vertices")  # (T, V, 3)
         wav = self.root / self.wav_dir / f"{seq.name}.wav"
         try:
-            audio = load_audio(wav)
+            audio = load_audio(wav)  # (S,) float32, 16 kHz
         except AudioError as e:
             raise DataError(str(e)) from e
-        params = head_pose = None
-        ppath = self.root / self.params_dir / f"{seq.name}.npy"
-        if ppath.is_file():
-            p = np.load(ppath, allow_pickle=False)[:: self.stride].astype(np.float32)
-            if p.ndim != 2 or p.shape[1] != 56 or p.shape[0] != verts.shape[0]:
-                raise DataError(f"{ppath}: shape {p.shape}, expected ({verts.shape[0]}, 56) FLAME-56 parameters")
-            params, head_pose = p[:, :53], p[:, 53:56]
+        params, head_pose = self._read_params(seq, verts.shape[0])
         tpath = self.root / self.text_dir / f"{seq.name}.txt"
         text = tpath.read_text().strip() if tpath.is_file() else None
+        return self.make_clip(seq, audio, verts, template, text, params=params, head_pose=head_pose)
+
+    def _read_params(self, seq: SequenceInfo, num_frames: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(params (T, 53), head pose (T, 3)) from the optional ``params_npy/<stem>.npy``
+        FLAME-56 file at the motion rate, or (None, None) when there is none."""
+        ppath = self.root / self.params_dir / f"{seq.name}.npy"
+        if not ppath.is_file():
+            return None, None
+        p = np.load(ppath, allow_pickle=False)[:: self.stride].astype(np.float32)  # (T, 56)
+        if p.ndim != 2 or p.shape[1] != 56 or p.shape[0] != num_frames:
+            raise DataError(f"{ppath}: shape {p.shape}, expected ({num_frames}, 56) FLAME-56 parameters")
+        return p[:, :53], p[:, 53:56]
+
+    def make_clip(
+        self,
+        seq: SequenceInfo,
+        audio: np.ndarray,
+        vertices: np.ndarray,
+        template: np.ndarray,
+        text: str | None,
+        *,
+        params: np.ndarray | None = None,
+        head_pose: np.ndarray | None = None,
+    ) -> Clip:
+        """The decoded clip of ``seq`` at this corpus's fps: audio (S,) 16 kHz, vertices (T, V, 3),
+        template (V, 3), optional params (T, 53) / head pose (T, 3); name, subject, split,
+        emotion and intensity come from ``seq``."""
         return Clip(
             name=seq.name,
             subject=seq.subject,
             audio=audio,
             fps=self.fps,
-            vertices=verts,
+            vertices=vertices,
             params=params,
             head_pose=head_pose,
             template=template,

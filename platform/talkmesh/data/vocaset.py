@@ -57,7 +57,7 @@ from talkmesh.config import DataConfig
 from talkmesh.data.clip import Clip, SequenceInfo
 from talkmesh.data.corpus import CorpusInfo
 from talkmesh.data.errors import DataError
-from talkmesh.data.processed import ProcessedCorpus
+from talkmesh.data.processed import ProcessedCorpus, finite_vertices, open_npy
 from talkmesh.data.regions import Regions, load_regions, with_overrides
 from talkmesh.data.safepickle import load_pickle
 
@@ -119,6 +119,28 @@ def _num_samples(audio: np.ndarray) -> int:
     if audio.ndim == 2 and audio.shape[0] <= 8 and audio.shape[1] > audio.shape[0]:
         return int(audio.shape[1])  # (channels, samples)
     return int(audio.shape[0])
+
+
+def _pickled_dict(path: Path, layout: str) -> dict[Any, Any]:
+    """A pickle of the original release (restricted unpickling) that must hold a dict ``layout``."""
+    obj = load_pickle(path)
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: expected a dict {layout}, got {type(obj).__name__}")
+    return obj
+
+
+def _frame_rows(frames: Any, where: str, total_rows: int) -> np.ndarray:
+    """(T60,) int64 rows of data_verts.npy in frame order from an index entry {frame index -> row}."""
+    if not isinstance(frames, dict) or not frames:
+        raise DataError(f"{where} must be a non-empty dict frame index -> row")
+    try:
+        order = sorted(frames)
+        rows = np.array([int(frames[k]) for k in order], dtype=np.int64)  # (T60,)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{where}: frame indices and rows must be integers ({e})") from e
+    if rows.min() < 0 or rows.max() >= total_rows:
+        raise DataError(f"{where}: rows {rows.min()}..{rows.max()} outside {VERTS_FILE}'s {total_rows} frames")
+    return rows
 
 
 class _OriginalIndex:
@@ -184,7 +206,6 @@ class VocasetCorpus(ProcessedCorpus):
     # ---- corpus interface ------------------------------------------------------------------
     @functools.cached_property
     def info(self) -> CorpusInfo:
-        present = {s.subject for s in self._sequences}
         notes = {
             "layout": self.layout,
             "fps": (
@@ -196,29 +217,21 @@ class VocasetCorpus(ProcessedCorpus):
             "reference": "test and val subjects' sentences 01-20 (datasets.md 2.3 DECISION; metrics.md 6.3)",
             "units": "metres, never rescaled",
         }
-        missing = [s for s in TRAIN_SUBJECTS if s not in present]
-        if missing:
-            notes["missing_train_subjects"] = ", ".join(missing)
+        skipped: dict[str, str] = {}
         if self.layout == "original" and self._original.skipped:
-            skipped = self._original.skipped
-            notes["skipped"] = (
-                f"{len(skipped)} sequence(s) present in only one of {INDEX_FILE}/{AUDIO_FILE}: "
-                + ", ".join(skipped[:20])
-                + (" ..." if len(skipped) > 20 else "")
+            names = self._original.skipped
+            skipped["skipped"] = (
+                f"{len(names)} sequence(s) present in only one of {INDEX_FILE}/{AUDIO_FILE}: "
+                + ", ".join(names[:20])
+                + (" ..." if len(names) > 20 else "")
             )
-        return CorpusInfo(
-            format=self.format_name,
-            root=str(self.root),
-            fps=self.fps,
-            motion="vertices",
-            num_vertices=self.num_vertices,
-            param_dim=0,
-            has_head_pose=False,
+        return self.vertex_corpus_info(
+            notes,
             train_subjects=TRAIN_SUBJECTS,
             splits=SPLITS,
             eval_splits=("test",),
             unseen_splits=("val", "test"),
-            notes=notes,
+            extra_notes=skipped,
         )
 
     def regions(self) -> Regions:
@@ -288,10 +301,7 @@ class VocasetCorpus(ProcessedCorpus):
     def _open_verts(self) -> np.ndarray:
         """``data_verts.npy`` memory-mapped (never read whole): (N, V, 3) or (N, V*3)."""
         path = self._require_file(VERTS_FILE)
-        try:
-            mm = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError) as e:
-            raise DataError(f"{path}: not a readable .npy array ({e})") from e
+        mm = open_npy(path)
         nv = self.num_vertices
         if not (mm.ndim == 3 and mm.shape[1:] == (nv, 3) or mm.ndim == 2 and mm.shape[1] == nv * 3):
             raise DataError(
@@ -302,12 +312,7 @@ class VocasetCorpus(ProcessedCorpus):
     @functools.cached_property
     def _raw_audio(self) -> dict[Any, Any]:
         """``raw_audio_fixed.pkl``, unpickled once and kept (see the module docstring)."""
-        path = self._require_file(AUDIO_FILE)
-        obj = load_pickle(path)
-        if not isinstance(obj, dict):
-            raise DataError(f"{path}: expected a dict subject -> sentence -> {{audio, sample_rate}}, "
-                            f"got {type(obj).__name__}")
-        return obj
+        return _pickled_dict(self._require_file(AUDIO_FILE), "subject -> sentence -> {audio, sample_rate}")
 
     def _audio_entry(self, subject: str, sentence: str) -> tuple[np.ndarray, int]:
         """(PCM array, sample rate) of one sequence from the audio pickle, validated."""
@@ -331,10 +336,7 @@ class VocasetCorpus(ProcessedCorpus):
     def _original(self) -> _OriginalIndex:
         index_path = self._require_file(INDEX_FILE)
         total_rows = self._open_verts().shape[0]  # header only
-        seq_map = load_pickle(index_path)
-        if not isinstance(seq_map, dict):
-            raise DataError(f"{index_path}: expected a dict subject -> sentence -> {{frame: row}}, "
-                            f"got {type(seq_map).__name__}")
+        seq_map = _pickled_dict(index_path, "subject -> sentence -> {frame: row}")
         raw = self._raw_audio
         for subject_key, sentences in raw.items():
             if not isinstance(sentences, dict):
@@ -344,46 +346,40 @@ class VocasetCorpus(ProcessedCorpus):
             sentences = seq_map[subject_key]
             if not isinstance(sentences, dict):
                 raise DataError(f"{index_path}: entry [{subject_key!r}] is not a dict of sentences")
-            subject = str(subject_key)
             for sentence_key in sorted(sentences, key=str):
-                frames = sentences[sentence_key]
-                name = f"{subject}_{sentence_key}"
                 where = f"{index_path}: entry [{subject_key!r}][{sentence_key!r}]"
-                if not isinstance(frames, dict) or not frames:
-                    raise DataError(f"{where} must be a non-empty dict frame index -> row")
-                try:
-                    order = sorted(frames)
-                    rows = np.array([int(frames[k]) for k in order], dtype=np.int64)  # (T60,)
-                except (TypeError, ValueError) as e:
-                    raise DataError(f"{where}: frame indices and rows must be integers ({e})") from e
-                if rows.min() < 0 or rows.max() >= total_rows:
-                    raise DataError(
-                        f"{where}: rows {rows.min()}..{rows.max()} outside {VERTS_FILE}'s {total_rows} frames"
-                    )
-                if sentence_key not in raw.get(subject_key, {}):
-                    out.skipped.append(name)
-                    continue
-                audio, rate = self._audio_entry(subject_key, sentence_key)
-                m = _SENTENCE_KEY.match(str(sentence_key))
-                sentence = m.group("num") if m else str(sentence_key)
-                out.rows[name] = rows
-                out.keys[name] = (subject_key, sentence_key)
-                out.sequences.append(
-                    SequenceInfo(
-                        name=name,
-                        subject=subject,
-                        split=vocaset_split(subject, sentence),
-                        num_frames=self._frames(rows.shape[0]),
-                        audio_seconds=_num_samples(audio) / float(rate),
-                        sentence=sentence,
-                    )
-                )
+                rows = _frame_rows(sentences[sentence_key], where, total_rows)  # (T60,)
+                self._add_original(out, subject_key, sentence_key, rows)
         for subject_key, sentences in raw.items():  # audio without motion: skipped too
             for sentence_key in sentences:
                 if sentence_key not in seq_map.get(subject_key, {}):
                     out.skipped.append(f"{subject_key}_{sentence_key}")
         out.skipped.sort()
         return out
+
+    def _add_original(self, out: _OriginalIndex, subject_key: Any, sentence_key: Any, rows: np.ndarray) -> None:
+        """Record one sequence of the index pickle (rows (T60,) of data_verts.npy) in ``out``,
+        or note it as skipped when the audio pickle lacks it."""
+        subject = str(subject_key)
+        name = f"{subject}_{sentence_key}"
+        if sentence_key not in self._raw_audio.get(subject_key, {}):
+            out.skipped.append(name)
+            return
+        audio, rate = self._audio_entry(subject_key, sentence_key)
+        m = _SENTENCE_KEY.match(str(sentence_key))
+        sentence = m.group("num") if m else str(sentence_key)
+        out.rows[name] = rows
+        out.keys[name] = (subject_key, sentence_key)
+        out.sequences.append(
+            SequenceInfo(
+                name=name,
+                subject=subject,
+                split=vocaset_split(subject, sentence),
+                num_frames=self._frames(rows.shape[0]),
+                audio_seconds=_num_samples(audio) / float(rate),
+                sentence=sentence,
+            )
+        )
 
     def _load_original(self, seq: SequenceInfo) -> Clip:
         try:
@@ -392,27 +388,16 @@ class VocasetCorpus(ProcessedCorpus):
         except KeyError:
             raise DataError(f"sequence {seq.name!r} not found in {self.root / INDEX_FILE}") from None
         template = self.template(seq.subject)  # (V, 3)
-        nv = template.shape[0]
         mm = self._open_verts()  # memory-mapped; only the selected rows are read below
-        verts = np.asarray(mm[rows[:: self.stride]], dtype=np.float32).reshape(-1, nv, 3)  # (T, V, 3)
-        if not np.all(np.isfinite(verts)):
-            raise DataError(f"{self.root / VERTS_FILE}: vertices of {seq.name} contain NaN or infinite values")
+        what = f"{self.root / VERTS_FILE}: vertices of {seq.name}"
+        verts = finite_vertices(mm[rows[:: self.stride]], template.shape[0], what)  # (T, V, 3)
         pcm, rate = self._audio_entry(subject_key, sentence_key)
         source = f"{self.root / AUDIO_FILE}[{subject_key!r}][{sentence_key!r}]"
         try:
             audio = resample(to_mono_float(pcm, source), rate)  # (S,) float32, 16 kHz
         except AudioError as e:
             raise DataError(str(e)) from e
-        return Clip(
-            name=seq.name,
-            subject=seq.subject,
-            audio=audio,
-            fps=self.fps,
-            vertices=verts,
-            template=template,
-            text=self._transcript(seq.name, seq.subject, seq.sentence),
-            split=seq.split,
-        )
+        return self.make_clip(seq, audio, verts, template, self._transcript(seq.name, seq.subject, seq.sentence))
 
     # ---- pickling (e.g. to data-loader or Ray workers) ------------------------------------
     def __getstate__(self) -> dict[str, Any]:

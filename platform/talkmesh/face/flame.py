@@ -242,24 +242,26 @@ def _float(arrays: Mapping[str, Any], key: str, source: str) -> np.ndarray:
     return arr
 
 
-def validate_flame_arrays(
-    arrays: Mapping[str, Any], source: str = "<arrays>", n_shape: int = 100, n_expr: int = 50
-) -> dict[str, np.ndarray]:
-    """Check and normalise FLAME model arrays; returns plain numpy arrays.
+def _float_shaped(
+    arrays: Mapping[str, Any], key: str, source: str, shape: tuple[int, ...], expected: str
+) -> np.ndarray:
+    """``_float`` of ``arrays[key]``, required to have exactly ``shape`` (described as ``expected``)."""
+    arr = _float(arrays, key, source)
+    if arr.shape != shape:
+        raise _bad(source, key, arr, expected)
+    return arr
 
-    Output keys: ``v_template`` (V, 3), ``shapedirs`` (V, 3, K), ``posedirs`` (V, 3, 36),
-    ``J_regressor`` (5, V) dense, ``weights`` (V, 5), ``kintree_table`` (2, 5) int64 with -1
-    for the root's parent, ``f`` (F, 3) int64, ``num_shape_components`` () int64.
-    Raises FaceModelError naming ``source``, the key and what was expected.
-    """
-    missing = [k for k in FLAME_KEYS if k not in arrays]
-    if missing:
-        raise FaceModelError(f"{source}: missing key(s) {missing}; a FLAME model needs {list(FLAME_KEYS)}")
+
+def _check_v_template(arrays: Mapping[str, Any], source: str) -> np.ndarray:
+    """(V, 3) float64 template with at least one vertex."""
     v_template = _float(arrays, "v_template", source)
     if v_template.ndim != 2 or v_template.shape[1] != 3 or v_template.shape[0] < 1:
         raise _bad(source, "v_template", v_template, "(V, 3)")
-    nv = v_template.shape[0]
+    return v_template
 
+
+def _check_kintree(arrays: Mapping[str, Any], source: str) -> tuple[np.ndarray, np.ndarray]:
+    """(parents, joint ids), each (J,) int64, with -1 for the root's parent."""
     kin = np.asarray(arrays["kintree_table"])
     if kin.ndim != 2 or kin.shape != (2, NUM_JOINTS) or not np.issubdtype(kin.dtype, np.integer):
         raise FaceModelError(
@@ -276,17 +278,25 @@ def validate_flame_arrays(
             f"{source}: key 'kintree_table' parents {kin[0].tolist()} must have joint 0 as the only root "
             "and every other joint's parent before it"
         )
+    return parents, ids
 
-    weights = _float(arrays, "weights", source)
-    if weights.shape != (nv, NUM_JOINTS):
-        raise _bad(source, "weights", weights, f"(V, J) = ({nv}, {NUM_JOINTS})")
+
+def _check_weights(arrays: Mapping[str, Any], source: str, nv: int) -> np.ndarray:
+    """(V, J) skinning weights, non-negative with rows summing to 1."""
+    weights = _float_shaped(arrays, "weights", source, (nv, NUM_JOINTS), f"(V, J) = ({nv}, {NUM_JOINTS})")
     sums = weights.sum(1)
     if np.any(weights < -1e-6) or np.max(np.abs(sums - 1.0)) > 1e-2:
         raise FaceModelError(
             f"{source}: key 'weights' must be non-negative with rows summing to 1 "
             f"(row sums in [{sums.min():.4f}, {sums.max():.4f}])"
         )
+    return weights
 
+
+def _check_shapedirs(
+    arrays: Mapping[str, Any], source: str, nv: int, n_shape: int, n_expr: int
+) -> tuple[np.ndarray, int]:
+    """((V, 3, K) blendshapes, number of shape columns before the expression columns)."""
     num_shape = int(np.asarray(arrays.get("num_shape_components", DEFAULT_NUM_SHAPE_COMPONENTS)))
     shapedirs = _float(arrays, "shapedirs", source)
     need = num_shape + n_expr
@@ -304,16 +314,11 @@ def validate_flame_arrays(
             f"{'' if 'num_shape_components' in arrays else ', default'}) followed by at least "
             f"{n_expr} expression columns",
         )
+    return shapedirs, num_shape
 
-    posedirs = _float(arrays, "posedirs", source)
-    num_pose = 9 * (NUM_JOINTS - 1)
-    if posedirs.shape != (nv, 3, num_pose):
-        raise _bad(source, "posedirs", posedirs, f"(V, 3, 9 * (J - 1)) = ({nv}, 3, {num_pose})")
 
-    j_regressor = _float(arrays, "J_regressor", source)
-    if j_regressor.shape != (NUM_JOINTS, nv):
-        raise _bad(source, "J_regressor", j_regressor, f"(J, V) = ({NUM_JOINTS}, {nv})")
-
+def _check_faces(arrays: Mapping[str, Any], source: str, nv: int) -> np.ndarray:
+    """(F, 3) int64 triangles indexing the ``nv`` vertices."""
     faces = np.asarray(arrays["f"])
     if faces.ndim != 2 or faces.shape[1] != 3 or not np.issubdtype(faces.dtype, np.integer):
         raise FaceModelError(
@@ -322,7 +327,34 @@ def validate_flame_arrays(
     faces = faces.astype(np.int64)
     if faces.size and (faces.min() < 0 or faces.max() >= nv):
         raise FaceModelError(f"{source}: key 'f' indexes vertices outside [0, {nv})")
+    return faces
 
+
+def validate_flame_arrays(
+    arrays: Mapping[str, Any], source: str = "<arrays>", n_shape: int = 100, n_expr: int = 50
+) -> dict[str, np.ndarray]:
+    """Check and normalise FLAME model arrays; returns plain numpy arrays.
+
+    Output keys: ``v_template`` (V, 3), ``shapedirs`` (V, 3, K), ``posedirs`` (V, 3, 36),
+    ``J_regressor`` (5, V) dense, ``weights`` (V, 5), ``kintree_table`` (2, 5) int64 with -1
+    for the root's parent, ``f`` (F, 3) int64, ``num_shape_components`` () int64.
+    Raises FaceModelError naming ``source``, the key and what was expected.
+    """
+    missing = [k for k in FLAME_KEYS if k not in arrays]
+    if missing:
+        raise FaceModelError(f"{source}: missing key(s) {missing}; a FLAME model needs {list(FLAME_KEYS)}")
+    v_template = _check_v_template(arrays, source)  # (V, 3)
+    nv = v_template.shape[0]
+    parents, ids = _check_kintree(arrays, source)  # (J,), (J,)
+    weights = _check_weights(arrays, source, nv)  # (V, J)
+    shapedirs, num_shape = _check_shapedirs(arrays, source, nv, n_shape, n_expr)  # (V, 3, K)
+    num_pose = 9 * (NUM_JOINTS - 1)
+    posedirs = _float_shaped(
+        arrays, "posedirs", source, (nv, 3, num_pose), f"(V, 3, 9 * (J - 1)) = ({nv}, 3, {num_pose})"
+    )  # (V, 3, 36)
+    j_regressor = _float_shaped(
+        arrays, "J_regressor", source, (NUM_JOINTS, nv), f"(J, V) = ({NUM_JOINTS}, {nv})"
+    )  # (J, V)
     return {
         "v_template": v_template,
         "shapedirs": shapedirs,
@@ -330,7 +362,7 @@ def validate_flame_arrays(
         "J_regressor": j_regressor,
         "weights": weights,
         "kintree_table": np.stack([parents, ids]),
-        "f": faces,
+        "f": _check_faces(arrays, source, nv),  # (F, 3)
         "num_shape_components": np.asarray(num_shape, dtype=np.int64),
     }
 
@@ -538,22 +570,33 @@ class FlameLayer(nn.Module):
                 f"vertices_from_params: params must be (T, {width}) = expression | jaw, got {params.shape}"
             )
         num_frames = params.shape[0]
-        beta = None
-        if shape is not None:
-            beta = np.asarray(shape, dtype=np.float32)
-            if beta.ndim == 1:
-                beta = beta[None]
-            if beta.ndim != 2 or beta.shape[1] != self.n_shape or beta.shape[0] not in (1, num_frames):
-                raise ValueError(
-                    f"vertices_from_params: shape must be ({self.n_shape},) or (T, {self.n_shape}), "
-                    f"got {np.shape(shape)}"
-                )
+        beta = None if shape is None else self._shape_rows(shape, num_frames)  # (1|T, n_shape)
         pose = None
         if head_pose is not None:
-            pose = np.asarray(head_pose, dtype=np.float32)
+            pose = np.asarray(head_pose, dtype=np.float32)  # (T, 3)
             if pose.shape != (num_frames, 3):
                 raise ValueError(f"vertices_from_params: head_pose must be ({num_frames}, 3), got {pose.shape}")
         chunk = chunk_frames or max(1, (1 << 20) // max(self.num_vertices, 1))
+        return self._vertices_in_chunks(params, beta, pose, chunk)
+
+    def _shape_rows(self, shape: np.ndarray, num_frames: int) -> np.ndarray:
+        """``shape`` (n_shape,) or (1|T, n_shape) as float32 (1|T, n_shape); raises on any other shape."""
+        beta = np.asarray(shape, dtype=np.float32)
+        if beta.ndim == 1:
+            beta = beta[None]
+        if beta.ndim != 2 or beta.shape[1] != self.n_shape or beta.shape[0] not in (1, num_frames):
+            raise ValueError(
+                f"vertices_from_params: shape must be ({self.n_shape},) or (T, {self.n_shape}), "
+                f"got {np.shape(shape)}"
+            )
+        return beta
+
+    def _vertices_in_chunks(
+        self, params: np.ndarray, beta: np.ndarray | None, pose: np.ndarray | None, chunk: int
+    ) -> np.ndarray:
+        """(T, V, 3) float32 from validated params (T, n_expr + 3), beta (1|T, n_shape) or None
+        and head pose (T, 3) or None, ``chunk`` frames at a time without gradients."""
+        num_frames = params.shape[0]
         out = np.empty((num_frames, self.num_vertices, 3), dtype=np.float32)
         device = self.v_template.device
         with torch.no_grad():
@@ -610,6 +653,71 @@ def _smooth_fields(rng: np.random.Generator, unit: np.ndarray, count: int, terms
     return out
 
 
+def _fibonacci_sphere(num_points: int) -> np.ndarray:
+    """(N, 3) evenly spread unit vectors (a Fibonacci sphere): deterministic, all on the convex hull."""
+    i = np.arange(num_points) + 0.5
+    polar = np.arccos(1.0 - 2.0 * i / num_points)
+    azimuth = np.pi * (1.0 + np.sqrt(5.0)) * i
+    return np.stack([np.sin(polar) * np.sin(azimuth), np.cos(polar), np.sin(polar) * np.cos(azimuth)], axis=1)
+
+
+def _outward_hull_faces(unit: np.ndarray) -> np.ndarray:
+    """(F, 3) int64 convex-hull triangles of the unit-sphere points (V, 3), wound to face outwards."""
+    from scipy.spatial import ConvexHull
+
+    faces = ConvexHull(unit).simplices.astype(np.int64)  # (F, 3)
+    tri = unit[faces]  # (F, 3, 3)
+    normals = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    inward = np.einsum("fc,fc->f", normals, tri.mean(1)) < 0
+    faces[inward] = faces[inward][:, ::-1]  # outward-facing winding
+    return faces
+
+
+def _surrogate_weights(v_template: np.ndarray) -> np.ndarray:
+    """(V, J) skinning weights: lower front face on the jaw, bottom on the neck, the vertex
+    nearest each eye on that eye, the rest on the root; rows sum to 1."""
+    nv = v_template.shape[0]
+    _, y, z = v_template.T
+    weights = np.zeros((nv, 5))
+    weights[:, 2] = _sigmoid((-0.03 - y) / 0.008) * _sigmoid(z / 0.01)  # jaw: lower front
+    weights[:, 1] = _sigmoid((-0.075 - y) / 0.008) * (1.0 - weights[:, 2])  # neck: bottom
+    taken: set[int] = set()
+    for j in (3, 4):  # the vertex nearest each eye follows that eye
+        order = np.argsort(np.linalg.norm(v_template - _JOINTS[j], axis=1))
+        idx = int(next(o for o in order if int(o) not in taken))
+        taken.add(idx)
+        weights[idx] = 0.0
+        weights[idx, j] = 1.0
+    weights[weights < 1e-3] = 0.0  # sparse like FLAME's: most vertices ignore the jaw entirely
+    weights[:, 0] = np.clip(1.0 - weights[:, 1:].sum(1), 0.0, None)
+    weights /= weights.sum(1, keepdims=True)
+    return weights
+
+
+def _surrogate_regressor(v_template: np.ndarray) -> np.ndarray:
+    """(J, V) J_regressor: normalised Gaussian kernels around the designed joint locations."""
+    d2 = ((_JOINTS[:, None, :] - v_template[None]) ** 2).sum(-1)  # (J, V)
+    j_regressor = np.exp(-d2 / (2 * 0.04**2))
+    j_regressor /= j_regressor.sum(1, keepdims=True)
+    return j_regressor
+
+
+def _surrogate_blendshapes(
+    rng: np.random.Generator, unit: np.ndarray, v_template: np.ndarray, num_shape: int, n_expr: int
+) -> np.ndarray:
+    """(V, 3, num_shape + n_expr) blendshapes: shape fields decay with the component index;
+    expression fields are masked to the mouth (first 60%) or the brows/eyes (rest)."""
+    decay_s = 0.004 / (1.0 + np.arange(num_shape) / 10.0)
+    shape_dirs = _smooth_fields(rng, unit, num_shape) * decay_s  # (V, 3, num_shape)
+    mouth = np.exp(-((v_template - _MOUTH) ** 2).sum(1) / (2 * 0.035**2))  # (V,)
+    brow = np.exp(-((v_template - _BROW) ** 2).sum(1) / (2 * 0.035**2))  # (V,)
+    n_mouth = int(round(0.6 * n_expr))
+    mask = np.concatenate([np.repeat(mouth[:, None], n_mouth, 1), np.repeat(brow[:, None], n_expr - n_mouth, 1)], 1)
+    decay_e = 0.003 / (1.0 + np.arange(n_expr) / 10.0)
+    expr_dirs = _smooth_fields(rng, unit, n_expr) * mask[:, None, :] * decay_e  # (V, 3, n_expr)
+    return np.concatenate([shape_dirs, expr_dirs], axis=2)
+
+
 def make_surrogate_flame(
     num_vertices: int = 64, seed: int = 0, num_shape_components: int = 100, n_expr: int = 50
 ) -> dict[str, np.ndarray]:
@@ -625,63 +733,19 @@ def make_surrogate_flame(
     """
     if num_vertices < 16:
         raise ValueError(f"make_surrogate_flame needs num_vertices >= 16, got {num_vertices}")
-    from scipy.spatial import ConvexHull
-
+    # Draw order (template noise, shape fields, expression fields, pose correctives) fixes the arrays per seed.
     rng = np.random.default_rng(seed)
-    nv = num_vertices
-    # Fibonacci sphere: evenly spread, deterministic, all on the convex hull.
-    i = np.arange(nv) + 0.5
-    polar = np.arccos(1.0 - 2.0 * i / nv)
-    azimuth = np.pi * (1.0 + np.sqrt(5.0)) * i
-    unit = np.stack([np.sin(polar) * np.sin(azimuth), np.cos(polar), np.sin(polar) * np.cos(azimuth)], axis=1)
-    v_template = unit * _HEAD_RADII + rng.normal(0.0, 0.002, size=(nv, 3))  # (V, 3)
-
-    faces = ConvexHull(unit).simplices.astype(np.int64)  # (F, 3)
-    tri = unit[faces]  # (F, 3, 3)
-    normals = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
-    inward = np.einsum("fc,fc->f", normals, tri.mean(1)) < 0
-    faces[inward] = faces[inward][:, ::-1]  # outward-facing winding
-
-    # Skinning weights (V, J).
-    x, y, z = v_template.T
-    weights = np.zeros((nv, 5))
-    weights[:, 2] = _sigmoid((-0.03 - y) / 0.008) * _sigmoid(z / 0.01)  # jaw: lower front
-    weights[:, 1] = _sigmoid((-0.075 - y) / 0.008) * (1.0 - weights[:, 2])  # neck: bottom
-    taken: set[int] = set()
-    for j in (3, 4):  # the vertex nearest each eye follows that eye
-        order = np.argsort(np.linalg.norm(v_template - _JOINTS[j], axis=1))
-        idx = int(next(o for o in order if int(o) not in taken))
-        taken.add(idx)
-        weights[idx] = 0.0
-        weights[idx, j] = 1.0
-    weights[weights < 1e-3] = 0.0  # sparse like FLAME's: most vertices ignore the jaw entirely
-    weights[:, 0] = np.clip(1.0 - weights[:, 1:].sum(1), 0.0, None)
-    weights /= weights.sum(1, keepdims=True)
-
-    # J_regressor (J, V): normalised Gaussian kernels around the designed joint locations.
-    d2 = ((_JOINTS[:, None, :] - v_template[None]) ** 2).sum(-1)  # (J, V)
-    j_regressor = np.exp(-d2 / (2 * 0.04**2))
-    j_regressor /= j_regressor.sum(1, keepdims=True)
-
-    # Blendshapes (V, 3, K): shape fields decay with the component index; expression fields
-    # are masked to the mouth (first 60%) or the brows/eyes (rest).
-    decay_s = 0.004 / (1.0 + np.arange(num_shape_components) / 10.0)
-    shape_dirs = _smooth_fields(rng, unit, num_shape_components) * decay_s
-    mouth = np.exp(-((v_template - _MOUTH) ** 2).sum(1) / (2 * 0.035**2))  # (V,)
-    brow = np.exp(-((v_template - _BROW) ** 2).sum(1) / (2 * 0.035**2))  # (V,)
-    n_mouth = int(round(0.6 * n_expr))
-    mask = np.concatenate([np.repeat(mouth[:, None], n_mouth, 1), np.repeat(brow[:, None], n_expr - n_mouth, 1)], 1)
-    decay_e = 0.003 / (1.0 + np.arange(n_expr) / 10.0)
-    expr_dirs = _smooth_fields(rng, unit, n_expr) * mask[:, None, :] * decay_e
-    posedirs = rng.normal(0.0, 2e-4, size=(nv, 3, 9 * (NUM_JOINTS - 1)))
-
+    unit = _fibonacci_sphere(num_vertices)  # (V, 3)
+    v_template = unit * _HEAD_RADII + rng.normal(0.0, 0.002, size=(num_vertices, 3))  # (V, 3)
+    shapedirs = _surrogate_blendshapes(rng, unit, v_template, num_shape_components, n_expr)  # (V, 3, S + E)
+    posedirs = rng.normal(0.0, 2e-4, size=(num_vertices, 3, 9 * (NUM_JOINTS - 1)))  # (V, 3, 36)
     return {
         "v_template": v_template,
-        "shapedirs": np.concatenate([shape_dirs, expr_dirs], axis=2),
+        "shapedirs": shapedirs,
         "posedirs": posedirs,
-        "J_regressor": j_regressor,
-        "weights": weights,
+        "J_regressor": _surrogate_regressor(v_template),  # (J, V)
+        "weights": _surrogate_weights(v_template),  # (V, J)
         "kintree_table": np.array([[_ROOT_PARENT_U32, 0, 1, 1, 1], [0, 1, 2, 3, 4]], dtype=np.int64),
-        "f": faces,
+        "f": _outward_hull_faces(unit),  # (F, 3)
         "num_shape_components": np.asarray(num_shape_components, dtype=np.int64),
     }
