@@ -74,9 +74,9 @@ def style_for(method, corpus, subject: str):
 
 
 def template_for(method, corpus, clip):
-    if getattr(method, "template_input", "vertices") == "shape":
-        return clip.shape
-    return corpus.template(clip.subject)
+    from talkmesh.eval.predictions import method_template
+
+    return method_template(method, clip, corpus.template(clip.subject))
 
 
 def base_size_encoder(tmp: Path) -> Path:
@@ -149,13 +149,13 @@ def main() -> None:
         for name in available_methods():
             try:
                 cls = get_method(name)
-                shape_input = getattr(cls, "template_input", "vertices") == "shape"
+                shape_input = cls.template_input == "shape"
                 corpus = corpora["flame" if shape_input else "vertex"]
                 facts = DataFacts.from_corpus(corpus)
                 torch.manual_seed(0)
                 method = build_method(name, None, facts, preset="debug").eval()
                 layer = corpus.face_model()
-                if shape_input and layer is not None and hasattr(method, "set_face_model"):
+                if shape_input and layer is not None:
                     method.set_face_model(layer)
                 audio, gt, clip = long_clip(corpus, secs)
                 tin = template_for(method, corpus, clip)
@@ -204,8 +204,7 @@ def main() -> None:
             pred, gt, audio, corpus = preview_source
             pred = pred.detach().cpu().numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
             layer = corpus.face_model()
-            faces = getattr(layer, "faces", None) if layer is not None else None
-            faces = faces() if callable(faces) else faces
+            faces = layer.faces if layer is not None else None  # (F, 3)
             fps = corpus.info.fps
             lips = corpus.regions().lips
             rruns = max(1, min(runs, 3))

@@ -141,8 +141,7 @@ def _deploy(stack: LocalStack, work: Path, corpus: Any, version: int | None) -> 
     from talkmesh.serving.client import StyleClient
 
     layer = corpus.face_model()
-    faces = getattr(layer, "faces", None) if layer is not None else None
-    faces = faces() if callable(faces) else faces
+    faces = layer.faces if layer is not None else None  # (F, 3)
     faces_path = work / "faces.npy"
     np.save(faces_path, np.asarray(faces, dtype=np.int64))
     (port,) = free_ports(1)

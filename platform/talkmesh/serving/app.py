@@ -161,8 +161,7 @@ class StyleModel:
             layer = load_face_model(self.cfg.face_model)
             self.method.set_face_model(layer)
             if self.faces is None:
-                faces = layer.faces() if callable(layer.faces) else layer.faces
-                self.faces = np.asarray(faces, dtype=np.int64)
+                self.faces = np.asarray(layer.faces, dtype=np.int64)  # (F, 3)
         self.pool = concurrent.futures.ThreadPoolExecutor(self.cfg.adapt_workers, thread_name_prefix="adapt")
         self.jobs: dict[str, concurrent.futures.Future] = {}
         log.info("talkmesh serving %s (%s), model key %s", self.cfg.method, self.model_ref, self.model_key)
