@@ -169,3 +169,17 @@ def test_models_registered_by_stop_7_load_through_their_method_directory(registe
     assert facts == registered["method"].facts and config == registered["method"].config
     for k, v in registered["method"].state_dict().items():
         assert torch.equal(module.state_dict()[k], v), k
+
+
+def test_artifacts_of_a_sqlite_store_live_beside_it_whatever_the_working_directory(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # a Ray worker's directory differs from the driver's
+    (tmp_path / "store").mkdir()
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    run_id = tracking.start_run("talkmesh-faceformer", "beside", uri=uri)
+    (tmp_path / "note.txt").write_text("x")
+    tracking.log_artifacts(run_id, tmp_path / "note.txt", "notes", uri=uri)
+    assert (tmp_path / "store" / "mlruns").is_dir() and not (tmp_path / "mlruns").exists()
+    assert any((tmp_path / "store" / "mlruns").rglob("note.txt"))
+    assert MlflowClient(tracking_uri=uri).get_run(run_id).info.artifact_uri.startswith((tmp_path / "store").as_uri())

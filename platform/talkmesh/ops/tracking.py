@@ -158,12 +158,21 @@ def _experiment_id(client: Any, name: str) -> str:
             client.restore_experiment(exp.experiment_id)
         return exp.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=_artifact_root(client.tracking_uri))
     except MlflowException:  # created concurrently by another process
         exp = client.get_experiment_by_name(name)
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def _artifact_root(uri: str) -> str | None:
+    """Artifacts of a SQLite store go to ``mlruns/`` beside its database file, wherever the
+    process runs (MLflow's default is ``./mlruns`` of the current directory, which differs
+    between a driver and its Ray workers); other stores keep their server's default (None)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
 
 
 def find_run(experiment: str, run_name: str, uri: str | None = None) -> str | None:
