@@ -268,9 +268,7 @@ def score_method(
     ``save_dir`` also write each prediction file there (adapted ones under ``adapted/``)."""
     regions = corpus.regions()
     out: list[ScoredPrediction] = []
-    was_training = method.training
-    method.eval()
-    try:
+    with method.eval_mode():
         for pred, gt, tmpl in predict_split(method, corpus, split, protocol):
             label = pred.sequence if pred.condition is None else f"{pred.sequence} [{pred.condition}]"
             if pred.adapted:
@@ -279,9 +277,6 @@ def score_method(
             out.append(ScoredPrediction(pred.sequence, pred.subject, pred.condition, pred.seen, pred.adapted, s))
             if save_dir is not None:
                 save_predictions([pred], Path(save_dir) / ("adapted" if pred.adapted else ""))
-    finally:
-        if was_training:
-            method.train()
     return out
 
 

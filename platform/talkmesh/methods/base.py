@@ -26,10 +26,11 @@ Only torch and numpy are imported here.
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import io
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar, Union
 
@@ -521,6 +522,17 @@ class MotionMethod(nn.Module, abc.ABC):
         ignored (the method predicts vertices)."""
 
     # ---- small shared utilities -----------------------------------------------------------
+    @contextlib.contextmanager
+    def eval_mode(self) -> Iterator[None]:
+        """Eval mode inside the block, the previous training mode restored after it (every
+        inference path, and the evaluator around a whole split)."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)
+
     @property
     def device(self) -> torch.device:
         for p in self.parameters():

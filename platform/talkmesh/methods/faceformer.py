@@ -40,10 +40,9 @@ Deviations from the reference code (all spec DECISIONS unless noted):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -526,15 +525,6 @@ class FaceFormer(MotionMethod):
         return loss, logs
 
     # ------------------------------------------------------------------ inference
-    @contextlib.contextmanager
-    def _eval_mode(self) -> Iterator[None]:
-        was_training = self.training
-        self.eval()
-        try:
-            yield
-        finally:
-            self.train(was_training)
-
     @torch.no_grad()
     def generate(
         self,
@@ -548,7 +538,7 @@ class FaceFormer(MotionMethod):
         a = self.as_audio(audio)  # (1, S)
         tmpl = self.as_template(template)  # (V, 3)
         vec = self.resolve_style(style)[None]  # (1, d)
-        with self._eval_mode():
+        with self.eval_mode():
             memory, frames = self.encode_audio(a)  # (1, S_mem, d)
             offsets = self.decode(memory, vec, int(frames[0]))  # (1, T, 3V)
         return {"vertices": offsets[0].reshape(-1, self.facts.num_vertices, 3) + tmpl}  # (T, V, 3)
@@ -575,7 +565,7 @@ class FaceFormer(MotionMethod):
         index = torch.tensor([self.facts.train_subjects.index(n) for n in names], device=self.device)
         a = self.as_audio(audio)
         tmpl = self.as_template(template)
-        with self._eval_mode():
+        with self.eval_mode():
             memory, frames = self.encode_audio(a)  # (1, S_mem, d)
             memory = memory.expand(len(names), -1, -1)  # (C, S_mem, d)
             offsets = self.decode(memory, self.style_vectors(index), int(frames[0]))  # (C, T, 3V)
@@ -617,7 +607,7 @@ class FaceFormer(MotionMethod):
         """Decode the reference once per training one-hot (autoregressively, as one batch)
         and pick the lowest vertex MSE. Returns (state, memory (1, S_mem, d), offsets)."""
         audio, offsets, t = self._reference_inputs(reference)
-        with self._eval_mode():
+        with self.eval_mode():
             memory, frames = self.encode_audio(audio, None, torch.tensor([t], device=self.device))
             t = int(frames[0])
             offsets = offsets[:, :t]  # (1, T, 3V)
@@ -654,7 +644,7 @@ class FaceFormer(MotionMethod):
         vec = self.style_vectors(torch.tensor([index], device=self.device)).detach().clone()  # (1, d)
         vec.requires_grad_(True)
         opt = torch.optim.Adam([vec], lr=lr)
-        with self._eval_mode():
+        with self.eval_mode():
             with torch.enable_grad():
                 for _ in range(steps):
                     pred = self.decode(memory, vec, t, targets=offsets)  # (1, T, 3V)

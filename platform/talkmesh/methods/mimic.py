@@ -65,7 +65,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -946,15 +946,6 @@ class Mimic(MotionMethod):
         return terms, style_acc, grl_acc
 
     # ------------------------------------------------------------------ inference
-    @contextlib.contextmanager
-    def _eval_mode(self) -> Iterator[None]:
-        was_training = self.training
-        self.eval()
-        try:
-            yield
-        finally:
-            self.train(was_training)
-
     def resolve_style(self, style: StyleState | int | str | None) -> torch.Tensor:
         """Style code (d,) from a Mimic StyleState, a training subject (index or name: its
         recorded code, deviation 8) or None (the mean recorded code; zeros before training)."""
@@ -1031,7 +1022,7 @@ class Mimic(MotionMethod):
             x = self._audio_window(a, start, length, last)
             return self.encode_audio(x, None, torch.tensor([length], device=self.device))
 
-        with self._eval_mode():
+        with self.eval_mode():
             offsets = self._decode_windows(memory_for, total, code)
         return {"vertices": offsets.reshape(total, self.facts.num_vertices, 3) + tmpl}  # (T, V, 3)
 
@@ -1053,7 +1044,7 @@ class Mimic(MotionMethod):
         def memory_for(start: int, length: int, last: bool) -> torch.Tensor:
             return self.content_codes(drive[None, start : start + length])
 
-        with self._eval_mode():
+        with self.eval_mode():
             offsets = self._decode_windows(memory_for, drive.shape[0], code)
         return {"vertices": offsets.reshape(-1, self.facts.num_vertices, 3) + tmpl}
 
@@ -1109,7 +1100,7 @@ class Mimic(MotionMethod):
             reference_field(reference, "vertices"), reference_field(reference, "template"), "reference vertices"
         )
         offsets = offsets[-self.config.style_ref_frames :]  # (T_ref, 3V)
-        with self._eval_mode():
+        with self.eval_mode():
             code = self.style_codes(offsets[None])[0]  # (d,)
         return self._state(code, "reference", offsets.shape[0])
 

@@ -107,13 +107,12 @@ Deviations (spec DECISIONs unless noted):
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import math
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
 
 import numpy as np
@@ -574,15 +573,11 @@ class AdaMesh(MotionMethod):
     def _fit_pose_index(self, dataset: ClipDataset) -> dict[str, float]:
         """Stage ``pose_index`` (§7.4): k-means of the training audio frames, then the
         per-identity pose-style matrices and style / shape tables."""
-        was_training = self.training
-        self.eval()
         cache = FeatureCache() if self.config.pose_index.cache_features else None
-        try:
+        with self.eval_mode():
             frames, result = self._fit_clusters(dataset, cache)
             counts = self._fit_identity_tables(dataset, cache)
             self.fitted[2] = True
-        finally:
-            self.train(was_training)
         return {
             "kmeans_frames": float(frames.shape[0]),
             "kmeans_inertia_per_frame": result.inertia / max(frames.shape[0], 1),
@@ -703,7 +698,7 @@ class AdaMesh(MotionMethod):
                 "pose_shared_clusters": torch.zeros(n, dtype=torch.long),
                 "shared_clusters": 0,
             }
-        with self._eval_mode():
+        with self.eval_mode():
             s, c = self._clip_pose_stats(self._clip_features(ref["audio"]), ref["head_pose"])
         s_ref = s / c.clamp_min(1)[:, None]
         dist, shared = pose_style_distances(
@@ -782,7 +777,7 @@ class AdaMesh(MotionMethod):
         else:
             style, shape = self.identity_style[index], self.identity_shape[index]
         frames = max(1, int(round(self.config.reference_seconds * self.facts.fps)))
-        with self._eval_mode():
+        with self.eval_mode():
             ident = self.expression.encode_identity(
                 shape[None], torch.ones(1, frames, dtype=torch.bool, device=self.device)
             )[0]
@@ -800,7 +795,7 @@ class AdaMesh(MotionMethod):
         if reference is None:
             raise ValueError("encode_style needs a reference clip or a training subject")
         ref = self._reference(reference)
-        with self._eval_mode():
+        with self.eval_mode():
             r, r_mask = self._reference_expression(ref["params"])
             style = self.expression.encode_style(r, r_mask)[0]
             identity = self.expression.encode_identity(ref["shape"][None], r_mask)[0]
@@ -828,7 +823,7 @@ class AdaMesh(MotionMethod):
             raise ValueError(f"adapt: steps must be >= 0 and max_seconds positive, got {steps}, {max_seconds}")
         ref = self._reference(reference)
         t0 = time.perf_counter()
-        with self._eval_mode():
+        with self.eval_mode():
             r, r_mask = self._reference_expression(ref["params"])  # (1, R, 53), (1, R)
             adapted, losses = self._optimise_molora(
                 ref, (r, r_mask), steps, t0 + max_seconds, seed, cfg.lr if lr is None else float(lr)
@@ -910,15 +905,6 @@ class AdaMesh(MotionMethod):
         loss, _ = weighted_loss(terms, dataclasses.asdict(self.config.expression.loss_weights))
         return loss
 
-    @contextlib.contextmanager
-    def _eval_mode(self) -> Iterator[None]:
-        was_training = self.training
-        self.eval()
-        try:
-            yield
-        finally:
-            self.train(was_training)
-
     def resolve_style(self, style: StyleState | int | str | None) -> _Style:
         """What ``generate`` conditions on: None (mean tables, ``default_pose_identity``), a
         training identity (index or name) or an AdaMesh StyleState."""
@@ -990,7 +976,7 @@ class AdaMesh(MotionMethod):
         tmpl = self._template(template)
         ds = self.config.pose_vq.downsample
         tp = -(-t // ds) * ds
-        with self._eval_mode():
+        with self.eval_mode():
             both = self._audio_inputs(a, None, torch.tensor([tp]))  # (1, 2T', H + M)
             params = self._generate_expression(both[:, : 2 * t], st)  # (T, 53)
             head_pose = self._generate_head_pose(both, st)[:t]  # (T, 3)
