@@ -179,6 +179,7 @@ def test_contract_declarations_and_face_model_overrides():
     assert AdaMesh.template_input == "shape" and AdaMesh.trains_on_vertices is False
     m = model(face=False, reference_seconds=4.0)
     assert m.reference_seconds == 4.0
+    assert AdaMeshConfig.reads_face_model_file
     assert AdaMeshConfig().face_model_overrides("/corpus/flame.npz") == {"face_model": "/corpus/flame.npz"}
     assert AdaMeshConfig(face_model="/own/flame.npz").face_model_overrides("/corpus/flame.npz") == {}
     with pytest.raises(ValueError, match="unknown AdaMesh preset"):

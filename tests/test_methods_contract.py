@@ -286,6 +286,9 @@ def test_config_is_a_method_config_with_a_debug_preset(name):
     label = cls.__name__.removesuffix("Config")
     with pytest.raises(ValueError, match=rf"unknown {label} preset 'no-such-preset'; presets: \["):
         cls.preset("no-such-preset")
+    assert isinstance(cls.reads_face_model_file, bool)
+    if not cls.reads_face_model_file:  # the jobs never ask it: it must not want a file either
+        assert cls.debug().face_model_overrides("/corpus/flame.npz") == {}
     build(name, 25.0)  # the debug preset builds
 
 

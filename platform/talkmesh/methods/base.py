@@ -324,6 +324,9 @@ class MethodConfig:
     """
 
     PRESETS: ClassVar[tuple[str, ...]] = ()
+    # True when the method reads a face-model file (see face_model_overrides): only then do
+    # the jobs open the corpus's face model before training.
+    reads_face_model_file: ClassVar[bool] = False
 
     lr: float = 1e-4
     epochs: int = 10
@@ -359,8 +362,9 @@ class MethodConfig:
     def face_model_overrides(self, path: str) -> dict[str, Any]:
         """Config overrides (dotted keys, as in ``build_config``) that hand this method the
         corpus's face-model file ``path``; the jobs apply them before registering a model, so
-        that it can build vertices when served. Default: none (the method does not read a
-        face-model file, or its config already names one)."""
+        that it can build vertices when served (asked only when ``reads_face_model_file``).
+        Default: none (the method does not read a face-model file, or its config already
+        names one)."""
         return {}
 
     @classmethod

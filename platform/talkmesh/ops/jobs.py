@@ -283,6 +283,8 @@ def _with_face_model(exp: ExperimentConfig) -> ExperimentConfig:
     for the corpus's face-model file (when the corpus has one on disk)."""
     from talkmesh.data import open_corpus
 
+    if not exp.method_config().reads_face_model_file:  # no need to open the corpus and its face model
+        return exp
     layer = open_corpus(exp.data).face_model()
     source = layer.source if layer is not None else ""
     if not source or not Path(source).is_file():

@@ -365,6 +365,7 @@ class AdaMeshConfig(MethodConfig):
     Weight decay is ``train.weight_decay`` (0.01 in the presets)."""
 
     PRESETS: ClassVar[tuple[str, ...]] = ("mead", "codetalker_vq", "debug")
+    reads_face_model_file: ClassVar[bool] = True  # ``face_model``: vertices when served
 
     # ---- audio front end (§2, D17) ----
     audio_encoder: AudioEncoderConfig = dataclasses.field(default_factory=_hubert)  # frozen
