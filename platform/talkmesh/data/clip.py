@@ -57,7 +57,9 @@ class Clip:
         return float(self.audio.shape[0]) / 16000.0
 
     def slice_frames(self, start: int, stop: int) -> Clip:
-        """Frames [start, stop) with the matching audio samples (16000/fps per frame)."""
+        """Frames [start, stop) with the matching audio samples (16000/fps per frame). The
+        transcript is kept only when the slice holds every frame (a window of a sentence has
+        no transcript of its own, and CTC terms must not see the whole sentence's)."""
         spf = 16000.0 / self.fps
         a0, a1 = int(round(start * spf)), int(round(stop * spf))
         audio = self.audio[a0:a1]
@@ -73,4 +75,5 @@ class Clip:
             vertices=cut(self.vertices),
             params=cut(self.params),
             head_pose=cut(self.head_pose),
+            text=self.text if (start <= 0 and stop >= self.num_frames) else None,
         )

@@ -43,7 +43,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -68,12 +68,14 @@ from talkmesh.methods.base import (
 __all__ = [
     "FaceFormer",
     "FaceFormerConfig",
+    "EncodedBatch",
     "FaceFormerLossWeights",
     "PeriodicPositionalEncoding",
     "alibi_slopes",
     "alignment_mask",
     "biased_causal_mask",
     "condition_filename",
+    "masked_mse",
     "periodic_positional_encoding",
 ]
 
@@ -262,6 +264,23 @@ class PeriodicPositionalEncoding(nn.Module):
         return self.dropout(x + pe[None])  # (B, L, d)
 
 
+class EncodedBatch(NamedTuple):
+    """One training batch after the audio encoder (:meth:`FaceFormer.encode_batch`)."""
+
+    features: torch.Tensor  # (B, S_mem, H) audio encoder output before audio_proj
+    memory: torch.Tensor  # (B, S_mem, d) decoder memory = audio_proj(features)
+    offsets: torch.Tensor  # (B, T, 3V) ground-truth vertex offsets from the template
+    valid: torch.Tensor  # (B, T) bool, frames that count in the losses
+    style: torch.Tensor  # (B, d) style embeddings of the batch's subjects
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """MSE of (B, T, C) over the valid frames (B, T) and every channel (a scalar)."""
+    w = valid[..., None].to(pred.dtype)  # (B, T, 1)
+    denom = (w.sum() * pred.shape[-1]).clamp_min(1.0)
+    return (((pred - target) ** 2) * w).sum() / denom
+
+
 def condition_filename(sequence: str, subject: str) -> str:
     """Prediction file of one (sequence, training-subject condition) pair (metrics.md §6.1)."""
     return f"{sequence}_condition_{subject}.npy"
@@ -343,7 +362,18 @@ class FaceFormer(MotionMethod):
         motion_frames: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Audio (B, S) raw 16 kHz, valid samples (B,) -> decoder memory (B, S_mem, d) and
-        motion frames (B,) per §3.1.
+        motion frames (B,) per §3.1: :meth:`audio_features` through ``audio_proj``."""
+        feats, frames = self.audio_features(audio, audio_lengths, motion_frames)  # (B, S_mem, H), (B,)
+        return self.audio_proj(feats), frames  # (B, S_mem, d), (B,)
+
+    def audio_features(
+        self,
+        audio: torch.Tensor,
+        audio_lengths: torch.Tensor | None = None,
+        motion_frames: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Audio (B, S) raw 16 kHz, valid samples (B,) -> the audio encoder's output
+        (B, S_mem, H) before ``audio_proj``, and motion frames (B,).
 
         Training (``motion_frames`` = the motion lengths T_b): "interp" interpolates the CNN
         features to T_b; "double" keeps min(T_b, CNN frames // 2) frames and 2 tokens each.
@@ -381,7 +411,7 @@ class FaceFormer(MotionMethod):
             feats = enc(x, keep_arg, num_frames=frames).features  # (B, T, H)
         else:
             feats = enc(x, keep_arg).features[:, : 2 * int(frames.max())]  # (B, 2T, H)
-        return self.audio_proj(feats), frames  # (B, S_mem, d), (B,)
+        return feats, frames  # (B, S_mem, H), (B,)
 
     @staticmethod
     def _check_frames(frames: torch.Tensor) -> None:
@@ -486,13 +516,14 @@ class FaceFormer(MotionMethod):
         )
 
     # ------------------------------------------------------------------ training
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss on a batch (specs/README.md schema): ``audio`` (B, S), ``audio_lengths`` (B,),
+    def encode_batch(self, batch: Batch) -> EncodedBatch:
+        """A training batch (specs/README.md schema): ``audio`` (B, S), ``audio_lengths`` (B,),
         ``vertices`` (B, T, V, 3), ``template`` (B, V, 3), ``subject`` (B,) training indices,
-        ``motion_mask`` (B, T). Returns (loss, {"rec", "rec_weighted", "loss", "frames"})."""
+        ``motion_mask`` (B, T) -> the audio encoded once, the target offsets, the valid
+        frames and the style embeddings (:class:`EncodedBatch`)."""
         for key in ("audio", "vertices", "template", "subject"):
             if key not in batch:
-                raise KeyError(f"FaceFormer batch needs {key!r}")
+                raise KeyError(f"{self.name} batch needs {key!r}")
         dev = self.device
         audio = batch["audio"].to(dev)  # (B, S)
         verts = batch["vertices"].to(dev, torch.float32)  # (B, T, V, 3)
@@ -501,27 +532,34 @@ class FaceFormer(MotionMethod):
         subject = torch.as_tensor(batch["subject"], device=dev).to(torch.long)  # (B,)
         if bool(((subject < 0) | (subject >= self.num_subjects)).any()):
             raise ValueError(
-                f"FaceFormer trains on training subjects only (indices 0..{self.num_subjects - 1}), got "
+                f"{self.name} trains on training subjects only (indices 0..{self.num_subjects - 1}), got "
                 f"{subject.tolist()}"
             )
         mask = batch.get("motion_mask")
         mask = torch.ones(b, t_max, dtype=torch.bool, device=dev) if mask is None else mask.to(dev, torch.bool)
         lengths = batch.get("motion_lengths")
         lengths = mask.sum(dim=1) if lengths is None else lengths.to(dev, torch.long)  # (B,)
-        audio_lengths = batch.get("audio_lengths")
 
-        memory, frames = self.encode_audio(audio, audio_lengths, lengths)  # (B, S_mem, d), (B,)
+        feats, frames = self.audio_features(audio, batch.get("audio_lengths"), lengths)  # (B, S_mem, H), (B,)
         t = int(frames.max())
         offsets = (verts[:, :t] - template[:, None]).reshape(b, t, self.output_dim)  # (B, T, 3V)
         valid = mask[:, :t] & (torch.arange(t, device=dev)[None] < frames[:, None])  # (B, T)
-        style = self.style_vectors(subject)  # (B, d)
-        pred = self.decode(memory, style, t, targets=offsets if self.config.teacher_forcing else None)  # (B, T, 3V)
+        return EncodedBatch(feats, self.audio_proj(feats), offsets, valid, self.style_vectors(subject))
 
-        w = valid[..., None].to(pred.dtype)  # (B, T, 1)
-        denom = (w.sum() * self.output_dim).clamp_min(1.0)
-        rec = (((pred - offsets) ** 2) * w).sum() / denom  # MSE over valid frames and coordinates
+    def predict_offsets(self, enc: EncodedBatch) -> torch.Tensor:
+        """The decoder's offsets (B, T, 3V) for an encoded batch: teacher-forced on the
+        targets when ``teacher_forcing``, else autoregressive."""
+        targets = enc.offsets if self.config.teacher_forcing else None
+        return self.decode(enc.memory, enc.style, enc.offsets.shape[1], targets=targets)  # (B, T, 3V)
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss on a batch (see :meth:`encode_batch`). Returns (loss, {"rec", "rec_weighted",
+        "loss", "frames"})."""
+        enc = self.encode_batch(batch)
+        pred = self.predict_offsets(enc)  # (B, T, 3V)
+        rec = masked_mse(pred, enc.offsets, enc.valid)  # MSE over valid frames and coordinates
         loss, logs = weighted_loss({"rec": rec}, dataclasses.asdict(self.config.loss_weights))
-        logs["frames"] = float(valid.sum())
+        logs["frames"] = float(enc.valid.sum())
         return loss, logs
 
     # ------------------------------------------------------------------ inference

@@ -80,9 +80,11 @@ preset generates in well under a minute on 2 cores.
 Modules: ``presets`` (sizes, tables, seeded streams), ``face`` (the face model),
 ``content`` (speakers, sentences, timelines, the sequence plan), ``audio`` and ``motion``
 (rendering a timeline), ``writer`` (one corpus into a directory), ``store`` (atomic
-generation, the cache, ``meta.json``), ``corpus`` (the reader).
+generation, the cache, ``meta.json``), ``timelines`` (a stored clip's phoneme timeline and
+per-frame phoneme classes, regenerated from ``meta.json``), ``corpus`` (the reader).
 """
 
+from talkmesh.data.synthetic.content import frame_phoneme_classes
 from talkmesh.data.synthetic.corpus import SyntheticCorpus
 from talkmesh.data.synthetic.face import build_face_model
 from talkmesh.data.synthetic.presets import (
@@ -92,11 +94,13 @@ from talkmesh.data.synthetic.presets import (
     EXPR,
     EXPRESSION_COMPONENTS,
     GENERATOR_VERSION,
+    PHONEME_CLASSES,
     PHONEMES,
     PRESETS,
     STYLE_RANGES,
 )
 from talkmesh.data.synthetic.store import cache_path, ensure_cached, generate_corpus, read_meta, speaker_styles
+from talkmesh.data.synthetic.timelines import clip_timeline, phoneme_classes
 
 __all__ = [
     "AUDIO_RATE",
@@ -106,13 +110,17 @@ __all__ = [
     "EXPRESSION_COMPONENTS",
     "GENERATOR_VERSION",
     "PHONEMES",
+    "PHONEME_CLASSES",
     "PRESETS",
     "STYLE_RANGES",
     "SyntheticCorpus",
     "build_face_model",
     "cache_path",
+    "clip_timeline",
     "ensure_cached",
+    "frame_phoneme_classes",
     "generate_corpus",
+    "phoneme_classes",
     "read_meta",
     "speaker_styles",
 ]

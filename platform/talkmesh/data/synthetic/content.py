@@ -6,6 +6,7 @@ shape), the sentence pool, the phoneme timeline of one clip and the per-sequence
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,19 @@ from talkmesh.data.synthetic.presets import (
     seeded_rng,
 )
 
-__all__ = ["Segment", "make_sentences", "make_speakers", "phoneme_timeline", "sequence_plan"]
+__all__ = [
+    "CLIP_STREAM",
+    "Segment",
+    "clip_rng",
+    "frame_phoneme_classes",
+    "make_sentences",
+    "make_speakers",
+    "phoneme_timeline",
+    "sequence_plan",
+    "timeline_frames",
+]
+
+CLIP_STREAM = 6  # seeded_rng(seed, CLIP_STREAM, n): plan item n's timeline, audio and motion draws
 
 _VOWELS = "aeiouE"
 _VOWEL_WEIGHTS = (0.24, 0.2, 0.18, 0.14, 0.1, 0.14)
@@ -132,6 +145,36 @@ def phoneme_timeline(
         t += dur
     segs.append(Segment(PHONEME[" "], t, t + trail, 0))
     return segs
+
+
+def clip_rng(seed: int, n: int) -> np.random.Generator:
+    """The random stream of plan item number ``n`` (its index in ``sequence_plan``): the
+    timeline is drawn first, then the audio, then the motion."""
+    return seeded_rng(seed, CLIP_STREAM, n)
+
+
+def timeline_frames(segments: Sequence[Segment], fps: float) -> int:
+    """Number of motion frames of a clip at ``fps``: up to the end of its last segment."""
+    return int(np.ceil(segments[-1].end * fps))
+
+
+def frame_phoneme_classes(segments: Sequence[Segment], fps: float, num_frames: int) -> np.ndarray:
+    """(T,) int64 index into ``PHONEME_CLASSES`` of the segment holding each frame's time
+    ``i / fps`` (segments are half-open ``[start, end)``, sorted and non-overlapping); frames
+    outside every segment (after the last one, or in a gap) are pause (0)."""
+    if not fps > 0 or num_frames < 0:
+        raise ValueError(f"frame_phoneme_classes: need fps > 0 and num_frames >= 0, got {fps}, {num_frames}")
+    t = np.arange(num_frames) / fps  # (T,) s
+    if not segments:
+        return np.zeros(num_frames, dtype=np.int64)
+    starts = np.array([s.start for s in segments])  # (N,)
+    ends = np.array([s.end for s in segments])  # (N,)
+    cls = np.array([PHONEME_CLASSES.index(s.ph.cls) for s in segments], dtype=np.int64)  # (N,)
+    k = np.searchsorted(ends, t, side="right")  # (T,) first segment ending after t
+    inside = k < len(segments)
+    k = np.minimum(k, len(segments) - 1)
+    inside &= t >= starts[k]
+    return np.where(inside, cls[k], 0).astype(np.int64)
 
 
 def sequence_plan(preset: Preset, speakers: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:

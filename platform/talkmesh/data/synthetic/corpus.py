@@ -19,6 +19,7 @@ from talkmesh.data.processed import ProcessedCorpus
 from talkmesh.data.regions import Regions, load_regions, with_overrides
 from talkmesh.data.synthetic.presets import DEFAULT_FPS
 from talkmesh.data.synthetic.store import ensure_cached, read_meta
+from talkmesh.data.synthetic.timelines import clip_phoneme_classes
 
 if TYPE_CHECKING:
     from talkmesh.face.flame import FlameLayer
@@ -137,6 +138,19 @@ class SyntheticCorpus(ProcessedCorpus):
         if self.flavour == "flame":
             return dataclasses.replace(clip, vertices=None, shape=self.subject_shape(seq.subject))
         return dataclasses.replace(clip, params=None, head_pose=None)
+
+    def phoneme_classes(self, seq: SequenceInfo | str) -> np.ndarray:
+        """(T,) int64 ``PHONEME_CLASSES`` index (0 = pause) of every frame of a clip at this
+        corpus's fps (T = the loaded clip's ``num_frames``), regenerated from ``meta.json``;
+        DataError naming the stem when there is no such sequence."""
+        info = self.get(seq) if isinstance(seq, str) else seq
+        classes = clip_phoneme_classes(self.meta, info.name, self.fps)  # (T,)
+        if classes.shape[0] != info.num_frames:
+            raise DataError(
+                f"{self.root}: regenerated timeline of {info.name!r} has {classes.shape[0]} frames, "
+                f"the stored clip {info.num_frames}"
+            )
+        return classes
 
     def face_model(self) -> FlameLayer | None:
         """``data.flame_model`` if set, else the corpus's own ``face_model.npz``."""

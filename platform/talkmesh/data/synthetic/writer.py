@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from talkmesh.data.synthetic.audio import synthesize_audio
-from talkmesh.data.synthetic.content import make_sentences, make_speakers, phoneme_timeline, sequence_plan
+from talkmesh.data.synthetic.content import (
+    clip_rng,
+    make_sentences,
+    make_speakers,
+    phoneme_timeline,
+    sequence_plan,
+    timeline_frames,
+)
 from talkmesh.data.synthetic.face import build_face_model
 from talkmesh.data.synthetic.motion import synthesize_motion
 from talkmesh.data.synthetic.presets import (
@@ -33,7 +40,6 @@ from talkmesh.data.synthetic.presets import (
     UNSEEN_SPLITS,
     Preset,
     get_preset,
-    seeded_rng,
 )
 
 if TYPE_CHECKING:
@@ -89,11 +95,11 @@ def _synthesize_clip(
     n: int, fps: float,
 ) -> _Clip:
     """Plan item number ``n`` of speaker ``spk``: its timeline, audio and FLAME-56 params,
-    all from the clip's own stream ``seeded_rng(seed, 6, n)``."""
-    rng = seeded_rng(seed, 6, n)
+    all from the clip's own stream ``clip_rng(seed, n)``."""
+    rng = clip_rng(seed, n)
     sentence = sentences[item["sentence_id"]]
     segs = phoneme_timeline(sentence, spk["style"], item["emotion"], item["intensity"], preset, rng)
-    n_frames = int(np.ceil(segs[-1].end * fps))
+    n_frames = timeline_frames(segs, fps)
     n_samples = int(round(n_frames * AUDIO_RATE / fps))
     audio = synthesize_audio(segs, spk["style"], item["emotion"], item["intensity"], n_samples, rng)
     params = synthesize_motion(segs, spk, item["emotion"], item["intensity"], fps, n_frames, rng)  # (T, 56)
