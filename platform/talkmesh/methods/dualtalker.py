@@ -493,7 +493,7 @@ class DualTalker(FaceFormer):
         terms = self._generator_terms(pred, enc)
         weights = dataclasses.asdict(self.config.loss_weights)
         if any(weights[k] > 0 for k in AUX_TERMS):
-            terms.update(self._dual_terms(pred, enc, batch.get("text")))
+            terms.update(self.dual_terms(pred, enc, batch.get("text")))
         return terms, enc
 
     def _generator_terms(self, pred: torch.Tensor, enc: EncodedBatch) -> dict[str, torch.Tensor]:
@@ -506,11 +506,14 @@ class DualTalker(FaceFormer):
         vel = masked_mse(pred[:, 1:] - pred[:, :-1], enc.offsets[:, 1:] - enc.offsets[:, :-1], pairs)
         return {"rec": masked_mse(pred, enc.offsets, enc.valid), "lip_rec": lip_rec, "vel": vel}
 
-    def _dual_terms(
+    def dual_terms(
         self, pred: torch.Tensor, enc: EncodedBatch, texts: Sequence[str] | None
     ) -> dict[str, torch.Tensor]:
-        """The reader on ground truth (trains the reader, heads, shared parts) and on the
-        prediction with the reader's and g_m's parameters excluded from the gradient (§4.2)."""
+        """The reader's terms (§4.2): on the ground truth ``enc.offsets`` (feat_gt, ctc_gt,
+        nce_gt; they train the reader, its heads, the shared embedding and the audio encoder)
+        and on ``pred`` (B, T, 3V) offsets (feat_pred, ctc_pred, nce_pred, cos_pred; the
+        reader's and g_m's parameters are excluded from their gradient). The CTC terms only
+        for items with a transcript in ``texts``."""
         cfg, valid = self.config, enc.valid
         h = enc.features.detach()  # (B, T, H) sg(h), the feature target
         gt = self.reader(enc.offsets, valid)
