@@ -50,7 +50,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Sequence
-from typing import ClassVar, Literal, NamedTuple
+from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -61,6 +61,9 @@ from talkmesh.audio.encoders import AudioEncoderConfig
 from talkmesh.methods.base import Batch, DataFacts, weighted_loss
 from talkmesh.methods.faceformer import EncodedBatch, FaceFormer, FaceFormerConfig, masked_mse
 from talkmesh.nn.motion_encoder import sinusoidal_encoding
+
+if TYPE_CHECKING:  # pragma: no cover
+    from talkmesh.data.dataset import ClipDataset
 
 __all__ = [
     "WAV2VEC2_VOCABULARY",
@@ -319,6 +322,8 @@ class LipReader(nn.Module):
         self.full_face = full_face
         self.ctc_upsample = ctc_upsample
         self.register_buffer("lip_index", torch.tensor(lips, dtype=torch.long), persistent=False)
+        # RMS of training offsets (full face, lips); the streams read offsets / scale.
+        self.register_buffer("input_scale", torch.ones(2))
         self.full_embedding = (motion_embedding or nn.Linear(3 * num_vertices, d_model)) if full_face else None
         self.lip_embedding = nn.Linear(3 * self.num_lips, d_model)
         layer = nn.TransformerEncoderLayer(
@@ -341,10 +346,17 @@ class LipReader(nn.Module):
         else:
             expect = f"{self.num_vertices}" + ("" if self.full_face else f" or {self.num_lips} (lips only)")
             raise ValueError(f"lip reader input has {n} vertices per frame, expected {expect}")
-        h = self.lip_embedding(lips.reshape(b, t, -1))  # (B, T, d)
+        h = self.lip_embedding(lips.reshape(b, t, -1) / self.input_scale[1])  # (B, T, d)
         if self.full_embedding is not None:
-            h = h + self.full_embedding(x.reshape(b, t, -1))  # (B, T, d)
+            h = h + self.full_embedding(x.reshape(b, t, -1) / self.input_scale[0])  # (B, T, d)
         return h
+
+    def set_input_scale(self, full: float, lips: float) -> None:
+        """Offsets are divided by these before the streams (the RMS of the training motion,
+        :meth:`DualTalker.fit_stage`), so the reader sees unit-scale input on any dataset."""
+        if not (full > 0 and lips > 0 and math.isfinite(full) and math.isfinite(lips)):
+            raise ValueError(f"input scales must be positive and finite, got {full}, {lips}")
+        self.input_scale.copy_(torch.tensor([full, lips], dtype=self.input_scale.dtype))
 
     def encode(self, offsets: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Motion latents r (B, T, d) of offsets (B, T, N, 3) / (B, T, 3N); valid (B, T)."""
@@ -409,6 +421,26 @@ class DualTalker(FaceFormer):
         self._token_ids = {tok: i for i, tok in enumerate(config.vocabulary)}
 
     # ------------------------------------------------------------------ schedule
+    def fit_stage(self, dataset: ClipDataset) -> dict[str, float]:
+        """The reader's input scales: the RMS of the training offsets from the template over
+        every vertex and over the lip vertices (decision: metre-scale offsets would leave an
+        untrained reader blind to motion for thousands of steps)."""
+        lips = self.reader.lip_index.cpu().numpy()
+        total = np.zeros(2)
+        count = np.zeros(2)
+        for i in range(len(dataset)):
+            clip = dataset[i]
+            if clip.vertices is None or clip.template is None:
+                raise ValueError(f"DualTalker trains on vertices: clip {clip.name!r} has none")
+            off = np.asarray(clip.vertices, dtype=np.float64) - clip.template  # (T, V, 3)
+            total += [np.square(off).sum(), np.square(off[:, lips]).sum()]
+            count += [off.size, off[:, lips].size]
+        rms = np.sqrt(total / np.maximum(count, 1))
+        if not (rms > 0).all():
+            raise ValueError("the training motion has no movement (zero offsets): cannot scale the lip reader")
+        self.reader.set_input_scale(float(rms[0]), float(rms[1]))
+        return {"reader_scale_full": float(rms[0]), "reader_scale_lips": float(rms[1])}
+
     def on_epoch_start(self, epoch: int) -> None:
         """The ``_pred`` weights' ramp: epoch / ``dual_ramp_epochs``, at most 1 (§5)."""
         ramp = self.config.dual_ramp_epochs
