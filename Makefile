@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo test test-learning test-fast lint clean
 
 # The CPU build of torch is installed first when no CUDA GPU is visible, so that the
 # project's own `torch` requirement is already satisfied and pip never pulls the CUDA wheels.
@@ -29,10 +29,15 @@ demo: setup
 
 # pytest exits 5 when it collected nothing; that is reported, not treated as a failure.
 test: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not learning"; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+# The learning checks that need longer (minutes of training on the synthetic corpus); CI runs
+# them after `make test`.
+test-learning: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m learning; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 test-fast: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow and not learning"
 
 lint: setup
 	$(VENV)/bin/ruff check platform jobs sweeps serve tests benchmarks

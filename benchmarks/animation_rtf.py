@@ -1,7 +1,7 @@
 """Animation real-time factor: wall time of ``generate`` for 10 s of audio / 10 s, for every
 registered method's ``debug`` preset, FaceFormer's small job model and paper-size
-FaceFormer (VOCASET and BIWI presets), plus the MP4 preview render time. Median of N runs.
-Not part of the test run.
+FaceFormer and DualTalker (VOCASET and BIWI presets), plus the MP4 preview render time.
+Median of N runs. Not part of the test run.
 
     .venv/bin/python benchmarks/animation_rtf.py [--quick] [--runs N] [--threads T] [--seconds S]
 
@@ -94,12 +94,16 @@ def base_size_encoder(tmp: Path) -> Path:
 
 
 def paper_facts(kind: str):
-    """VOCASET / BIWI data facts as numbers (no corpus needed to time generate)."""
+    """VOCASET / BIWI data facts as numbers (no corpus needed to time generate). The lip sets
+    have the real sizes (FLAME lips 250, BIWI lve.txt 4996) but stand-in indices: only
+    DualTalker's lip reader reads them, and ``generate`` never runs the reader."""
     from talkmesh.methods.base import DataFacts
 
     if kind == "vocaset":
-        return DataFacts(fps=30.0, num_vertices=5023, train_subjects=tuple(f"S{i}" for i in range(8)))
-    return DataFacts(fps=25.0, num_vertices=23370, train_subjects=tuple(f"S{i}" for i in range(6)))
+        return DataFacts(fps=30.0, num_vertices=5023, train_subjects=tuple(f"S{i}" for i in range(8)),
+                         lip_indices=tuple(range(250)))  # fmt: skip
+    return DataFacts(fps=25.0, num_vertices=23370, train_subjects=tuple(f"S{i}" for i in range(6)),
+                     lip_indices=tuple(range(4996)))  # fmt: skip
 
 
 def main() -> None:
@@ -173,7 +177,9 @@ def main() -> None:
                 print(f"{name + ' debug':66s} failed: {type(e).__name__}: {e}")
                 traceback.print_exc(limit=2)
 
-        # ---- FaceFormer at paper size ------------------------------------------------------
+        # ---- FaceFormer and DualTalker at paper size ---------------------------------------
+        # DualTalker generates with FaceFormer's decoder at d 128 (its lip reader is training
+        # only), so the rows differ where FaceFormer's width or alignment differs.
         encoders = [("tiny random enc", {"tiny": True})]
         if not args.quick:
             t0 = time.perf_counter()
@@ -181,21 +187,21 @@ def main() -> None:
             print(f"(built the random wav2vec2-base-size encoder in {time.perf_counter() - t0:.1f} s)")
             encoders.append(("wav2vec2-base-size random enc", {"name_or_path": str(enc_dir)}))
         audio16 = long_clip(corpora["vertex"], secs)[0]
-        for preset in ("vocaset", "biwi"):
+        for name, preset in [(n, p) for p in ("vocaset", "biwi") for n in ("faceformer", "dualtalker")]:
             facts = paper_facts(preset)
             template = np.random.default_rng(0).normal(0, 0.05, (facts.num_vertices, 3)).astype(np.float32)
             for enc_label, enc in encoders:
                 try:
                     torch.manual_seed(0)
-                    method = build_method("faceformer", {"audio_encoder": enc}, facts, preset=preset).eval()
+                    method = build_method(name, {"audio_encoder": enc}, facts, preset=preset).eval()
                     n_params = sum(p.numel() for p in method.parameters()) / 1e6
                     method.generate(audio16, template, 0)  # warm-up
                     gen_t, _ = timings(lambda m=method, t=template: m.generate(audio16, t, 0), runs)
                     cfg = method.config
-                    row(f"faceformer {preset} (d {cfg.d_model}, {enc_label}, {n_params:.1f} M)",
+                    row(f"{name} {preset} (d {cfg.d_model}, {enc_label}, {n_params:.1f} M)",
                         facts.num_vertices, facts.fps, gen_t, None)  # fmt: skip
                 except Exception as e:  # noqa: BLE001
-                    print(f"faceformer {preset} + {enc_label}: failed: {type(e).__name__}: {e}")
+                    print(f"{name} {preset} + {enc_label}: failed: {type(e).__name__}: {e}")
 
         # ---- preview render -----------------------------------------------------------------
         if preview_source is not None:

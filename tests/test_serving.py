@@ -17,6 +17,7 @@ import torch
 
 from talkmesh.config import ConfigError, DataConfig
 from talkmesh.methods.base import make_style_state
+from talkmesh.methods.registry import available_methods
 from talkmesh.serving.inputs import (
     InputError,
     parse_style_spec,
@@ -400,22 +401,25 @@ def test_serve_config_file_loads_with_overrides():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["mimic", "adamesh"])
-def test_service_serves_every_reference_method(service, method):
-    """The same service contract for the reference-conditioned methods: Mimic (vertex
-    styles, weighted style mixing) and AdaMesh (FLAME parameters, MoLoRA adaptation in the
-    background, head pose), each as its own application next to FaceFormer's."""
+@pytest.mark.parametrize("method", [m for m in available_methods() if m != "faceformer"])
+def test_service_serves_every_method(service, method):
+    """The same service contract for every registered method other than FaceFormer (served by
+    the ``service`` fixture), each as its own application next to FaceFormer's: Mimic (vertex
+    styles, weighted style mixing), AdaMesh (FLAME parameters, MoLoRA adaptation in the
+    background, head pose), DualTalker (one-hot selection from the reference). A method that
+    cannot mix styles refuses a mix with a 422."""
     import requests
     from ray import serve
 
     from talkmesh.data import open_corpus
     from talkmesh.methods.base import DataFacts
-    from talkmesh.methods.registry import build_method
+    from talkmesh.methods.registry import build_method, get_method
     from talkmesh.ops import tracking
     from talkmesh.serving.app import build_app
 
     root, uri = service["root"], service["uri"]
-    flame = method == "adamesh"
+    cls = get_method(method)
+    flame = cls.template_input == "shape"  # FLAME parameters in, vertices through the face model
     corpus = open_corpus(
         DataConfig(format="synthetic", root=str(root / "synth"), synthetic_flavour="flame" if flame else "vertex")
     )
@@ -448,6 +452,8 @@ def test_service_serves_every_reference_method(service, method):
             assert time.time() < deadline
             time.sleep(0.5)
         assert st["status"] == "ready", st
+        if cls.conditioning == "onehot":  # adapted by selecting a training speaker's one-hot
+            assert st["summary"]["subject_name"] in facts.train_subjects, st
         ids.append(sid)
 
     files = {"audio": ("a.wav", _wav(2.0))}
@@ -458,6 +464,10 @@ def test_service_serves_every_reference_method(service, method):
     assert z["vertices"].shape == (frames, facts.num_vertices, 3)
     if flame:
         assert z["params"].shape == (frames, 53) and z["head_pose"].shape == (frames, 3)
+    if not cls.supports_style_mixing:
+        mix = {"style_id": f"{ids[0]}:0.5,{ids[1]}:0.5"}
+        refused = requests.post(f"{url}/v1/animate", files=files, data=mix, timeout=120)
+        assert refused.status_code == 422 and "mixing" in refused.text, refused.text
     else:  # weighted mixing of two stored styles; the endpoints are the styles themselves
         mixed = requests.post(
             f"{url}/v1/animate", files=files, data={"style_id": f"{ids[0]}:0.5,{ids[1]}:0.5"}, timeout=120

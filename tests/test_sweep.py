@@ -55,6 +55,26 @@ def test_the_shipped_faceformer_sweep_loads_and_builds_its_experiment():
     assert mc.d_model == 32 and mc.dropout == pytest.approx(0.15) and trial.schedule().lr == pytest.approx(1e-3)
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "sweeps").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_sweep_loads_and_validates(path):
+    """Every sweeps/*.yaml is strict-loaded and its space probed (choices, range ends and an
+    inner point) against its method's config before any Ray starts."""
+    cfg = load_sweep(path)
+    assert path.stem.split("_")[0] == cfg.method, f"{path.name} sweeps {cfg.method!r}"
+    exp = cfg.validate()
+    assert exp.method == cfg.method and exp.train.num_workers >= 1 and cfg.space
+
+
+def test_the_dualtalker_sweep_searches_its_auxiliary_loss_weights():
+    cfg = load_sweep(REPO / "sweeps" / "dualtalker.yaml")
+    aux = ("feat_gt", "ctc_gt", "nce_gt", "feat_pred", "ctc_pred", "nce_pred", "cos_pred")
+    assert set(cfg.space) == {f"model.loss_weights.{k}" for k in aux}
+    assert all(d.type == "loguniform" for d in cfg.space.values())
+    weights = cfg.experiment({"model.loss_weights.nce_pred": 3e-3, "model.loss_weights.ctc_gt": 2e-6})
+    lw = weights.method_config().loss_weights
+    assert lw.nce_pred == pytest.approx(3e-3) and lw.ctc_gt == pytest.approx(2e-6) and lw.rec == 1000.0
+
+
 def test_cli_overrides_and_num_samples_replace_the_yaml_values():
     cfg = load_sweep(REPO / "sweeps" / "faceformer.yaml", ["train.epochs=2"], num_samples=3, name="mine")
     assert cfg.num_samples == 3 and cfg.name == "mine" and cfg.overrides[-1] == "train.epochs=2"

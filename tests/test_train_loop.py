@@ -336,3 +336,22 @@ def test_job_trains_evaluates_and_registers(tmp_path, monkeypatch, capsys):
     assert "no such preset" in capsys.readouterr().err
     info = json.loads((tmp_path / "ray" / "job" / "epoch-0000" / METHOD_FILE).read_text())
     assert info["method"] == "faceformer" and info["epoch"] == 0
+
+
+@pytest.mark.slow
+def test_dualtalker_job_reads_whole_sequences_with_transcripts(tmp_path, monkeypatch):
+    """jobs/dualtalker.py's small preset: its windows hold whole synthetic sequences, so the
+    CTC terms see the phoneme transcripts (a windowed clip carries none); the reader's input
+    scale is fitted; the job evaluates and registers."""
+    from talkmesh.ops.jobs import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    overrides = ["train.epochs=1", "train.torch_threads=1", "train.system_metrics=false", "train.preview=false",
+                 "train.limit_train_batches=4", "train.limit_eval_sequences=2",
+                 f"train.storage_path={tmp_path / 'ray'}", "train.run_name=job"]  # fmt: skip
+    assert main("dualtalker", ["--num-workers", "0", *overrides]) == 0
+    metrics = tracking.get_run_metrics(tracking.find_run("talkmesh-dualtalker", "job", uri=uri), uri=uri)
+    assert metrics["train/ctc_gt"] > 0 and "train/ctc_pred" in metrics
+    assert metrics["train/fit/reader_scale_lips"] > 0 and "test/test-B/adapted/lve" in metrics
+    assert tracking.get_alias_version("dualtalker", "champion", uri=uri) == 1
