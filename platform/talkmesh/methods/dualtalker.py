@@ -39,9 +39,16 @@ is a one-hot, ``adapt`` selects the training one-hot that best reconstructs the 
 :meth:`DualTalker.lip_read` exposes the reader (full-face, or lips only with
 ``reader_full_face=False``), which DEEPTalk reuses as its lip-reading perceptual model.
 
-Project deviations: transcripts are tokenised with ``vocabulary`` (default: the
-wav2vec2-base-960h character set, blank = ``<pad>`` = 0); a windowed training clip carries
-no transcript (the loader drops it), so CTC terms need whole sequences.
+Project decisions the spec leaves open:
+  1. The reader divides its input offsets by the RMS of the training motion (full face and
+     lips, fitted in :meth:`DualTalker.fit_stage`, stored as a buffer): metre-scale offsets
+     are ~1e-3, so an unscaled reader sees almost nothing but its positional encoding and
+     needs thousands of steps before InfoNCE or CTC leave chance. The shared embedding thus
+     reads unscaled offsets in the generator and scaled ones in the reader.
+  2. Transcripts are tokenised with ``vocabulary`` (default: the wav2vec2-base-960h
+     character set, blank = ``<pad>`` = 0); a windowed training clip carries no transcript
+     (the loader drops it), so the CTC terms need whole sequences.
+  3. ``lip_indices`` empty means the corpus's lip region (``DataFacts.lip_indices``).
 """
 
 from __future__ import annotations
