@@ -73,6 +73,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from talkmesh.data.dataset import ClipDataset
 
 __all__ = [
+    "AUX_TERMS",
+    "PRED_TERMS",
     "WAV2VEC2_VOCABULARY",
     "DualTalker",
     "DualTalkerConfig",
@@ -94,7 +96,9 @@ WAV2VEC2_VOCABULARY: tuple[str, ...] = (
     "'", "X", "J", "Q", "Z",
 )  # fmt: skip
 
+# The reader's terms (§5): a run whose weights for all of them are 0 never runs the reader.
 AUX_TERMS = ("feat_gt", "ctc_gt", "nce_gt", "feat_pred", "ctc_pred", "nce_pred", "cos_pred")
+# The terms on predicted motion, ramped in over ``dual_ramp_epochs``.
 PRED_TERMS = ("feat_pred", "ctc_pred", "nce_pred", "cos_pred")
 
 
