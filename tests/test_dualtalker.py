@@ -297,7 +297,7 @@ def test_ctc_transcript_longer_than_the_frames_gives_zero_and_a_warning(caplog):
     m.on_epoch_start(1)
     with caplog.at_level(logging.WARNING, logger="talkmesh.methods.dualtalker"):
         terms, _ = m.loss_terms(batch(t=10, text=("a" * 30, "e" * 30)))  # 30 tokens, 20 CTC frames
-    assert float(terms["ctc_gt"]) == 0.0 and float(terms["ctc_pred"]) == 0.0
+    assert float(terms["ctc_gt"].detach()) == 0.0 and float(terms["ctc_pred"].detach()) == 0.0
     assert "zero_infinity" in caplog.text
 
 
@@ -463,7 +463,7 @@ def train_synthetic(
     torch.manual_seed(seed)
     m = build_method("dualtalker", overrides, DataFacts.from_corpus(corpus), preset="debug")
     assert isinstance(m, DualTalker)
-    m.fit_stage(ds)
+    m.fit_stage(clips)  # type: ignore[arg-type]  # the reader's input scale from the clips it trains on
     m.train()
     opt = torch.optim.Adam(m.trainable_parameters(), lr=m.config.lr)
     per_epoch = max(1, len(clips) // batch_size)
@@ -696,7 +696,7 @@ def test_ablation_dropping_the_consistency_terms_moves_towards_rec_only(ablation
 @pytest.mark.xfail(
     strict=True,
     reason="measured on this corpus (issue 10 closing note): the rec-only model is not over-smoothed "
-    "(lip-dynamics ratio 1.005), the full model over-animates the lips (1.23) and its LVE is ~25 % higher",
+    "(lip-dynamics ratio 1.005), the full model over-animates the lips (1.25) and its LVE is ~26 % higher",
 )
 def test_ablation_full_model_is_livelier_and_as_accurate_as_rec_only(ablation):
     """§11.7: the full model's lip-dynamics ratio is closer to 1 than the rec-only model's,
