@@ -154,9 +154,15 @@ def test_style_store_is_write_once_and_persistent(tmp_path):
     stale = store.status(sid, "faceformer-v1", stale_after_s=10)
     assert stale["status"] == "failed" and "did not finish" in stale["error"]
 
+    # An adapter writes its ready record (with the summary) before the state: until the state
+    # is stored the style reads as pending, then as ready with the record's summary.
+    store.set_status(sid, "faceformer-v1", "ready", started=time.time() - 100, summary={"index": 2})
+    assert store.status(sid, "faceformer-v1")["status"] == "pending"
+    assert store.status(sid, "faceformer-v1", stale_after_s=10)["status"] == "failed"  # the adapter died
     state = make_style_state("faceformer", 1, kind="onehot", index=2, vector=torch.ones(4))
     store.save_state(sid, "faceformer-v1", state)
-    assert store.status(sid, "faceformer-v1")["status"] == "ready"
+    ready = store.status(sid, "faceformer-v1")
+    assert ready["status"] == "ready" and ready["summary"] == {"index": 2}
     assert store.status(sid, "faceformer-v2") == {"status": "absent"}  # per model version
 
     reopened = StyleStore(tmp_path / "styles")  # a new process sees the same styles

@@ -218,7 +218,8 @@ class StyleModel:
             ref = self.store.reference(style_id)
             record = {k: ref[k] for k in ("audio", "vertices", "params", "head_pose", "template") if k in ref}
             state = self.method.adapt(record, **self.cfg.adapt_options)
-            self.store.save_state(style_id, self.model_key, state)
+            # The record first: the store reports ready only once the state is there too, so a
+            # client never sees a ready style without its summary.
             self.store.set_status(
                 style_id,
                 self.model_key,
@@ -228,6 +229,7 @@ class StyleModel:
                 wall_s=time.time() - t0,
                 summary=_scalars(state),
             )
+            self.store.save_state(style_id, self.model_key, state)
         except Exception as e:  # noqa: BLE001 - recorded in the store, reported to the client
             log.warning("adaptation of %s failed: %s", style_id, traceback.format_exc())
             self.store.set_status(

@@ -153,8 +153,11 @@ class StyleStore:
 
     # ---- adapted states, per model ---------------------------------------------------
     def status(self, style_id: str, model_key: str, stale_after_s: float | None = None) -> dict[str, Any]:
-        """``{"status": "absent"|"pending"|"ready"|"failed", ...}`` for one model. A pending
-        record older than ``stale_after_s`` (its adapter died) reads as failed."""
+        """``{"status": "absent"|"pending"|"ready"|"failed", ...}`` for one model: ready once
+        the adapted state is stored. An adapter writes its "ready" record (with the summary)
+        before the state, so a ready answer always carries the record; until the state lands
+        the record reads as pending. A pending record older than ``stale_after_s`` (its
+        adapter died) reads as failed."""
         d = self._dir(style_id)
         if not (d / _META).is_file():
             raise StyleNotFound(f"style {style_id!r} not found")
@@ -164,6 +167,8 @@ class StyleStore:
         st = self._read_status(d, model_key)
         if st is None:
             return {"status": "absent"}
+        if st.get("status") == "ready":  # the state is still being written
+            st = {**st, "status": "pending"}
         if st.get("status") == "pending" and stale_after_s is not None:
             if time.time() - float(st.get("started", 0.0)) > stale_after_s:
                 return {**st, "status": "failed", "error": f"adaptation did not finish within {stale_after_s:g} s"}
