@@ -47,6 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "Batch",
     "DataFacts",
+    "LossWeights",
     "MethodConfig",
     "MotionMethod",
     "Reference",
@@ -55,6 +56,7 @@ __all__ = [
     "StyleStateError",
     "check_style_state",
     "load_style_state",
+    "masked_mse",
     "make_style_state",
     "reference_field",
     "save_style_state",
@@ -268,6 +270,25 @@ def reference_field(reference: Reference, name: str, default: Any = None) -> Any
     if isinstance(reference, Mapping):
         return reference.get(name, default)
     return getattr(reference, name, default)
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """MSE of (B, T, C) over the valid frames (B, T) and every channel (a scalar)."""
+    w = valid[..., None].to(pred.dtype)  # (B, T, 1)
+    denom = (w.sum() * pred.shape[-1]).clamp_min(1.0)
+    return (((pred - target) ** 2) * w).sum() / denom
+
+
+@dataclasses.dataclass(frozen=True)
+class LossWeights:
+    """Base of a method's ``loss_weights`` section (a frozen dataclass of float fields):
+    every weight must be finite and >= 0, else a ValueError names the field."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"loss_weights.{f.name} must be finite and >= 0, got {value}")
 
 
 def weighted_loss(

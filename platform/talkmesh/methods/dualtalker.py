@@ -65,8 +65,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from talkmesh.audio.encoders import AudioEncoderConfig
-from talkmesh.methods.base import Batch, DataFacts, weighted_loss
-from talkmesh.methods.faceformer import EncodedBatch, FaceFormer, FaceFormerConfig, masked_mse
+from talkmesh.methods.base import Batch, DataFacts, LossWeights, masked_mse, weighted_loss
+from talkmesh.methods.faceformer import EncodedBatch, FaceFormer, FaceFormerConfig
 from talkmesh.nn.motion_encoder import sinusoidal_encoding
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -108,7 +108,7 @@ PRED_TERMS = ("feat_pred", "ctc_pred", "nce_pred", "cos_pred")
 
 
 @dataclasses.dataclass(frozen=True)
-class DualTalkerLossWeights:
+class DualTalkerLossWeights(LossWeights):
     """Loss weights (§5). ``rec`` at 1000 puts the auxiliary weights on SelfTalk's scale."""
 
     rec: float = 1000.0
@@ -121,12 +121,6 @@ class DualTalkerLossWeights:
     ctc_pred: float = 1e-4
     nce_pred: float = 1e-4
     cos_pred: float = 1e-4
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"loss_weights.{f.name} must be finite and >= 0, got {value}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,9 +182,7 @@ class DualTalkerConfig(FaceFormerConfig):
         """CTC classes, the blank included."""
         return len(self.vocabulary)
 
-    # ---- presets ----
-    PRESETS: ClassVar[tuple[str, ...]] = ("vocaset", "biwi", "flame25", "debug")
-
+    # ---- presets (FaceFormerConfig.PRESETS: vocaset, biwi, flame25, debug) ----
     @classmethod
     def vocaset(cls) -> DualTalkerConfig:
         """VOCASET (30 fps, FLAME lips): d 128, PPE period 30, reader 4 x 4 heads, FF 2d."""
@@ -505,8 +497,9 @@ class DualTalker(FaceFormer):
                 tokens.append(ids)
         return torch.tensor(keep, dtype=torch.long, device=self.device), tokens
 
-    def _ctc(self, log_probs: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor, tokens: list[list[int]]) -> (
-            torch.Tensor):
+    def _ctc(
+        self, log_probs: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor, tokens: list[list[int]]
+    ) -> torch.Tensor:
         """CTC of (B, up*T, C) log-probabilities for the items ``keep`` against their tokens
         (blank 0, zero_infinity: an item whose tokens cannot fit gives 0, with a warning)."""
         up = self.config.ctc_upsample

@@ -61,6 +61,7 @@ from talkmesh.methods.base import (
     StyleState,
     StyleStateError,
     make_style_state,
+    masked_mse,
     reference_field,
     weighted_loss,
 )
@@ -75,7 +76,6 @@ __all__ = [
     "alignment_mask",
     "biased_causal_mask",
     "condition_filename",
-    "masked_mse",
     "periodic_positional_encoding",
 ]
 
@@ -272,13 +272,6 @@ class EncodedBatch(NamedTuple):
     offsets: torch.Tensor  # (B, T, 3V) ground-truth vertex offsets from the template
     valid: torch.Tensor  # (B, T) bool, frames that count in the losses
     style: torch.Tensor  # (B, d) style embeddings of the batch's subjects
-
-
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """MSE of (B, T, C) over the valid frames (B, T) and every channel (a scalar)."""
-    w = valid[..., None].to(pred.dtype)  # (B, T, 1)
-    denom = (w.sum() * pred.shape[-1]).clamp_min(1.0)
-    return (((pred - target) ** 2) * w).sum() / denom
 
 
 def condition_filename(sequence: str, subject: str) -> str:

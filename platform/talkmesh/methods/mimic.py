@@ -78,6 +78,7 @@ from talkmesh.audio.encoders import AudioEncoderConfig, build_audio_encoder
 from talkmesh.methods.base import (
     Batch,
     DataFacts,
+    LossWeights,
     MethodConfig,
     MotionMethod,
     Reference,
@@ -85,6 +86,7 @@ from talkmesh.methods.base import (
     StyleStateError,
     check_style_state,
     make_style_state,
+    masked_mse,
     reference_field,
     weighted_loss,
 )
@@ -120,7 +122,7 @@ AUX_TERMS: tuple[str, ...] = ("style_cls", "grl", "clip", "style_cycle", "conten
 
 
 @dataclasses.dataclass(frozen=True)
-class MimicLossWeights:
+class MimicLossWeights(LossWeights):
     """Loss weights (§4, ``ComposeCycleLoss`` defaults). ``grl`` is the weight before the
     epoch schedule (``grl_decay_epochs`` / ``grl_decay_factors``)."""
 
@@ -131,12 +133,6 @@ class MimicLossWeights:
     clip: float = 5e-7  # contrastive content <-> audio
     style_cycle: float = 2e-5  # 1 - cos(sg(s~), s_cyc)
     content_cycle: float = 5e-6  # margin contrastive between c_cyc and sg(c)
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if not (math.isfinite(v) and v >= 0.0):
-                raise ValueError(f"loss_weights.{f.name} must be finite and >= 0, got {v}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -923,12 +919,7 @@ class Mimic(MotionMethod):
         self, pred_a: torch.Tensor, pred_c: torch.Tensor, offsets: torch.Tensor, valid: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """``rec_a`` / ``rec_c``: vertex MSE (B, T, 3V) of both branches over the valid (B, T) frames."""
-        w = valid[..., None].to(offsets.dtype)  # (B, T, 1)
-        denom = (w.sum() * self.output_dim).clamp_min(1.0)
-        return {
-            "rec_a": (((pred_a - offsets) ** 2) * w).sum() / denom,
-            "rec_c": (((pred_c - offsets) ** 2) * w).sum() / denom,
-        }
+        return {"rec_a": masked_mse(pred_a, offsets, valid), "rec_c": masked_mse(pred_c, offsets, valid)}
 
     def _constraint_terms(
         self, codes: dict[str, torch.Tensor], subject: torch.Tensor, valid: torch.Tensor
