@@ -309,6 +309,13 @@ def test_class_declarations_are_valid(name):
         "supports_style_mixing must be True exactly when mix_styles is implemented"
     )
     assert isinstance(inspect.getattr_static(cls, "reference_seconds"), property)
+    params = inspect.signature(cls.generate).parameters
+    for option in cls.generate_options:  # each listed option is a keyword-only argument of generate
+        assert option in params and params[option].kind is inspect.Parameter.KEYWORD_ONLY, option
+    assert isinstance(cls.method_metric_names, tuple) and all(isinstance(k, str) for k in cls.method_metric_names)
+    assert bool(cls.method_metric_names) == (cls.method_metrics is not MotionMethod.method_metrics), (
+        "method_metric_names must be non-empty exactly when method_metrics is implemented"
+    )
     seconds = build(name, 25.0).reference_seconds
     assert isinstance(seconds, float) and math.isfinite(seconds) and seconds > 0
 

@@ -286,7 +286,8 @@ def summarize(scored: Iterable[ScoredPrediction], split: str = "", conditions: S
     Returns ``metrics`` (every non-adapted prediction: what ``talkmesh metrics`` reports
     for the saved files), ``seen`` (own one-hot / own style), ``unseen`` (the §6.1
     condition aggregation: ``metrics``, ``per_condition``, ``min``, ``max``, ...),
-    ``adapted`` (where computed), the ``conditions`` subset and counts.
+    ``adapted`` (where computed), the ``conditions`` subset and counts. :func:`evaluate_method`
+    adds ``method``: the method's own metrics (:meth:`MotionMethod.method_metrics`).
     """
     items = list(scored)
     main = [s for s in items if not s.adapted]
@@ -334,7 +335,12 @@ def evaluate_method(
     protocol = EvalProtocol(limit=limit, max_conditions=mc, seed=seed, adapted=adapted)
     scored = score_method(method, corpus, split, protocol, metrics=metrics, save_dir=save_dir)
     conds = condition_subjects(method.facts.train_subjects, mc, seed) if method.conditioning == "onehot" else []
-    return summarize(scored, split, conds if any(s.condition for s in scored) else [])
+    summary = summarize(scored, split, conds if any(s.condition for s in scored) else [])
+    if method.method_metric_names:  # metrics of the method's own networks (e.g. DEEPTalk's emotion metrics)
+        clips = [corpus.load(s) for s in eval_sequences(corpus, split, limit)]
+        with method.eval_mode():
+            summary["method"] = method.method_metrics(clips)
+    return summary
 
 
 def flat_metrics(summary: dict[str, Any], prefix: str) -> dict[str, float]:
@@ -360,6 +366,8 @@ def flat_metrics(summary: dict[str, Any], prefix: str) -> dict[str, float]:
             put(f"{prefix}/unseen/{m}_max", v)
     for m, v in summary.get("adapted", {}).items():
         put(f"{prefix}/adapted/{m}", v)
+    for m, v in summary.get("method", {}).items():
+        put(f"{prefix}/{m}", v)
     return out
 
 

@@ -66,12 +66,15 @@ __all__ = [
     "diversity_of_set",
     "dtw",
     "dynamics",
+    "emotion_accuracy",
+    "emotion_retrieval_accuracy",
     "evaluate_conditions",
     "evaluate_sequences",
     "fdd",
     "fdd_abs",
     "fdd_sequence",
     "format_table",
+    "frechet_distance",
     "fve_mean_sq",
     "fve_mean_sq_sum",
     "ldd",
@@ -1065,3 +1068,73 @@ def format_table(
     lines = [render(header), "  ".join("-" * w for w in widths)]
     lines += [render(r) for r in body]
     return "\n".join(line.rstrip() for line in lines)
+
+
+# --------------------------------------------------------------------------------------
+# DEEPTalk emotion proxies (§9, §10)
+# --------------------------------------------------------------------------------------
+
+
+def emotion_retrieval_accuracy(
+    mu_e: np.ndarray,
+    var_e: np.ndarray,
+    mu_a: np.ndarray,
+    var_a: np.ndarray,
+    labels: np.ndarray | Sequence[int],
+) -> dict[str, float]:
+    """DEE cross-modal retrieval accuracy, CSD similarity version (§9), under DEEPTalk's key names.
+
+    s_ij = -(2 - 2 mu_e,i . mu_a,j + sum_k var_e,i,k + sum_k var_a,j,k) (:func:`csd_similarity`).
+    mu_e, var_e: (N, D) expression means (unit norm) and variances; mu_a, var_a: (N, D) audio
+    ones of the same N clips; labels: (N,) emotion labels. A query is correct when the clip
+    it retrieves has the same label; ties go to the lowest index. Returns ``exp2audio``,
+    ``audio2exp``, their ``mean`` and ``chance`` = sum_c p_c^2. Inputs are numpy arrays (or
+    CPU tensors without grad).
+    """
+    r = retrieval_accuracy(mu_e, var_e, mu_a, var_a, labels)
+    return {"exp2audio": r["expr_to_audio"], "audio2exp": r["audio_to_expr"], "mean": r["mean"], "chance": r["chance"]}
+
+
+def emotion_accuracy(clip_logits: np.ndarray, labels: np.ndarray | Sequence[int]) -> float:
+    """``emo_acc`` (§10, project proxy): the fraction of clips whose argmax clip logit equals
+    the label (ties go to the lowest class index).
+
+    clip_logits: (N, K) per-clip logits of the project's expression-emotion MLP; the caller
+    forms each clip logit as the **mean of its frame logits** (§10). labels: (N,) class
+    indices in [0, K), scored against the driving audio's emotion (or the emotion source's,
+    when the emotion comes from another clip).
+    """
+    z = np.asarray(clip_logits, dtype=np.float64)
+    y = np.asarray(labels).ravel()
+    if z.ndim != 2 or z.shape[0] != y.size or y.size == 0:
+        raise ValueError(f"clip_logits must be (N, K) with N = {y.size} labels (N >= 1), got {z.shape}")
+    if y.min() < 0 or y.max() >= z.shape[1]:
+        raise ValueError(f"labels must lie in [0, {z.shape[1]}), got range [{y.min()}, {y.max()}]")
+    return float(np.mean(np.argmax(z, axis=1) == y))
+
+
+def frechet_distance(x: np.ndarray, y: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to the rows of x (N, D) and y (M, D):
+    ||m_x - m_y||^2 + tr(S_x + S_y - 2 (S_x S_y)^(1/2)), sample covariances (ddof 1).
+
+    Used for ``emo_fd_dee`` (§10: DEE expression-mean embeddings of generated against
+    ground-truth clips). The matrix square root is ``scipy.linalg.sqrtm``; its imaginary part
+    (numerical noise) is dropped, and a singular product gets 1e-6 added to both diagonals.
+    Values within rounding of 0 are returned as 0.
+    """
+    from scipy import linalg
+
+    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"x and y must be (N, D) and (M, D) with the same D, got {a.shape} and {b.shape}")
+    if min(a.shape[0], b.shape[0]) < 2:
+        raise ValueError("each set needs at least 2 rows for a covariance")
+    mx, my = a.mean(axis=0), b.mean(axis=0)  # (D,)
+    sx = np.atleast_2d(np.cov(a, rowvar=False))  # (D, D)
+    sy = np.atleast_2d(np.cov(b, rowvar=False))  # (D, D)
+    root = linalg.sqrtm(sx @ sy)  # (D, D)
+    if not np.all(np.isfinite(root)):
+        off = 1e-6 * np.eye(sx.shape[0])
+        root = linalg.sqrtm((sx + off) @ (sy + off))
+    value = float(np.sum((mx - my) ** 2) + np.trace(sx) + np.trace(sy) - 2.0 * np.trace(np.real(root)))
+    return max(value, 0.0)

@@ -422,6 +422,11 @@ class MotionMethod(nn.Module, abc.ABC):
       need no face-model vertices (the loop then skips computing them).
     * ``supports_style_mixing`` - True when :meth:`mix_styles` is implemented (the service
       accepts mixed style specs only then).
+    * ``generate_options`` - the keyword-only options :meth:`generate` accepts beyond the
+      three arguments (e.g. DEEPTalk's ``sample``, ``seed``, ``emotion``); the service passes a
+      request's options only when the method lists them, and answers 422 otherwise.
+    * ``method_metric_names`` - the keys :meth:`method_metrics` reports (empty: none; the
+      evaluator then loads no clips for it).
 
     Every method the platform calls is declared here with a default; the loop, the
     evaluator, the jobs and the service call them through this type and never probe a
@@ -436,6 +441,8 @@ class MotionMethod(nn.Module, abc.ABC):
     template_input: ClassVar[Literal["vertices", "shape"]] = "vertices"
     trains_on_vertices: ClassVar[bool] = True
     supports_style_mixing: ClassVar[bool] = False
+    generate_options: ClassVar[tuple[str, ...]] = ()
+    method_metric_names: ClassVar[tuple[str, ...]] = ()
 
     config: MethodConfig  # subclasses narrow it: ``config: MyConfig``
     facts: DataFacts
@@ -539,6 +546,13 @@ class MotionMethod(nn.Module, abc.ABC):
         only; the service calls it for a style spec such as ``a:0.7,b:0.3``). Default: raises
         NotImplementedError."""
         raise NotImplementedError(f"{self.name} does not support style mixing")
+
+    def method_metrics(self, clips: Sequence[Clip]) -> dict[str, float]:
+        """Metrics that need the method's own networks (e.g. DEEPTalk's emotion retrieval and
+        ``emo_acc``), on whole clips of an evaluated split; the keys are
+        ``method_metric_names``. The evaluator calls it (in eval mode) only when that tuple is
+        non-empty. Default: none."""
+        return {}
 
     def set_face_model(self, layer: FlameLayer | None) -> None:
         """Use ``layer`` to build vertices from predicted FLAME parameters (the service injects

@@ -35,6 +35,7 @@ __all__ = [
 # name -> "module:Class"; the module is imported the first time the method is asked for.
 _METHODS: dict[str, str] = {
     "adamesh": "talkmesh.methods.adamesh:AdaMesh",
+    "deeptalk": "talkmesh.methods.deeptalk:DEEPTalk",
     "dualtalker": "talkmesh.methods.dualtalker:DualTalker",
     "faceformer": "talkmesh.methods.faceformer:FaceFormer",
     "mimic": "talkmesh.methods.mimic:Mimic",

@@ -9,7 +9,11 @@ Two codebook updates:
   AdaMesh pose prior, specs/adamesh.md §7.2);
 * ``"ema"``: the codebook follows exponential moving averages of the assigned latents
   (decay γ, Laplace-smoothed counts), loss = β ||z - sg[e]||² only; EMA updates happen in
-  training mode only.
+  training mode only. ``reference_ema_quirk=True`` reproduces DEEPTalk's variant
+  (specs/deeptalk.md §5, Q11): the Laplace smoothing normalises by b, the number of
+  *sequences* in the batch (``forward(..., sequences=b)``), as (N_k + ε) / (b + Kε) · b
+  instead of by n = Σ N_k; the smoothed counts are written back into ``ema_counts``; and
+  the EMA sums start from their own uniform(±1/K) draw instead of a copy of the codebook.
 
 In both the quantised output carries the straight-through gradient ``z + sg[e - z]``.
 Usage: every training-mode call adds its assignments to the ``code_counts`` buffer
@@ -56,6 +60,7 @@ class VectorQuantizer(nn.Module):
         mode: Literal["straight_through", "ema"] = "straight_through",
         decay: float = 0.99,
         eps: float = 1e-5,
+        reference_ema_quirk: bool = False,
     ) -> None:
         super().__init__()
         if num_codes < 2 or dim < 1:
@@ -64,13 +69,17 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"VectorQuantizer mode must be 'straight_through' or 'ema', got {mode!r}")
         if not 0.0 < decay < 1.0:
             raise ValueError(f"decay must lie in (0, 1), got {decay}")
+        if reference_ema_quirk and mode != "ema":
+            raise ValueError("reference_ema_quirk needs mode='ema'")
         self.num_codes, self.dim, self.beta, self.mode = int(num_codes), int(dim), float(beta), mode
         self.decay, self.eps = float(decay), float(eps)
+        self.reference_ema_quirk = bool(reference_ema_quirk)
         weight = torch.empty(num_codes, dim).uniform_(-1.0 / num_codes, 1.0 / num_codes)  # CodeTalker's init
         if mode == "ema":
             self.register_buffer("codebook", weight)  # (K, D)
             self.register_buffer("ema_counts", torch.zeros(num_codes))
-            self.register_buffer("ema_sums", weight.clone())
+            sums = torch.empty_like(weight).uniform_(-1.0 / num_codes, 1.0 / num_codes) if reference_ema_quirk else None
+            self.register_buffer("ema_sums", weight.clone() if sums is None else sums)  # (K, D)
         else:
             self.codebook = nn.Parameter(weight)  # (K, D)
         self.register_buffer("code_counts", torch.zeros(num_codes))
@@ -96,8 +105,10 @@ class VectorQuantizer(nn.Module):
         self.code_counts.zero_()
 
     # ---- forward ----------------------------------------------------------------------
-    def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None) -> VQOutput:
-        """z (..., D); mask (...) True where valid (None = all)."""
+    def forward(self, z: torch.Tensor, mask: torch.Tensor | None = None, sequences: int | None = None) -> VQOutput:
+        """z (..., D); mask (...) True where valid (None = all); ``sequences``: the batch's
+        sequence count b, read only by ``reference_ema_quirk`` (None = z.shape[0] for z of 3+
+        dims, else 1)."""
         if z.shape[-1] != self.dim:
             raise ValueError(f"VectorQuantizer: latents must end in {self.dim}, got shape {tuple(z.shape)}")
         idx = self.nearest(z.detach())  # (...)
@@ -108,7 +119,8 @@ class VectorQuantizer(nn.Module):
         if self.mode == "ema":
             loss = self.beta * commitment
             if self.training:
-                self._ema_update(z.detach(), idx, w)
+                b = sequences if sequences is not None else (z.shape[0] if z.ndim >= 3 else 1)
+                self._ema_update(z.detach(), idx, w, b)
         else:
             codebook = (((z.detach() - e) ** 2).sum(-1) * w).sum() / denom
             loss = codebook + self.beta * commitment
@@ -121,14 +133,19 @@ class VectorQuantizer(nn.Module):
         return VQOutput(quantized, idx, loss, commitment.detach(), code_perplexity(valid, self.num_codes), used)
 
     @torch.no_grad()
-    def _ema_update(self, z: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> None:
+    def _ema_update(self, z: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, sequences: int) -> None:
         onehot = F.one_hot(idx.reshape(-1), self.num_codes).to(z.dtype) * w.reshape(-1, 1)  # (N, K)
         counts = onehot.sum(0)  # (K,)
         sums = onehot.t() @ z.reshape(-1, self.dim)  # (K, D)
         self.ema_counts.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.ema_sums.mul_(self.decay).add_(sums, alpha=1 - self.decay)
-        n = self.ema_counts.sum()
-        smoothed = (self.ema_counts + self.eps) / (n + self.num_codes * self.eps) * n  # Laplace smoothing
+        if self.reference_ema_quirk:  # normalised by the sequence count b, written back (Q11)
+            b = float(sequences)
+            self.ema_counts.copy_((self.ema_counts + self.eps) / (b + self.num_codes * self.eps) * b)  # (K,)
+            smoothed = self.ema_counts  # (K,)
+        else:
+            n = self.ema_counts.sum()
+            smoothed = (self.ema_counts + self.eps) / (n + self.num_codes * self.eps) * n  # Laplace smoothing
         self.codebook.copy_(self.ema_sums / smoothed[:, None])
 
     def extra_repr(self) -> str:
