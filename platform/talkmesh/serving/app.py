@@ -17,18 +17,27 @@ Two deployments:
   ``GET  /healthz``                 the model deployment answers; method, model version
   ``GET  /v1/info``                 method, fps, vertex count, training speakers, limits
   ``POST /v1/styles``               multipart ``audio`` + ``motion`` (.npy) [+ ``template``,
-                                    ``name``] -> ``style_id``; 201 ready, 200 already
-                                    stored and ready, 202 still adapting (poll GET)
+                                    ``name``, ``source`` audio|expression (methods whose
+                                    ``adapt`` takes it: DEEPTalk's emotion source)]
+                                    -> ``style_id``; 201 ready, 200 already stored and
+                                    ready, 202 still adapting (poll GET)
   ``GET  /v1/styles``               every stored style
   ``GET  /v1/styles/{style_id}``    pending | ready | failed (+ the adaptation summary)
   ``DELETE /v1/styles/{style_id}``  remove a style
   ``POST /v1/animate``              multipart ``audio`` + ``style_id`` [+ ``template``,
-                                    ``format`` npz|npy|json|mp4, ``preview``] -> motion
+                                    ``format`` npz|npy|json|mp4, ``preview``; generate
+                                    options ``emotion``, ``intensity``, ``emotion_audio``,
+                                    ``sample``, ``temperature``, ``seed``] -> motion
   ``GET  /docs``                    OpenAPI documentation
 
-Adaptation is idempotent (the style id is the hash of the reference clip) and
-asynchronous, because the HTTP proxy may retry a request (notes §4). Bad input gets a
-4xx naming the field (:mod:`talkmesh.serving.inputs`) and never reaches the model.
+Adaptation is idempotent (the style id is the hash of the reference clip and its adapt
+options) and asynchronous, because the HTTP proxy may retry a request (notes §4). Bad input
+gets a 4xx naming the field (:mod:`talkmesh.serving.inputs`) and never reaches the model.
+
+The generate options of ``/v1/animate`` reach ``method.generate`` as keyword options only
+when the method lists them in ``generate_options`` (``GET /v1/info`` shows them); otherwise
+the answer is a 422 naming the field and the method. A ``ValueError`` of ``generate`` (an
+emotion label the model does not know) is a 422 too.
 """
 
 # No `from __future__ import annotations`: FastAPI resolves the route signatures at run
@@ -38,6 +47,7 @@ import base64
 import concurrent.futures
 import dataclasses
 import hashlib
+import inspect
 import io
 import logging
 import tempfile
@@ -54,7 +64,12 @@ from ray import serve
 
 from talkmesh.config import ConfigError, from_dict
 from talkmesh.serving.inputs import (
+    EMOTION_LABEL,
+    MAX_SEED,
+    MAX_TEMPERATURE,
     InputError,
+    animate_options,
+    check_supported,
     parse_style_spec,
     read_array,
     read_audio,
@@ -136,6 +151,14 @@ class _Problem(Exception):
         return {"error": {"status": self.status, "message": self.message}}
 
 
+def _adapt_keywords(method: "MotionMethod") -> tuple[str, ...]:
+    """The named keyword options of ``method.adapt`` (its declared signature; ``**kwargs``
+    names none): the adapt options a ``POST /v1/styles`` may choose."""
+    params = inspect.signature(method.adapt).parameters.values()
+    kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(p.name for p in params if p.kind in kinds and p.name != "reference")
+
+
 def _scalars(state: Mapping[str, Any]) -> dict[str, Any]:
     """The JSON-friendly summary of a StyleState (its scalar fields)."""
     return {k: v for k, v in state.items() if isinstance(v, (bool, int, float, str))}
@@ -184,6 +207,8 @@ class StyleModel:
             "param_dim": int(f.param_dim),
             "train_subjects": list(f.train_subjects),
             "supports_mix": self.method.supports_style_mixing,
+            "generate_options": list(self.method.generate_options),
+            "adapt_options": list(_adapt_keywords(self.method)),
             "limits": {
                 "max_upload_mb": self.cfg.max_upload_mb,
                 "max_audio_seconds": self.cfg.max_audio_seconds,
@@ -217,7 +242,8 @@ class StyleModel:
         try:
             ref = self.store.reference(style_id)
             record = {k: ref[k] for k in ("audio", "vertices", "params", "head_pose", "template") if k in ref}
-            state = self.method.adapt(record, **self.cfg.adapt_options)
+            options = {**self.cfg.adapt_options, **self.store.meta(style_id).get("adapt_options", {})}
+            state = self.method.adapt(record, **options)
             # The record first: the store reports ready only once the state is there too, so a
             # client never sees a ready style without its summary.
             self.store.set_status(
@@ -276,8 +302,19 @@ class StyleModel:
         return self.method.mix_styles(states, [w for _, w in parts]), template
 
     # ---- animation ------------------------------------------------------------------------
-    async def animate(self, audio: np.ndarray, template: np.ndarray | None, preview: bool) -> dict[str, Any]:
-        """Motion for ``audio`` (S,) 16 kHz in the style of the request's multiplexed id."""
+    async def animate(
+        self,
+        audio: np.ndarray,
+        template: np.ndarray | None,
+        preview: bool,
+        options: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Motion for ``audio`` (S,) 16 kHz in the style of the request's multiplexed id;
+        ``options`` are keyword options of ``generate`` (each listed in its ``generate_options``)."""
+        options = dict(options or {})
+        unlisted = sorted(set(options) - set(self.method.generate_options))
+        if unlisted:
+            return _Problem(422, f"{', '.join(unlisted)}: not an option of the {self.cfg.method} model").as_dict()
         spec = serve.get_multiplexed_model_id()
         try:
             style, ref_template = await self.get_style(spec) if spec else (None, None)
@@ -288,18 +325,25 @@ class StyleModel:
         if template is None:
             template = ref_template
         try:
-            return await asyncio.to_thread(self._generate, audio, template, style, preview)
+            return await asyncio.to_thread(self._generate, audio, template, style, preview, options)
         except _Problem as e:
             return e.as_dict()
 
-    def _generate(self, audio: np.ndarray, template: np.ndarray | None, style: Any, preview: bool) -> dict[str, Any]:
+    def _generate(
+        self,
+        audio: np.ndarray,
+        template: np.ndarray | None,
+        style: Any,
+        preview: bool,
+        options: Mapping[str, Any],
+    ) -> dict[str, Any]:
         import torch
 
         from talkmesh.methods.base import StyleStateError
 
         t0 = time.perf_counter()
         try:
-            out = self.method.generate(audio, template, style)
+            out = self.method.generate(audio, template, style, **options)
         except (ValueError, TypeError, StyleStateError) as e:
             raise _Problem(422, f"cannot animate: {e}") from None
         gen_s = time.perf_counter() - t0
@@ -381,6 +425,7 @@ api = FastAPI(
 )
 
 Format = Literal["npz", "npy", "json", "mp4"]
+Source = Literal["audio", "expression"]
 
 
 def _problem(e: InputError | _Problem) -> HTTPException:
@@ -482,17 +527,27 @@ class Ingress:
         motion: Annotated[UploadFile, File(description=".npy (T, V, 3) / (T, V*3) vertices or (T, 53|56) params")],
         template: Annotated[UploadFile | None, File(description=".npy (V, 3) neutral face (vertex models)")] = None,
         name: Annotated[str, Form(max_length=200, description="a label for the style")] = "",
+        source: Annotated[
+            Source | None,
+            Form(description="what the style's emotion is taken from (DEEPTalk): the reference's audio or motion"),
+        ] = None,
         wait_s: Annotated[float | None, Query(ge=0, le=120, description="wait this long for adaptation")] = None,
     ) -> JSONResponse:
         """Store a reference clip of a new speaker and adapt the model to it (idempotent:
-        the same clip gives the same ``style_id``). 201/200 when ready, 202 while adapting."""
+        the same clip and ``source`` give the same ``style_id``). 201/200 when ready, 202
+        while adapting."""
         try:
             max_bytes = self._check_length(request)
             info = await self.info()
+            if source is not None and "source" not in info["adapt_options"]:
+                raise InputError(422, "source", f"the {info['method']} model's adaptation takes no source option")
             arrays, meta = await self._read_reference(audio, motion, template, max_bytes, info)
         except InputError as e:
             raise _problem(e) from None
-        sid, created = await asyncio.to_thread(self.store.put_reference, info["method"], arrays, {"name": name, **meta})
+        options = {"source": source} if source is not None else None
+        sid, created = await asyncio.to_thread(
+            self.store.put_reference, info["method"], arrays, {"name": name, **meta}, options
+        )
         started = await self.model.start_adaptation.remote(sid, retry_failed=True)
         if "error" in started:
             raise HTTPException(started["error"]["status"], detail=started["error"]["message"])
@@ -562,6 +617,8 @@ class Ingress:
             "seconds": meta.get("seconds"),
             "created": meta.get("created"),
         }
+        if meta.get("adapt_options"):
+            body["adapt_options"] = meta["adapt_options"]
         for k in ("error", "wall_s", "summary"):
             if k in st:
                 body[k] = st[k]
@@ -600,6 +657,24 @@ class Ingress:
         return Response(status_code=204)
 
     # ---- animation ---------------------------------------------------------------------
+    async def _animate_options(
+        self,
+        fields: dict[str, Any],
+        emotion_audio: UploadFile | None,
+        max_bytes: int,
+        info: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        """The ``generate`` options of a request's option fields (``None`` = not sent); the
+        ``emotion_audio`` upload is bounded like ``audio``. Raises :class:`InputError`."""
+        accepted = tuple(info["generate_options"])
+        fields = {**fields, "emotion_audio": None}
+        if emotion_audio is not None:
+            sent = [k for k, v in fields.items() if v is not None]
+            check_supported([*sent, "emotion_audio"], accepted, info["method"])  # before reading the upload
+            data = await _read_upload(emotion_audio, "emotion_audio", max_bytes)
+            fields["emotion_audio"] = read_audio(data, "emotion_audio", self.cfg.max_audio_seconds)
+        return animate_options(fields, accepted, info["method"])
+
     @api.post("/v1/animate")
     async def animate(
         self,
@@ -613,11 +688,33 @@ class Ingress:
         preview: Annotated[
             bool, Form(description="also render a preview MP4 (npz: preview_mp4; json: base64)")
         ] = False,
+        emotion: Annotated[
+            str | None,
+            Form(pattern=rf"^{EMOTION_LABEL.pattern}$", description="emotion label, e.g. happy (DEEPTalk)"),
+        ] = None,
+        intensity: Annotated[
+            float | None, Form(ge=0, le=1, allow_inf_nan=False, description="of the emotion label, 0..1 (default 1)")
+        ] = None,
+        emotion_audio: Annotated[
+            UploadFile | None, File(description="speech whose emotion drives the motion (DEEPTalk)")
+        ] = None,
+        sample: Annotated[
+            bool | None, Form(description="sample instead of the deterministic argmax decoding (DEEPTalk)")
+        ] = None,
+        temperature: Annotated[
+            float | None,
+            Form(gt=0, le=MAX_TEMPERATURE, allow_inf_nan=False, description="code temperature (top and bottom)"),
+        ] = None,
+        seed: Annotated[int | None, Form(ge=0, le=MAX_SEED, description="seed of the sampling")] = None,
     ) -> Response:
-        """Animate ``audio`` in a style: motion at the model's fps."""
+        """Animate ``audio`` in a style: motion at the model's fps. The generate options
+        (``emotion`` ... ``seed``) are for methods that list them (``GET /v1/info``
+        ``generate_options``); others answer 422."""
+        fields = {"emotion": emotion, "intensity": intensity, "sample": sample, "temperature": temperature}
         try:
             max_bytes = self._check_length(request)
             info = await self.info()
+            options = await self._animate_options({**fields, "seed": seed}, emotion_audio, max_bytes, info)
             audio_arr = read_audio(await _read_upload(audio, "audio", max_bytes), "audio", self.cfg.max_audio_seconds)
             tmpl = None
             if template is not None:
@@ -628,7 +725,7 @@ class Ingress:
         except InputError as e:
             raise _problem(e) from None
         handle = self.model.options(multiplexed_model_id=spec) if spec else self.model
-        result = await handle.animate.remote(audio_arr, tmpl, bool(preview or format == "mp4"))
+        result = await handle.animate.remote(audio_arr, tmpl, bool(preview or format == "mp4"), options)
         if "error" in result:
             raise HTTPException(result["error"]["status"], detail=result["error"]["message"])
         return _motion_response(result, format)

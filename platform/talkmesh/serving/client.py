@@ -4,6 +4,10 @@ client = StyleClient("http://127.0.0.1:8000")
 style = client.create_style("ref.wav", "ref_vertices.npy", template="template.npy")  # waits until ready
 motion = client.animate("speech.wav", style["style_id"])            # {"vertices": (T, V, 3), "fps": ...}
 client.animate("speech.wav", style["style_id"], fmt="mp4", out="preview.mp4")
+# DEEPTalk: an emotion label, another clip's emotion, seeded sampling; a style's emotion from its motion
+client.animate("speech.wav", emotion="happy", intensity=0.5, sample=True, temperature=0.2, seed=3)
+client.animate("speech.wav", style["style_id"], emotion_audio="angry.wav")
+client.create_style("ref.wav", "ref_flame.npy", source="expression")
 """
 
 from __future__ import annotations
@@ -87,12 +91,16 @@ class StyleClient:
         name: str = "",
         wait: bool = True,
         poll_s: float = 1.0,
+        source: str | None = None,
     ) -> dict[str, Any]:
-        """POST a reference clip; with ``wait``, poll until the style is ready (or raise)."""
+        """POST a reference clip; with ``wait``, poll until the style is ready (or raise).
+        ``source`` ("audio" | "expression", methods whose adapt takes it: DEEPTalk) picks
+        what the style's emotion is taken from."""
         files = {"audio": _payload(audio, "audio"), "motion": _payload(motion, "motion")}
         if template is not None:
             files["template"] = _payload(template, "template")
-        r = self.session.post(f"{self.url}/v1/styles", files=files, data={"name": name}, timeout=self.timeout)
+        data = {"name": name, **({"source": source} if source is not None else {})}
+        r = self.session.post(f"{self.url}/v1/styles", files=files, data=data, timeout=self.timeout)
         body = self._check(r).json()
         while wait and body["status"] == "pending":
             time.sleep(poll_s)
@@ -113,14 +121,32 @@ class StyleClient:
         preview: bool = False,
         out: str | Path | None = None,
         retry_s: float = 120.0,
+        *,
+        emotion: str | None = None,
+        intensity: float | None = None,
+        emotion_audio: PathOrBytes | None = None,
+        sample: bool | None = None,
+        temperature: float | None = None,
+        seed: int | None = None,
     ) -> dict[str, Any]:
         """POST /v1/animate. Returns ``{name: array}`` (npz/npy/json) or ``{"mp4": bytes}``;
         with ``out`` the raw response is also written there. A style still being adapted
-        (409) is retried for up to ``retry_s``."""
+        (409) is retried for up to ``retry_s``.
+
+        Generate options (sent only when given; for methods that list them, e.g. DEEPTalk;
+        others answer 422): ``emotion`` a label such as "happy" with ``intensity`` in [0, 1],
+        or ``emotion_audio`` a clip whose emotion drives the motion; ``sample`` instead of
+        the deterministic argmax, with ``temperature`` (> 0, both code levels) and ``seed``."""
         files = {"audio": _payload(audio, "audio")}
         if template is not None:
             files["template"] = _payload(template, "template")
+        if emotion_audio is not None:
+            files["emotion_audio"] = _payload(emotion_audio, "emotion_audio")
         data = {"style_id": style_id, "format": fmt, "preview": str(bool(preview)).lower()}
+        options = {"emotion": emotion, "intensity": intensity, "temperature": temperature, "seed": seed}
+        data.update({k: str(v) for k, v in options.items() if v is not None})
+        if sample is not None:
+            data["sample"] = str(bool(sample)).lower()
         deadline = time.monotonic() + retry_s
         while True:
             r = self.session.post(f"{self.url}/v1/animate", files=files, data=data, timeout=self.timeout)

@@ -6,7 +6,13 @@ with and a message that names the field and what was expected:
 
 * 400 - not decodable (not audio, not an ``.npy`` array, empty upload);
 * 413 - too large or too long;
-* 422 - decodable but wrong (shape, vertex count, non-finite values, too short, bad spec).
+* 422 - decodable but wrong (shape, vertex count, non-finite values, too short, bad spec),
+  or an option the served method does not take.
+
+:func:`animate_options` maps the option fields of ``POST /v1/animate`` (``emotion``,
+``intensity``, ``emotion_audio``, ``sample``, ``temperature``, ``seed``) to the keyword
+options of ``MotionMethod.generate``; an option the method does not list in its
+``generate_options`` is a 422 naming the field and the method.
 """
 
 from __future__ import annotations
@@ -14,14 +20,20 @@ from __future__ import annotations
 import io
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 __all__ = [
+    "ANIMATE_OPTIONS",
+    "EMOTION_LABEL",
     "InputError",
+    "MAX_SEED",
+    "MAX_TEMPERATURE",
     "STYLE_NAME",
+    "animate_options",
+    "check_supported",
     "parse_style_spec",
     "read_array",
     "read_audio",
@@ -33,6 +45,19 @@ SAMPLE_RATE = 16000
 # A style id or a training-subject name: what may appear in a style spec and a URL path.
 STYLE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 MAX_MIX = 8
+# An emotion label as a request names it (lower case; the model knows which labels it has).
+EMOTION_LABEL = re.compile(r"[a-z][a-z_]{0,31}")
+MAX_TEMPERATURE = 100.0
+MAX_SEED = 2**63 - 1
+# POST /v1/animate option fields -> the generate options (MotionMethod.generate_options) each sets.
+ANIMATE_OPTIONS: dict[str, tuple[str, ...]] = {
+    "emotion": ("emotion",),
+    "intensity": ("intensity",),
+    "emotion_audio": ("audio_emotion",),
+    "sample": ("sample",),
+    "temperature": ("temp_top", "temp_bottom"),
+    "seed": ("seed",),
+}
 
 
 class InputError(ValueError):
@@ -172,3 +197,71 @@ def parse_style_spec(spec: str, field: str = "style_id") -> list[tuple[str, floa
     if total <= 0:
         raise InputError(422, field, "the mix weights sum to 0")
     return [(n, w / total) for n, w in out]
+
+
+def animate_options(fields: Mapping[str, Any], accepted: Sequence[str], method: str) -> dict[str, Any]:
+    """The ``generate`` keyword options of a request's option ``fields`` (keys of
+    :data:`ANIMATE_OPTIONS`; ``None`` = not sent; ``emotion_audio`` already decoded to (S,)).
+
+    Raises :class:`InputError` 422 naming the field when ``method`` does not list an option
+    the field sets in ``accepted`` (its ``generate_options``), when a value is out of range,
+    when ``intensity`` comes without ``emotion``, when two emotion sources are sent, or when
+    ``temperature`` / ``seed`` come without ``sample=true``.
+    """
+    sent = {k: v for k, v in fields.items() if v is not None}
+    check_supported(sent, accepted, method)
+    _check_values(sent)
+    if "intensity" in sent and "emotion" not in sent:
+        raise InputError(422, "intensity", "scales an emotion label; send emotion too")
+    if "emotion" in sent and "emotion_audio" in sent:
+        raise InputError(422, "emotion_audio", "one emotion source per request: an emotion label or emotion_audio")
+    for field in ("temperature", "seed"):
+        if field in sent and not sent.get("sample"):
+            raise InputError(422, field, "applies to sampling only; send sample=true too")
+    out: dict[str, Any] = {}
+    for field, value in sent.items():
+        for option in ANIMATE_OPTIONS[field]:
+            out[option] = value
+    return out
+
+
+def check_supported(fields: Iterable[str], accepted: Sequence[str], method: str) -> None:
+    """422 naming the first of the sent option ``fields`` that sets a ``generate`` option the
+    ``method`` does not list in ``accepted``."""
+    sent = set(fields)
+    unknown = sorted(sent - set(ANIMATE_OPTIONS))
+    if unknown:
+        raise ValueError(f"not animate option fields: {unknown}")
+    for field in ANIMATE_OPTIONS:
+        missing = [o for o in ANIMATE_OPTIONS[field] if field in sent and o not in accepted]
+        if missing:
+            takes = ", ".join(accepted) if accepted else "no options"
+            raise InputError(422, field, f"the {method} model does not accept {'/'.join(missing)} (it takes {takes})")
+
+
+def _check_values(sent: dict[str, Any]) -> None:
+    """Range checks (the HTTP form enforces the same bounds first); normalises in place."""
+    if "emotion" in sent:
+        label = str(sent["emotion"]).strip().lower()
+        if not EMOTION_LABEL.fullmatch(label):
+            raise InputError(422, "emotion", f"{sent['emotion']!r} is not an emotion label (e.g. 'happy')")
+        sent["emotion"] = label
+    if "intensity" in sent:
+        x = float(sent["intensity"])
+        if not 0.0 <= x <= 1.0:
+            raise InputError(422, "intensity", f"must lie in [0, 1], got {sent['intensity']!r}")
+        sent["intensity"] = x
+    if "temperature" in sent:
+        x = float(sent["temperature"])
+        if not 0.0 < x <= MAX_TEMPERATURE:
+            raise InputError(422, "temperature", f"must be > 0 and <= {MAX_TEMPERATURE:g}, got {sent['temperature']!r}")
+        sent["temperature"] = x
+    if "seed" in sent:
+        if isinstance(sent["seed"], bool) or not isinstance(sent["seed"], int) or not 0 <= sent["seed"] <= MAX_SEED:
+            raise InputError(422, "seed", f"must be an integer in [0, 2**63), got {sent['seed']!r}")
+    if "sample" in sent:
+        sent["sample"] = bool(sent["sample"])
+    if "emotion_audio" in sent:
+        a = np.asarray(sent["emotion_audio"])
+        if a.ndim != 1 or a.dtype != np.float32:
+            raise InputError(422, "emotion_audio", f"expected decoded float32 (S,) audio, got {a.dtype} {a.shape}")

@@ -4,16 +4,17 @@ Layout under ``root`` (a local directory; on a multi-node cluster, one every rep
 mounts at the same path)::
 
     <style_id>/reference.npz          audio (S,), motion arrays, template - write-once
-    <style_id>/meta.json              method, name, created, frames, seconds, sha256
+    <style_id>/meta.json              method, name, created, frames, seconds, sha256[, adapt_options]
     <style_id>/<model_key>.state.pt   StyleState adapted for one model version
     <style_id>/<model_key>.status.json  {"status": pending|ready|failed, ...}
 
-``style_id`` is a hash of the method and the reference's content, so posting the same
-clip twice (or the HTTP proxy retrying a request) names the same style; the reference is
-kept, so a new champion version re-adapts the style on demand. Files are written to a
-temporary name and renamed (atomic on POSIX), so a crash never leaves a half-written
-style and nothing stored is overwritten by a failed write. StyleStates are read with
-``torch.load(weights_only=True)``.
+``style_id`` is a hash of the method, the reference's content and the adapt options the
+request chose (``meta.json`` ``adapt_options``, e.g. DEEPTalk's ``source``; none: the hash of
+the clip alone), so posting the same clip twice (or the HTTP proxy retrying a request)
+names the same style; the reference is kept, so a new champion version re-adapts the
+style on demand. Files are written to a temporary name and renamed (atomic on POSIX), so a
+crash never leaves a half-written style and nothing stored is overwritten by a failed
+write. StyleStates are read with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -45,13 +46,18 @@ class StyleNotFound(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-def style_id_for(method: str, arrays: Mapping[str, np.ndarray]) -> str:
-    """``sty_<24 hex>``: sha256 of the method name and every array's name, dtype, shape and bytes."""
+def style_id_for(
+    method: str, arrays: Mapping[str, np.ndarray], options: Mapping[str, Any] | None = None
+) -> str:
+    """``sty_<24 hex>``: sha256 of the method name, every array's name, dtype, shape and bytes,
+    and (when any) the adapt ``options`` as sorted JSON."""
     h = hashlib.sha256(method.encode())
     for name in sorted(arrays):
         a = np.ascontiguousarray(arrays[name])
         h.update(f"\n{name}|{a.dtype.str}|{a.shape}\n".encode())
         h.update(a.tobytes())
+    if options:
+        h.update(b"\noptions|" + json.dumps(dict(options), sort_keys=True).encode())
     return "sty_" + h.hexdigest()[:24]
 
 
@@ -86,12 +92,17 @@ class StyleStore:
             return False
 
     def put_reference(
-        self, method: str, reference: Mapping[str, np.ndarray], meta: Mapping[str, Any] | None = None
+        self,
+        method: str,
+        reference: Mapping[str, np.ndarray],
+        meta: Mapping[str, Any] | None = None,
+        adapt_options: Mapping[str, Any] | None = None,
     ) -> tuple[str, bool]:
-        """Store a reference clip (write-once). Returns (style_id, created): ``created`` is
-        False when the same clip is already stored (its files are left untouched)."""
+        """Store a reference clip (write-once) with the JSON-able ``adapt_options`` its
+        adaptation uses (kept in ``meta.json``, part of the id). Returns (style_id, created):
+        ``created`` is False when the same clip and options are already stored (untouched)."""
         arrays = {k: np.asarray(v) for k, v in reference.items() if v is not None}
-        sid = style_id_for(method, arrays)
+        sid = style_id_for(method, arrays, adapt_options)
         final = self._dir(sid)
         if (final / _META).is_file():
             return sid, False
@@ -106,6 +117,7 @@ class StyleStore:
                 "reference_sha256": hashlib.sha256(buf).hexdigest(),
                 "arrays": {k: list(v.shape) for k, v in arrays.items()},
                 **dict(meta or {}),
+                **({"adapt_options": dict(adapt_options)} if adapt_options else {}),
             }
             (tmp / _META).write_text(json.dumps(record, indent=2, sort_keys=True))
             try:

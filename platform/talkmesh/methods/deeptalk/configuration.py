@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import ClassVar, Literal
+
+import torch
 
 from talkmesh.audio.encoders import AudioEncoderConfig
 from talkmesh.methods.adamesh.configuration import check_ranges
@@ -367,11 +370,11 @@ class DEEPTalkConfig(MethodConfig):
             return float(self.generator.lr_gamma ** (e // self.generator.lr_step))
         return 1.0
 
-    def build_optimizer(self, params, *, stage: str, lr: float, weight_decay: float):  # type: ignore[no-untyped-def]
+    def build_optimizer(
+        self, params: Sequence[torch.nn.Parameter], *, stage: str, lr: float, weight_decay: float
+    ) -> torch.optim.Optimizer:
         """Adam (fer, dee, stage1, stage2) and AdamW (vq), as the reference (§3.2, §4.5, §5,
         §6.4); ``train.weight_decay`` is passed to both (0 = none)."""
-        import torch
-
         if stage == "vq":
             return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)

@@ -79,13 +79,12 @@ from talkmesh.methods.base import (
     StyleState,
     StyleStateError,
     make_style_state,
-    masked_mse,
     reference_field,
     weighted_loss,
 )
 from talkmesh.methods.deeptalk.configuration import EMOTE_EMOTIONS, STAGES, DEEPTalkConfig
 from talkmesh.methods.deeptalk.emotion import DEE, ExpressionEmotionMLP, Gaussian, csd_pairs, sample_embedding
-from talkmesh.methods.deeptalk.prior import CodeDecoder, DecodeOutput, FaceFeatureExtractor, THVQVAE
+from talkmesh.methods.deeptalk.prior import THVQVAE, CodeDecoder, DecodeOutput, FaceFeatureExtractor
 from talkmesh.methods.dualtalker import WAV2VEC2_VOCABULARY, LipReader, feature_loss
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -329,7 +328,8 @@ class DEEPTalk(MotionMethod):
         lengths = valid.sum(1)  # (B,)
         w = min(frames, int(lengths.min())) // multiple * multiple
         if w < multiple:
-            raise ValueError(f"deeptalk: training clips need at least {multiple} motion frames, got {int(lengths.min())}")
+            shortest = int(lengths.min())
+            raise ValueError(f"deeptalk: training clips need at least {multiple} motion frames, got {shortest}")
         spf = self.facts.samples_per_frame
         n = round(w * spf)
         audio = batch["audio"].to(self.device, torch.float32)  # (B, S)
