@@ -312,6 +312,9 @@ def test_class_declarations_are_valid(name):
     params = inspect.signature(cls.generate).parameters
     for option in cls.generate_options:  # each listed option is a keyword-only argument of generate
         assert option in params and params[option].kind is inspect.Parameter.KEYWORD_ONLY, option
+    adapt_params = inspect.signature(cls.adapt).parameters
+    for option in cls.style_options:  # each listed option is a keyword-only argument of adapt
+        assert option in adapt_params and adapt_params[option].kind is inspect.Parameter.KEYWORD_ONLY, option
     assert isinstance(cls.method_metric_names, tuple) and all(isinstance(k, str) for k in cls.method_metric_names)
     assert bool(cls.method_metric_names) == (cls.method_metrics is not MotionMethod.method_metrics), (
         "method_metric_names must be non-empty exactly when method_metrics is implemented"

@@ -425,6 +425,8 @@ class MotionMethod(nn.Module, abc.ABC):
     * ``generate_options`` - the keyword-only options :meth:`generate` accepts beyond the
       three arguments (e.g. DEEPTalk's ``sample``, ``seed``, ``emotion``); the service passes a
       request's options only when the method lists them, and answers 422 otherwise.
+    * ``style_options`` - the keyword-only options of :meth:`adapt` a client may choose per
+      request (DEEPTalk's emotion ``source``); the service accepts only these.
     * ``method_metric_names`` - the keys :meth:`method_metrics` reports (empty: none; the
       evaluator then loads no clips for it).
 
@@ -442,6 +444,7 @@ class MotionMethod(nn.Module, abc.ABC):
     trains_on_vertices: ClassVar[bool] = True
     supports_style_mixing: ClassVar[bool] = False
     generate_options: ClassVar[tuple[str, ...]] = ()
+    style_options: ClassVar[tuple[str, ...]] = ()
     method_metric_names: ClassVar[tuple[str, ...]] = ()
 
     config: MethodConfig  # subclasses narrow it: ``config: MyConfig``

@@ -47,7 +47,6 @@ import base64
 import concurrent.futures
 import dataclasses
 import hashlib
-import inspect
 import io
 import logging
 import tempfile
@@ -151,14 +150,6 @@ class _Problem(Exception):
         return {"error": {"status": self.status, "message": self.message}}
 
 
-def _adapt_keywords(method: "MotionMethod") -> tuple[str, ...]:
-    """The named keyword options of ``method.adapt`` (its declared signature; ``**kwargs``
-    names none): the adapt options a ``POST /v1/styles`` may choose."""
-    params = inspect.signature(method.adapt).parameters.values()
-    kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return tuple(p.name for p in params if p.kind in kinds and p.name != "reference")
-
-
 def _scalars(state: Mapping[str, Any]) -> dict[str, Any]:
     """The JSON-friendly summary of a StyleState (its scalar fields)."""
     return {k: v for k, v in state.items() if isinstance(v, (bool, int, float, str))}
@@ -208,7 +199,7 @@ class StyleModel:
             "train_subjects": list(f.train_subjects),
             "supports_mix": self.method.supports_style_mixing,
             "generate_options": list(self.method.generate_options),
-            "adapt_options": list(_adapt_keywords(self.method)),
+            "adapt_options": list(self.method.style_options),
             "limits": {
                 "max_upload_mb": self.cfg.max_upload_mb,
                 "max_audio_seconds": self.cfg.max_audio_seconds,
@@ -710,11 +701,11 @@ class Ingress:
         """Animate ``audio`` in a style: motion at the model's fps. The generate options
         (``emotion`` ... ``seed``) are for methods that list them (``GET /v1/info``
         ``generate_options``); others answer 422."""
-        fields = {"emotion": emotion, "intensity": intensity, "sample": sample, "temperature": temperature}
+        fields = dict(emotion=emotion, intensity=intensity, sample=sample, temperature=temperature, seed=seed)
         try:
             max_bytes = self._check_length(request)
             info = await self.info()
-            options = await self._animate_options({**fields, "seed": seed}, emotion_audio, max_bytes, info)
+            options = await self._animate_options(fields, emotion_audio, max_bytes, info)
             audio_arr = read_audio(await _read_upload(audio, "audio", max_bytes), "audio", self.cfg.max_audio_seconds)
             tmpl = None
             if template is not None:

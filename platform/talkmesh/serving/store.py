@@ -46,9 +46,7 @@ class StyleNotFound(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-def style_id_for(
-    method: str, arrays: Mapping[str, np.ndarray], options: Mapping[str, Any] | None = None
-) -> str:
+def style_id_for(method: str, arrays: Mapping[str, np.ndarray], options: Mapping[str, Any] | None = None) -> str:
     """``sty_<24 hex>``: sha256 of the method name, every array's name, dtype, shape and bytes,
     and (when any) the adapt ``options`` as sorted JSON."""
     h = hashlib.sha256(method.encode())

@@ -139,6 +139,7 @@ class DEEPTalk(MotionMethod):
     generate_options: ClassVar[tuple[str, ...]] = (
         "sample", "temp_top", "temp_bottom", "logvar_scale", "seed", "audio_emotion", "emotion", "intensity",
     )
+    style_options: ClassVar[tuple[str, ...]] = ("source",)
     method_metric_names: ClassVar[tuple[str, ...]] = (
         "emo_retrieval_exp2audio", "emo_retrieval_audio2exp", "emo_retrieval", "emo_retrieval_chance",
         "emo_acc", "emo_fd_dee", "sample_diversity_params",
@@ -587,14 +588,17 @@ class DEEPTalk(MotionMethod):
         emotion: str | int | None = None,
         intensity: float = 1.0,
     ) -> Gaussian:
-        """The emotion Gaussian (1, E): a label's prototype, a style's stored embedding, the DEE
-        of ``audio_emotion``, or (default) the DEE of the driving ``audio`` (1, S)."""
+        """The emotion Gaussian (1, E), the first that applies: a label's prototype, the DEE of
+        ``audio_emotion`` (both explicit requests, so they override a style's emotion and keep
+        its actor), a style's stored embedding, or (default) the DEE of the driving ``audio`` (1, S)."""
+        if emotion is not None and audio_emotion is not None:
+            raise ValueError("emotion and audio_emotion both set: give one emotion source")
         if emotion is not None:
             return self.prototype(emotion, intensity)
-        if style is not None and style["emotion_source"] != "driving":
-            return Gaussian(style["emotion_mu"].to(self.device)[None], style["emotion_logvar"].to(self.device)[None])
         if audio_emotion is not None:
             return self.audio_emotion(self.as_audio(audio_emotion))
+        if style is not None and style["emotion_source"] != "driving":
+            return Gaussian(style["emotion_mu"].to(self.device)[None], style["emotion_logvar"].to(self.device)[None])
         return self.audio_emotion(audio)
 
     def prototype(self, emotion: str | int, intensity: float = 1.0) -> Gaussian:
