@@ -32,9 +32,9 @@ test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not learning"; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 # The learning checks that need longer (minutes of training on the synthetic corpus); CI runs
-# them after `make test`.
+# them after `make test`, one test file per worker on two workers (each file trains its own models).
 test-learning: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m learning; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m learning -n 2 --dist loadfile; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 test-fast: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow and not learning"

@@ -425,3 +425,15 @@ def test_dataclass_fields_round_trip_through_the_config_dict():
     cfg = DEEPTalkConfig.debug()
     assert from_dict(DEEPTalkConfig, to_dict(cfg)) == cfg
     assert dataclasses.replace(cfg, default_actor=2).default_actor == 2
+
+
+def test_dee_mel_option_adds_log_mel_frames_and_keeps_padding_invariance():
+    m = model("dee", **{"dee.audio_mel_bins": 8}).eval()
+    assert m.dee.audio_proj.in_features == m.dee.audio_encoder.hidden_size + 8
+    audio = torch.randn(2, 16000) * 0.1
+    lengths = torch.tensor([16000, 11000])
+    with torch.no_grad():
+        both = m.dee.encode_audio(audio, lengths)
+        alone = m.dee.encode_audio(audio[1:, :11000])
+    torch.testing.assert_close(both.mu[1:], alone.mu, rtol=0, atol=1e-5)
+    torch.testing.assert_close(both.logvar[1:], alone.logvar, rtol=0, atol=1e-5)

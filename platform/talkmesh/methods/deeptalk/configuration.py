@@ -100,6 +100,9 @@ class DEEConfig:
     # The audio backbone (§4.2, D2): wav2vec2-base-960h, top 2 layers trainable, no SpecAugment.
     audio_encoder: AudioEncoderConfig = dataclasses.field(default_factory=lambda: _wav2vec2(2))
     audio_d: int = 768  # trunk width (a Linear maps the encoder's hidden size to it when they differ)
+    # Project option (deviation 10): log-mel bins concatenated to the encoder's frames (0 = off,
+    # the paper). A frozen random tiny encoder carries little prosody; the tests' setting uses it.
+    audio_mel_bins: int = 0
     audio_trunk_layers: int = 2
     exp_layers: int = 6
     exp_d: int = 512
@@ -130,7 +133,7 @@ class DEEConfig:
                 "audio_d", "audio_trunk_layers", "exp_layers", "exp_d", "heads", "ff", "embed_dim", "gpo_d",
                 "exp_window_frames", "epochs", "batch_size",
             ),
-            non_negative=("vib_weight",),
+            non_negative=("vib_weight", "audio_mel_bins"),
             positive=("gpo_temperature", "vib_skip", "alpha_init", "window_s", "max_seconds", "lr", "lr_min"),
             fractions=("dropout",),
         )

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from talkmesh.audio.encoders import build_audio_encoder
+from talkmesh.audio.mel import log_mel, mel_filterbank
 from talkmesh.methods.deeptalk.configuration import DEEConfig, FERConfig
 from talkmesh.nn.motion_encoder import sinusoidal_encoding
 
@@ -336,8 +337,9 @@ class DEE(nn.Module):
         self.exp_in = exp_in
         self.embed_dim: int = cfg.embed_dim
         self.audio_encoder = build_audio_encoder(cfg.audio_encoder)
-        hidden = self.audio_encoder.hidden_size
+        hidden = self.audio_encoder.hidden_size + cfg.audio_mel_bins  # encoder features [| log-mel]
         self.audio_proj: nn.Module = nn.Linear(hidden, cfg.audio_d) if hidden != cfg.audio_d else nn.Identity()
+        self.register_buffer("mel_fbank", mel_filterbank(201, max(cfg.audio_mel_bins, 1)), persistent=False)
         self.audio_trunk = _encoder(cfg.audio_d, cfg, cfg.audio_trunk_layers)
         self.audio_head = GaussianHead(cfg.audio_d, cfg)
         self.exp_proj = nn.Linear(exp_in, cfg.exp_d)
@@ -358,9 +360,13 @@ class DEE(nn.Module):
         if lengths is not None:
             lengths = lengths.clamp(max=audio.shape[1])  # (B,)
         out = self.audio_encoder(audio, lengths)  # features (B, N, H), lengths (B,)
-        n = out.features.shape[1]
-        valid = torch.arange(n, device=out.features.device)[None, :] < out.lengths[:, None]  # (B, N)
-        h = _add_positions(self.audio_proj(out.features))  # (B, N, audio_d)
+        feats = out.features
+        n = feats.shape[1]
+        valid = torch.arange(n, device=feats.device)[None, :] < out.lengths[:, None]  # (B, N)
+        if self.cfg.audio_mel_bins:  # the project's mel option: log-mel frames at the same 50 Hz rate
+            mel = log_mel(audio, lengths, self.mel_fbank)[:, :n]  # (B, N, M)
+            feats = torch.cat([feats, mel * valid[..., None].to(mel.dtype)], dim=-1)  # (B, N, H + M)
+        h = _add_positions(self.audio_proj(feats))  # (B, N, audio_d)
         h = self.audio_trunk(h, src_key_padding_mask=~valid)  # (B, N, audio_d)
         return self.audio_head(h, valid)
 

@@ -53,6 +53,11 @@ Deviations (spec DECISIONs and fixes are named in the spec; these are the projec
      count (the reference's ceil(n_cnn / 2) at 25 fps); any fps works the same way.
   9. The frozen content encoder is not part of the state dict (it is rebuilt from
      ``generator.content_encoder``); the DEE audio encoder is (its top layers train).
+ 10. ``dee.audio_mel_bins`` (a project option, off in the presets): log-mel frames at the
+     encoder's 50 Hz rate concatenated to its features before the DEE audio trunk, as
+     AdaMesh's deviation 13. The learning checks use it: a randomly initialised tiny
+     wav2vec2 gives the DEE too little prosody to generalise to held-out clips (see
+     tests/test_deeptalk_learning.py).
 """
 
 from __future__ import annotations
