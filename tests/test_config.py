@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 PRESET_SCHEMAS = {
     "adamesh": ExperimentConfig,
     "data": DataConfig,
+    "deeptalk": ExperimentConfig,
     "dualtalker": ExperimentConfig,
     "faceformer": ExperimentConfig,
     "mimic": ExperimentConfig,

@@ -407,3 +407,102 @@ def test_sweep_runs_trials_tracks_them_and_promotes_only_a_better_model(ray_clus
         f"one-trial sweep: {second_s:.1f} s; "
         f"best val/lve {best.metric:.3e} (lr {best.params['train.lr']:.2e}) vs worse {again.best.metric:.3e}"
     )
+
+
+# --------------------------------------------------------------------------------------
+# DEEPTalk's two sweeps: stage-2 loss weights, TH-VQVAE codebook sizes (fast, no Ray)
+# --------------------------------------------------------------------------------------
+
+from talkmesh.methods.base import MotionMethod  # noqa: E402 - this section's helpers
+from talkmesh.train.config import ExperimentConfig  # noqa: E402
+
+
+def deeptalk_from_trial(trial: ExperimentConfig, stage: str) -> MotionMethod:
+    """The DEEPTalk a trial would train (its method config, small surrogate-FLAME facts), at ``stage``."""
+    import torch
+
+    from talkmesh.face.flame import FlameLayer, make_surrogate_flame
+    from talkmesh.methods.base import DataFacts
+    from talkmesh.methods.registry import build_method
+
+    facts = DataFacts(fps=25.0, num_vertices=24, param_dim=53, train_subjects=("S1", "S2"),
+                      lip_indices=(0, 1, 2, 3), motion="params", has_head_pose=True)  # fmt: skip
+    torch.manual_seed(0)
+    method = build_method("deeptalk", trial.method_config(), facts)
+    method.set_face_model(FlameLayer.from_arrays(**make_surrogate_flame(24, seed=0)))
+    method.set_stage(stage)
+    return method
+
+
+def deeptalk_batch(frames: int = 16) -> dict:
+    """Four labelled FLAME-parameter clips (B, T, 53) with their 16 kHz audio (B, T * 640)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.arange(frames * 640) / 16000.0
+    audio = torch.stack([torch.sin(2 * torch.pi * (150.0 + 40 * i) * t) for i in range(4)])  # (4, S)
+    return {
+        "params": 0.3 * torch.randn(4, frames, 53, generator=g),  # (4, T, 53)
+        "motion_mask": torch.ones(4, frames, dtype=torch.bool),  # (4, T)
+        "audio": audio + 0.01 * torch.randn(audio.shape, generator=g),  # (4, S)
+        "emotion": torch.tensor([0, 1, 2, 6]),  # EMOTE codes of the debug preset's 4 emotions
+        "subject": torch.tensor([0, 1, 0, 1]),
+    }
+
+
+def test_the_deeptalk_sweep_searches_stage_2_loss_weights_from_a_given_checkpoint():
+    """sweeps/deeptalk.yaml: stage 2 alone (from the train.init_from the user passes), all four
+    stage-2 weights log-uniform around their defaults; the sampled weights are the ones the
+    stage-2 loss applies to its emo / lip / swap_emo / swap_lip terms."""
+    import dataclasses
+
+    from talkmesh.methods.deeptalk import DEEPTalkConfig
+
+    cfg = load_sweep(REPO / "sweeps" / "deeptalk.yaml", ["train.init_from=runs:/abc/checkpoints/epoch-0007"])
+    defaults = dataclasses.asdict(DEEPTalkConfig.debug().generator.loss_weights)
+    terms = sorted(set(defaults) - {"rec"})
+    assert sorted(cfg.space) == [f"model.generator.loss_weights.{k}" for k in terms]
+    for k in terms:
+        dist = cfg.space[f"model.generator.loss_weights.{k}"]
+        assert dist.type == "loguniform" and dist.low < defaults[k] < dist.high, k
+    exp = cfg.validate()
+    assert exp.train.stage == "stage2" and exp.train.init_from == "runs:/abc/checkpoints/epoch-0007"
+    assert cfg.metric == "val/lve" and exp.train.checkpoint_metric == "val/lve" and exp.train.eval_every == 1
+    assert exp.schedule().epochs == cfg.scheduler.max_t  # ASHA's top rung is the whole stage
+    assert load_sweep(REPO / "sweeps" / "deeptalk.yaml").experiment().train.init_from == ""  # the user's to give
+
+    sampled = {"emo": 3e-3, "lip": 2e-2, "swap_emo": 5e-4, "swap_lip": 4e-2}
+    trial = cfg.experiment({f"model.generator.loss_weights.{k}": v for k, v in sampled.items()})
+    lw = trial.method_config().generator.loss_weights
+    assert lw.rec == 1.0 and all(getattr(lw, k) == pytest.approx(v) for k, v in sampled.items())
+    method = deeptalk_from_trial(trial, "stage2").train()
+    loss, logs = method(deeptalk_batch())
+    for k, w in sampled.items():
+        assert logs[k] > 0 and logs[f"{k}_weighted"] == pytest.approx(w * logs[k], rel=1e-5), k
+    assert float(loss.detach()) == pytest.approx(logs["rec"] + sum(w * logs[k] for k, w in sampled.items()), rel=1e-5)
+
+
+def test_the_deeptalk_codebook_sweep_sizes_the_prior_and_ranks_its_reconstruction():
+    """sweeps/deeptalk_vq.yaml: stage vq, the two codebook sizes over choices around the debug
+    16, ranked by train/vq_rec: the vertex MSE that the vq stage logs for the sampled prior."""
+    from talkmesh.methods.deeptalk import DEEPTalkConfig
+
+    cfg = load_sweep(REPO / "sweeps" / "deeptalk_vq.yaml")
+    assert set(cfg.space) == {"model.vq.top_codes", "model.vq.bottom_codes"}
+    debug = DEEPTalkConfig.debug().vq
+    for key, default in (("model.vq.top_codes", debug.top_codes), ("model.vq.bottom_codes", debug.bottom_codes)):
+        assert cfg.space[key].type == "choice" and default in cfg.space[key].values, key
+    exp = cfg.validate()
+    assert exp.train.stage == "vq" and cfg.metric == "train/vq_rec" and cfg.mode == "min"
+    assert exp.train.checkpoint_metric == "train/vq_rec" and exp.schedule().epochs == cfg.scheduler.max_t
+
+    trial = cfg.experiment({"model.vq.top_codes": 8, "model.vq.bottom_codes": 32})
+    method = deeptalk_from_trial(trial, "vq").train()
+    assert tuple(method.vq.top_codebook.shape) == (8, debug.top_dim)
+    assert tuple(method.vq.bottom_codebook.shape) == (32, debug.bottom_dim)
+    # The generator's code predictors follow: stage 1 predicts indices into these codebooks.
+    assert method.decoder.top.proj_out.out_features == 8 and method.decoder.bottom.proj_out.out_features == 32
+    _, logs = method(deeptalk_batch())
+    metric_term = cfg.metric.split("/", 1)[1]
+    assert metric_term in logs and 0 < logs[metric_term] < float("inf")
+    assert 1 <= logs["vq_used_top"] <= 8 and 1 <= logs["vq_used_bottom"] <= 32
