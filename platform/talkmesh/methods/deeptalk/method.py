@@ -353,12 +353,12 @@ class DEEPTalk(MotionMethod):
         reader's input scale (RMS of the lip offsets); stage1: the emotion prototypes."""
         if self.stage == "fer":
             counts = torch.zeros(self.config.n_emotions)
-            for i in range(len(dataset)):
-                clip = dataset[i]
-                k = int(self.emotion_class(torch.tensor([-1 if clip.emotion is None else clip.emotion]))[0])
+            for i, seq in enumerate(dataset.sequences):  # the index holds labels and lengths (no decoding)
+                code = seq.emotion if seq.emotion is not None else dataset[i].emotion
+                k = int(self.emotion_class(torch.tensor([-1 if code is None else code]))[0])
                 if k < 0:
-                    raise ValueError(f"clip {clip.name!r} has no emotion label; the fer stage needs one on every clip")
-                counts[k] += len(clip.params)
+                    raise ValueError(f"clip {seq.name!r} has no emotion label; the fer stage needs one on every clip")
+                counts[k] += seq.num_frames
             self.fer.set_class_weights(counts)
             return {f"frames_{EMOTE_EMOTIONS[c]}": float(counts[k]) for k, c in enumerate(self.config.emotion_classes)}
         if self.stage == "vq":
@@ -387,12 +387,15 @@ class DEEPTalk(MotionMethod):
         n, e = self.config.n_emotions, self.config.dee.embed_dim
         mu, logvar, counts = torch.zeros(n, e), torch.zeros(n, e), torch.zeros(n)
         with self.eval_mode():
-            for i in range(len(dataset)):
-                clip = dataset[i]
-                k = int(self.emotion_class(torch.tensor([-1 if clip.emotion is None else clip.emotion]))[0])
+            for i, seq in enumerate(dataset.sequences):
+                if bool((counts >= PROTOTYPE_CLIPS).all()):
+                    break
+                clip = dataset[i] if seq.emotion is None else None  # the index usually holds the label
+                code = seq.emotion if clip is None else clip.emotion
+                k = int(self.emotion_class(torch.tensor([-1 if code is None else code]))[0])
                 if k < 0 or counts[k] >= PROTOTYPE_CLIPS:
                     continue
-                g = self.audio_emotion(torch.as_tensor(clip.audio))
+                g = self.audio_emotion(torch.as_tensor((clip if clip is not None else dataset[i]).audio))
                 mu[k] += g.mu[0].cpu()
                 logvar[k] += g.logvar[0].cpu()
                 counts[k] += 1
