@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import io
 
+import numpy as np
 import pytest
 import torch
 
@@ -437,3 +438,46 @@ def test_dee_mel_option_adds_log_mel_frames_and_keeps_padding_invariance():
         alone = m.dee.encode_audio(audio[1:, :11000])
     torch.testing.assert_close(both.mu[1:], alone.mu, rtol=0, atol=1e-5)
     torch.testing.assert_close(both.logvar[1:], alone.logvar, rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# The staged job (jobs/deeptalk.py): five stages as MLflow child runs of one parent
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_staged_job_chains_the_five_stages_evaluates_and_registers(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from talkmesh.ops import tracking
+    from talkmesh.ops.jobs import parse_args, run_job
+    from talkmesh.train.checkpoint import load_method
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    args = [
+        "train.num_workers=0", "model.fer.epochs=1", "model.dee.epochs=1", "model.vq.epochs=1",
+        "model.generator.stage1_epochs=1", "model.generator.stage2_epochs=1", "train.eval_every=1",
+        "train.limit_eval_sequences=4", "train.preview=false", "train.system_metrics=false",
+        f"train.storage_path={tmp_path / 'ray'}", "train.run_name=staged",
+    ]
+    out = run_job(parse_args("deeptalk", args))
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    children = tracking.child_runs(out["run_id"], uri=uri)
+    assert [c["run_name"] for c in children] == [f"staged-{s}" for s in DEEPTalk.stages]
+    runs = {c["run_name"].split("-", 1)[1]: client.get_run(c["run_id"]) for c in children}
+    for prev, stage in zip(DEEPTalk.stages, DEEPTalk.stages[1:], strict=False):
+        assert runs[stage].data.params["train.stage"] == stage
+        assert runs[prev].data.tags["talkmesh.selected_checkpoint"].endswith(
+            runs[stage].data.params["train.init_from"].rsplit("/", 1)[-1])  # each stage from the previous one's pick
+    assert "train/fit/frames_happy" in runs["fer"].data.metrics and "train/dee_match" in runs["dee"].data.metrics
+    assert "train/fit/reader_scale_lips" in runs["vq"].data.metrics and "train/swap_lip" in runs["stage2"].data.metrics
+    assert runs["stage1"].data.metrics["train/fit/prototype_clips"] > 0
+    metrics = client.get_run(out["run_id"]).data.metrics
+    for key in ("lve", "emo_acc", "emo_retrieval", "sample_diversity_params"):
+        assert f"test/test-A/{key}" in metrics, key
+    assert out["version"] == 1
+    loaded = load_method(out["checkpoint"]).method
+    assert loaded.stage == "stage2" and float(loaded.emotion_prototype_counts.sum()) > 0
+    gen = loaded.generate(np.zeros(16000, np.float32) + 0.01, None, emotion="happy", sample=True, seed=1)
+    assert gen["vertices"].shape[1:] == (loaded.facts.num_vertices, 3)  # the face model file is in the config
