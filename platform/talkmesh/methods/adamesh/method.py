@@ -107,11 +107,9 @@ Deviations (spec DECISIONs unless noted):
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import time
-import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
 
@@ -147,6 +145,7 @@ from talkmesh.methods.base import (
     reference_field,
     weighted_loss,
 )
+from talkmesh.methods.face_slot import FaceModelSlot
 from talkmesh.nn.kmeans import KMeansResult, assign, kmeans
 from talkmesh.nn.lora import MoLoRA, adapter_parameters, adapter_values, apply_adapters
 
@@ -192,8 +191,7 @@ class AdaMesh(MotionMethod):
         encoder = build_audio_encoder(cfg.audio_encoder)  # frozen; kept out of the state dict (deviation 9)
         encoder.eval()
         object.__setattr__(self, "_hubert", encoder)
-        object.__setattr__(self, "_face", None)
-        object.__setattr__(self, "_face_missing", False)
+        object.__setattr__(self, "_face", FaceModelSlot("adamesh", N_EXPRESSION, facts.num_vertices))
         self.alignment: str = self._alignment_mode(encoder.output_rate)
         h = encoder.hidden_size
 
@@ -256,8 +254,7 @@ class AdaMesh(MotionMethod):
         """``.to()`` / ``.cuda()`` also move the frozen encoder and the injected face model."""
         super()._apply(fn, recurse)
         self._hubert._apply(fn)
-        if self._face is not None:
-            self._face._apply(fn)
+        self._face.apply(fn)
         return self
 
     @property
@@ -302,35 +299,12 @@ class AdaMesh(MotionMethod):
 
     # ---- face model (injected dependency, README G10) ---------------------------------
     def set_face_model(self, layer: FlameLayer | None) -> None:
-        """Use ``layer`` (a FlameLayer with 50 expression components) to build vertices. The
-        model keeps its own copy (moved with the model), so a shared layer is never moved."""
-        if layer is not None:
-            if getattr(layer, "n_expr", None) != N_EXPRESSION:
-                raise ValueError(f"face model must have {N_EXPRESSION} expression components, got {layer.n_expr}")
-            nv = self.facts.num_vertices
-            if nv and layer.num_vertices != nv:
-                raise ValueError(f"face model has {layer.num_vertices} vertices, the data facts say {nv}")
-            layer = copy.deepcopy(layer).to(self.device)
-        object.__setattr__(self, "_face", layer)
+        """Use ``layer`` (50 expression components) for vertices; the model keeps its own copy."""
+        self._face.set(layer, self.device)
 
     def face_model(self) -> FlameLayer | None:
-        """The injected face model, else the one in ``config.face_model`` (loaded once), else
-        None. A configured file that is missing gives a warning and None (no vertices)."""
-        if self._face is None and self.config.face_model and not self._face_missing:
-            from pathlib import Path
-
-            from talkmesh.data.corpus import load_face_model
-
-            if not Path(self.config.face_model).expanduser().is_file():
-                warnings.warn(
-                    f"adamesh: face_model {self.config.face_model} not found; generate returns params and head "
-                    "pose without vertices (inject a FlameLayer with set_face_model)",
-                    stacklevel=2,
-                )
-                object.__setattr__(self, "_face_missing", True)
-                return None
-            self.set_face_model(load_face_model(self.config.face_model))
-        return self._face
+        """The injected face model, else ``config.face_model`` (loaded once), else None."""
+        return self._face.get(self.config.face_model, self.device)
 
     # ================================================================== normalisation
     def _norm_expr(self, x: torch.Tensor) -> torch.Tensor:

@@ -62,10 +62,8 @@ Deviations (spec DECISIONs and fixes are named in the spec; these are the projec
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
-import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
 
@@ -91,6 +89,7 @@ from talkmesh.methods.deeptalk.configuration import EMOTE_EMOTIONS, STAGES, DEEP
 from talkmesh.methods.deeptalk.emotion import DEE, ExpressionEmotionMLP, Gaussian, csd_pairs, sample_embedding
 from talkmesh.methods.deeptalk.prior import THVQVAE, CodeDecoder, DecodeOutput, FaceFeatureExtractor
 from talkmesh.methods.dualtalker import WAV2VEC2_VOCABULARY, LipReader, feature_loss
+from talkmesh.methods.face_slot import FaceModelSlot
 
 if TYPE_CHECKING:  # pragma: no cover
     from talkmesh.data.clip import Clip
@@ -169,8 +168,7 @@ class DEEPTalk(MotionMethod):
         content = build_audio_encoder(g.content_encoder)  # frozen, kept out of the state dict (deviation 9)
         content.eval()
         object.__setattr__(self, "_content", content)
-        object.__setattr__(self, "_face", None)
-        object.__setattr__(self, "_face_missing", False)
+        object.__setattr__(self, "_face", FaceModelSlot("deeptalk", N_EXPRESSION, facts.num_vertices))
 
         self.fer = ExpressionEmotionMLP(cfg.fer, cfg.n_emotions, MOTION_DIM)
         self.dee = DEE(cfg.dee, cfg.fer.feature_dim)
@@ -199,8 +197,7 @@ class DEEPTalk(MotionMethod):
         """``.to()`` / ``.cuda()`` also move the frozen content encoder and the face model."""
         super()._apply(fn, recurse)
         self._content._apply(fn)
-        if self._face is not None:
-            self._face._apply(fn)
+        self._face.apply(fn)
         return self
 
     @property
@@ -251,30 +248,12 @@ class DEEPTalk(MotionMethod):
 
     # ---- face model (README G10, D15) ----------------------------------------------------
     def set_face_model(self, layer: FlameLayer | None) -> None:
-        """Use ``layer`` (50 expression components) for V(.); the model keeps its own copy."""
-        if layer is not None:
-            if getattr(layer, "n_expr", None) != N_EXPRESSION:
-                raise ValueError(f"face model must have {N_EXPRESSION} expression components, got {layer.n_expr}")
-            nv = self.facts.num_vertices
-            if nv and layer.num_vertices != nv:
-                raise ValueError(f"face model has {layer.num_vertices} vertices, the data facts say {nv}")
-            layer = copy.deepcopy(layer).to(self.device)
-        object.__setattr__(self, "_face", layer)
+        """Use ``layer`` (50 expression components) for vertices; the model keeps its own copy."""
+        self._face.set(layer, self.device)
 
     def face_model(self) -> FlameLayer | None:
         """The injected face model, else ``config.face_model`` (loaded once), else None."""
-        if self._face is None and self.config.face_model and not self._face_missing:
-            from pathlib import Path
-
-            from talkmesh.data.corpus import load_face_model
-
-            if not Path(self.config.face_model).expanduser().is_file():
-                warnings.warn(f"deeptalk: face_model {self.config.face_model} not found; generate returns params "
-                              "without vertices (inject a FlameLayer with set_face_model)", stacklevel=2)
-                object.__setattr__(self, "_face_missing", True)
-                return None
-            self.set_face_model(load_face_model(self.config.face_model))
-        return self._face
+        return self._face.get(self.config.face_model, self.device)
 
     def _require_face(self) -> FlameLayer:
         face = self.face_model()
