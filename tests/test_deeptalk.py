@@ -481,3 +481,13 @@ def test_staged_job_chains_the_five_stages_evaluates_and_registers(tmp_path, mon
     assert loaded.stage == "stage2" and float(loaded.emotion_prototype_counts.sum()) > 0
     gen = loaded.generate(np.zeros(16000, np.float32) + 0.01, None, emotion="happy", sample=True, seed=1)
     assert gen["vertices"].shape[1:] == (loaded.facts.num_vertices, 3)  # the face model file is in the config
+
+
+def test_generator_stages_refuse_to_start_without_the_priors():
+    m = model("stage1")
+    with pytest.raises(ValueError, match=r"not been through \['fer', 'dee', 'vq'\].*train.init_from"):
+        m.fit_stage([])
+    m.stages_fitted[:3] = True  # as after fer, dee and vq (the checkpoint carries the marks)
+    m.set_stage("stage2")
+    with pytest.raises(ValueError, match=r"\['stage1'\]"):
+        m.fit_stage([])

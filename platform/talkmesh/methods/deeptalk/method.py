@@ -190,6 +190,7 @@ class DEEPTalk(MotionMethod):
         self.register_buffer("emotion_prototypes", torch.zeros(cfg.n_emotions, e))
         self.register_buffer("emotion_prototype_logvar", torch.zeros(cfg.n_emotions, e))
         self.register_buffer("emotion_prototype_counts", torch.zeros(cfg.n_emotions))
+        self.register_buffer("stages_fitted", torch.zeros(len(STAGES), dtype=torch.bool))  # fit_stage ran
         self.set_stage(self.stage)
 
     # ================================================================== plumbing
@@ -329,7 +330,11 @@ class DEEPTalk(MotionMethod):
     # ================================================================== fitting and schedules
     def fit_stage(self, dataset: ClipDataset) -> dict[str, float]:
         """fer: the class weights (inverse frequency over training frames, §3.2); vq: the lip
-        reader's input scale (RMS of the lip offsets); stage1: the emotion prototypes."""
+        reader's input scale (RMS of the lip offsets); stage1: the emotion prototypes. Marks the
+        stage in ``stages_fitted``; the generator stages first check their inputs
+        (:meth:`check_inputs_trained`)."""
+        self.check_inputs_trained()
+        self.stages_fitted[STAGES.index(self.stage)] = True
         if self.stage == "fer":
             counts = torch.zeros(self.config.n_emotions)
             for i, seq in enumerate(dataset.sequences):  # the index holds labels and lengths (no decoding)
@@ -345,6 +350,18 @@ class DEEPTalk(MotionMethod):
         if self.stage == "stage1":
             return self._fit_prototypes(dataset)
         return {}
+
+    def check_inputs_trained(self) -> None:
+        """The generator stages start from the priors (§6.4): stage1 needs the fer, dee and vq
+        stages behind it, stage2 also stage1 (their ``fit_stage`` marks, carried in the
+        checkpoint that ``train.init_from`` loads); a ValueError names what is missing."""
+        need = {"stage1": ("fer", "dee", "vq"), "stage2": ("fer", "dee", "vq", "stage1")}.get(self.stage, ())
+        missing = [s for s in need if not bool(self.stages_fitted[STAGES.index(s)])]
+        if missing:
+            raise ValueError(
+                f"deeptalk stage {self.stage!r} starts from the earlier stages' weights, but this model has not been "
+                f"through {missing}: set train.init_from to the previous stage's checkpoint (the job chains them)"
+            )
 
     @torch.no_grad()
     def _fit_reader_scale(self, dataset: ClipDataset) -> dict[str, float]:
