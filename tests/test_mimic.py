@@ -574,7 +574,7 @@ def test_short_audio_is_one_window_equal_to_single_pass_decoding(trained):
     t = trained.frames_for_audio(clip.audio.shape[0])
     assert t == 47 and out.shape == (t, V, 3)
     with torch.no_grad():
-        audio = torch.from_numpy(clip.audio)[None]
+        audio = torch.from_numpy(clip.audio[: t * 640])[None]  # the samples of the t whole frames (§6)
         mem = trained.encode_audio(audio, None, torch.tensor([t]))
         single = trained.decoder(mem, state["style_code"][None], torch.zeros(1, 3 * V))[0]
     torch.testing.assert_close(out, single.reshape(t, V, 3) + torch.from_numpy(clip.template))
@@ -936,3 +936,75 @@ def test_same_audio_with_two_styles_tracks_the_recorded_style(synthetic):
     low, high = min(gains, key=gains.get), max(gains, key=gains.get)
     assert mean_amp[high] >= 1.3 * mean_amp[low], table
     assert np.mean(ldd_own) < np.mean(ldd_other), (np.mean(ldd_own), np.mean(ldd_other))
+
+
+# --------------------------------------------------------------------------------------
+# Issue 12: content_norm="layer" (§2.1) and whole-frame inference windows (§6)
+# --------------------------------------------------------------------------------------
+
+
+def test_content_norm_layer_gives_the_content_encoder_the_style_encoder_layout():
+    """§2.1: ``content_norm="layer"`` switches E_c's conv blocks and its projection to
+    LayerNorm (the reference's Conv1DLN + FeatureProjection), i.e. the style encoder's
+    layout: with E_s's weights, E_c's frame codes equal E_s's. The default keeps instance
+    norm everywhere in E_c."""
+    m = model(content_norm="layer")
+    enc = m.content_encoder
+    n_ln = sum(isinstance(mod, nn.LayerNorm) for mod in enc.conv_norms.modules())
+    assert n_ln == m.config.enc_convs
+    assert sum(isinstance(mod, nn.LayerNorm) for mod in enc.proj_norm.modules()) == 1
+    assert not any(isinstance(mod, (nn.BatchNorm1d, nn.InstanceNorm1d)) for mod in enc.modules())
+    randomise(m.style_encoder)
+    enc.load_state_dict(m.style_encoder.state_dict())  # strict: the same modules
+    x = 0.01 * torch.randn(2, 30, 3 * V)
+    with torch.no_grad():
+        torch.testing.assert_close(m.eval().content_codes(x), m.style_encoder.frames(x))
+    default = model().content_encoder
+    assert not any(isinstance(mod, nn.LayerNorm) for mod in default.conv_norms.modules())
+    assert not any(isinstance(mod, nn.LayerNorm) for mod in default.proj_norm.modules())
+
+
+@pytest.mark.parametrize("norm, local", [("layer", True), ("instance", False)])
+def test_content_norm_layer_keeps_the_conv_stack_local(norm, local):
+    """Without the transformer, LayerNorm conv blocks (content_norm="layer") make a frame's
+    content code depend only on the frames within the convolutions' reach (enc_convs
+    frames each side); instance norm (the default) mixes in statistics of the whole clip."""
+    m = model(content_norm=norm, enc_layers=0).eval()
+    randomise(m.content_encoder)
+    x = 0.01 * torch.randn(1, 30, 3 * V)
+    far = x.clone()
+    far[:, 10:] += 0.05 * torch.randn(1, 20, 3 * V)  # frames >= 10: beyond frame 0's reach (2 convs)
+    with torch.no_grad():
+        a, b = m.content_codes(x)[0, :5], m.content_codes(far)[0, :5]
+    assert torch.allclose(a, b, atol=1e-6) is local
+
+
+@pytest.mark.parametrize("facts, align", [(FACTS25, "interp"), (FACTS30, "interp"), (FACTS25, "conv")])
+def test_last_inference_window_is_cut_at_whole_frames(facts, align):
+    """§6 (reference windowing): every window, the last included, gets the samples of its
+    whole frames only, so samples past the last whole frame change nothing: a clip whose
+    length is not a whole number of frames is decoded exactly as the same audio cut at
+    whole frames, in every window (the last one included)."""
+    m = model(facts, audio_align=align).eval()
+    randomise(m)
+    clip = make_clip("S2", 5.0, facts.fps, 7)
+    total = 115  # windows (0, 50), (40, 50), (80, 35): the last one gives frames 90..114
+    whole = math.ceil(total * facts.samples_per_frame - 1e-6)  # samples of 115 whole frames
+    audio = clip.audio[: whole + int(0.8 * facts.samples_per_frame)]  # a fraction of a frame more
+    assert m.frames_for_audio(audio.shape[0]) == m.frames_for_audio(whole) == total
+    out = m.generate(audio, clip.template, style=None)["vertices"]
+    cut = m.generate(audio[:whole], clip.template, style=None)["vertices"]
+    assert out.shape == (total, V, 3)
+    assert not torch.allclose(out[90:], out[90:91].expand_as(out[90:]))  # the last window moves
+    torch.testing.assert_close(out, cut, atol=0.0, rtol=0.0)
+
+
+def test_frame_count_is_whole_frames_of_audio_exactly():
+    """§6: samples // 640 at 25 fps (the reference's integer count), with no floating-point
+    loss below an integer (115 * 640 samples are 115 frames, not 114)."""
+    m = model()
+    n = np.arange(1, 2000)
+    assert [m.frames_for_audio(int(k) * 640) for k in n] == n.tolist()
+    assert [m.frames_for_audio(int(k) * 640 - 1) for k in n] == (n - 1).tolist()
+    m30 = model(FACTS30)
+    assert [m30.frames_for_audio(int(k) * 1600) for k in n] == (3 * n).tolist()  # 1600 samples = 3 frames

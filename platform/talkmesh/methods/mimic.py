@@ -8,7 +8,8 @@ Specification: specs/mimic.md (section, quirk Qn and decision Dn numbers below r
 
 The model (§2-§4): a content encoder E_c turns vertex offsets into frame-level content
 codes c (B, T, d) and a style encoder E_s into a clip-level style code s (B, d) (both:
-conv blocks + transformer; instance norm in E_c, layer norm and a temporal mean in E_s). A
+conv blocks + transformer; instance norm in E_c, or E_s's layer norms with
+``content_norm="layer"``; layer norm and a temporal mean in E_s). A
 wav2vec 2.0 encoder gives audio features a (B, T, d) at the motion rate. One
 autoregressive transformer decoder, whose layer norms are style-adaptive (SALN, driven by
 s), decodes offsets from either a (audio branch) or c (content branch), with a periodic
@@ -48,7 +49,12 @@ Deviations from the reference code (spec DECISIONS unless noted):
      DECISION; the reference has no subject-indexed path); ``style=None`` uses the mean
      of the recorded subject codes (zeros before any training).
   9. Windowed inference encodes each window's audio on its own (per-window utterance
-     normalisation, README G8); the last window takes the audio up to the end.
+     normalisation, README G8). Every window, the last one included, gets the samples of
+     its whole frames only, as the reference's windowing cuts them (samples past the last
+     whole frame are not used), and the frame count is floor(samples * fps / 16000) in
+     exact arithmetic (the reference's samples // 640 at 25 fps). Sample boundaries are
+     round(frame * 16000 / fps); at 30 fps this keeps 533.3 samples per frame where the
+     reference's (unexercised) integer stride would be 533.
  10. D9: CTC, ArcFace and content-class heads are not implemented. D10: ``style_fuse``
      ``add`` adds s to every decoder input token and ``cat`` maps [token, s] through
      Linear(2d -> d), both with plain LayerNorms (the reference's exact variants are not
@@ -149,7 +155,8 @@ class MimicConfig(MethodConfig):
     enc_ff: int = 256
     enc_convs: int = 5
     enc_dropout: float = 0.1  # transformer + after the PE
-    content_norm: Literal["instance", "layer"] = "instance"  # E_c projection norm
+    # E_c's norms, conv blocks and projection (§2.1); "layer" gives E_s's layout
+    content_norm: Literal["instance", "layer"] = "instance"
     style_pool: Literal["mean", "max"] = "mean"
     reference_pe_quirk: bool = False  # Q1/D1: True = the reference's batch-index PE
     # ---- decoder (§2.4) ----
@@ -646,7 +653,7 @@ class Mimic(MotionMethod):
             pe=pe,
             max_len=config.max_len,
         )
-        self.content_encoder = MotionSequenceEncoder(norm="instance", proj_norm=config.content_norm, **common)
+        self.content_encoder = MotionSequenceEncoder(norm=config.content_norm, **common)
         self.style_encoder = MotionSequenceEncoder(norm="layer", pool=config.style_pool, **common)
 
     def _build_audio(self, config: MimicConfig, fps: float) -> None:
@@ -680,8 +687,8 @@ class Mimic(MotionMethod):
 
     # ------------------------------------------------------------------ frame counts
     def frames_for_audio(self, num_samples: int) -> int:
-        """floor(samples * fps / 16000): samples / 640 at 25 fps (§6)."""
-        return frames_from_audio(int(num_samples), self.facts.fps, basis="samples")
+        """floor(samples * fps / 16000) in exact arithmetic: samples // 640 at 25 fps (§6)."""
+        return frames_from_audio(int(num_samples), self.facts.fps, basis="samples", exact=True)
 
     # ------------------------------------------------------------------ encoders
     def encode_audio(
@@ -965,12 +972,13 @@ class Mimic(MotionMethod):
             f"style must be None, a subject index or name, or a StyleState dict; got {type(style).__name__}"
         )
 
-    def _audio_window(self, audio: torch.Tensor, start: int, length: int, last: bool) -> torch.Tensor:
-        """The samples of frames [start, start + length) of a (S,) utterance, to its end for
-        the last window, zero-padded to the encoder's receptive field."""
+    def _audio_window(self, audio: torch.Tensor, start: int, length: int) -> torch.Tensor:
+        """The samples of the whole frames [start, start + length) of a (S,) utterance (the
+        last window too: samples past its last whole frame are left out, as the reference's
+        windowing does), zero-padded to the encoder's receptive field."""
         spf = self.facts.samples_per_frame
         a0 = int(round(start * spf))
-        a1 = audio.shape[0] if last else min(int(round((start + length) * spf)), audio.shape[0])
+        a1 = min(int(round((start + length) * spf)), audio.shape[0])
         x = audio[a0:a1]
         need = max(self.audio_encoder.receptive_field, int(round(length * spf)))
         if x.shape[0] < need:
@@ -978,14 +986,14 @@ class Mimic(MotionMethod):
         return x[None]  # (1, S_w)
 
     def _decode_windows(self, memory_for: Any, total: int, code: torch.Tensor) -> torch.Tensor:
-        """Sliding-window decoding (§6): memory_for(start, length, last) -> (1, L, d).
+        """Sliding-window decoding (§6): memory_for(start, length) -> (1, L, d).
         Returns offsets (T, 3V)."""
         cfg = self.config
         pieces = []
         init = torch.zeros(1, self.output_dim, device=self.device)
         windows = inference_windows(total, cfg.infer_window, cfg.infer_overlap)
         for i, (start, length) in enumerate(windows):
-            memory = memory_for(start, length, i == len(windows) - 1)  # (1, L, d)
+            memory = memory_for(start, length)  # (1, L, d)
             y = self.decoder(memory, code[None], init)  # (1, L, 3V)
             pieces.append(y[0] if i == 0 else y[0, cfg.infer_overlap :])
             init = y[:, -cfg.infer_overlap] if cfg.infer_overlap else y[:, -1]  # offsets
@@ -1009,8 +1017,8 @@ class Mimic(MotionMethod):
         if total < 1:
             raise ValueError(f"audio too short: {a.shape[0]} samples give no motion frame at {self.facts.fps:g} fps")
 
-        def memory_for(start: int, length: int, last: bool) -> torch.Tensor:
-            x = self._audio_window(a, start, length, last)
+        def memory_for(start: int, length: int) -> torch.Tensor:
+            x = self._audio_window(a, start, length)
             return self.encode_audio(x, None, torch.tensor([length], device=self.device))
 
         with self.eval_mode():
@@ -1032,7 +1040,7 @@ class Mimic(MotionMethod):
         tmpl = self.as_template(template)
         code = self.resolve_style(style)
 
-        def memory_for(start: int, length: int, last: bool) -> torch.Tensor:
+        def memory_for(start: int, length: int) -> torch.Tensor:
             return self.content_codes(drive[None, start : start + length])
 
         with self.eval_mode():
