@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from talkmesh.cli import main
 from talkmesh.config import DataConfig
 from talkmesh.data import DataError, open_corpus
 from talkmesh.data.mead import MEAD_EMOTION_TO_EMOTE, parse_uid
@@ -186,20 +189,59 @@ def test_missing_root_and_layout(tmp_path: Path) -> None:
         open_corpus(cfg_for(tmp_path))
 
 
-def test_missing_audio_names_file(tmp_path: Path) -> None:
+def test_missing_or_unreadable_audio_skips_the_clip(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "mead"
+    write_clip(root, "M003_01_1_001", 10)
+    write_clip(root, "M003_01_1_002", 10, audio=False)  # audio missing
+    write_clip(root, "M003_01_1_003", 10)
+    (root / "audio_sample" / "M003" / "M003_01_1_003.npy").write_bytes(b"not an npy file")  # unreadable
+    corpus = open_corpus(cfg_for(root))
+    with caplog.at_level(logging.WARNING, logger="talkmesh.data.mead"):
+        names = [s.name for s in corpus.sequences()]
+    assert names == ["M003_01_1_001"]
+    assert sorted(corpus.skipped) == ["M003_01_1_002", "M003_01_1_003"]
+    assert "audio_sample/M003/M003_01_1_002.npy" in corpus.skipped["M003_01_1_002"]
+    assert "not found" in corpus.skipped["M003_01_1_002"]
+    assert "not a readable" in corpus.skipped["M003_01_1_003"]
+    warned = caplog.text
+    assert "M003_01_1_002" in warned and "M003_01_1_003" in warned and "skipping" in warned
+    summary = corpus.summary()  # what `talkmesh data inspect` prints (no FLAME_masks.pkl needed)
+    assert summary["skipped"] == corpus.skipped and summary["splits"]["train"]["sequences"] == 1
+
+
+def test_inspect_counts_skipped_clips(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / "mead"
     write_clip(root, "M003_01_1_001", 10)
     write_clip(root, "M003_01_1_002", 10, audio=False)
-    corpus = open_corpus(cfg_for(root))
-    with pytest.raises(DataError, match=r"audio_sample/M003/M003_01_1_002\.npy"):
-        corpus.sequences()
+    assert main(["data", "inspect", "--format", "mead", "--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "skipped      1 clip(s)" in out and "M003_01_1_002" in out
+    assert main(["data", "inspect", "--format", "mead", "--root", str(root), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert list(summary["skipped"]) == ["M003_01_1_002"]
 
 
-def test_wrong_column_count_names_file(tmp_path: Path) -> None:
+def test_every_audio_missing_says_so(tmp_path: Path) -> None:
     root = tmp_path / "mead"
-    write_clip(root, "M003_01_1_001", 10, cols=100)
-    with pytest.raises(DataError, match=r"M003_01_1_001\.npy.*\(10, 100\).*156"):
+    write_clip(root, "M003_01_1_001", 10, audio=False)
+    with pytest.raises(DataError, match=r"no mead sequences.*1 clip\(s\) skipped.*M003_01_1_001"):
         open_corpus(cfg_for(root)).sequences()
+
+
+def test_skipped_clips_become_a_run_tag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from talkmesh.ops import tracking
+    from talkmesh.train.config import load_experiment
+    from talkmesh.train.runner import _start_run
+
+    started: dict[str, object] = {}
+    monkeypatch.setattr(tracking, "start_run", lambda *a, **kw: started.update(kw) or "run-1")
+    monkeypatch.setattr(tracking, "log_dataset", lambda *a, **kw: "")  # no MLflow store needed
+    root = tmp_path / "mead"
+    write_clip(root, "M003_01_1_001", 10)
+    write_clip(root, "M003_01_1_002", 10, audio=False)
+    exp = load_experiment(None, ["preset=debug", f"train.storage_path={tmp_path / 'ray'}"])
+    assert _start_run(exp, open_corpus(cfg_for(root)), "skips", tmp_path / "run", "", None, None) == "run-1"
+    assert started["tags"]["talkmesh.skipped_clips"] == 1  # type: ignore[index]
 
 
 def test_unknown_emotion_code_names_file(tmp_path: Path) -> None:
@@ -256,3 +298,64 @@ def test_vertices_through_surrogate_flame(tmp_path: Path, mead_root: Path) -> No
     assert template is not None and template.shape == (30, 3)
     np.testing.assert_allclose(template, layer.template(corpus.subject_shape("M003")), atol=1e-6)
     np.testing.assert_array_equal(corpus.regions().lips, [1, 2])
+
+
+def test_inspect_without_flame_masks_reports_what_is_missing(
+    mead_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert not (mead_root / "FLAME_masks.pkl").exists()  # FLAME_masks.pkl comes with FLAME, not with MEAD
+    assert main(["data", "inspect", "--format", "mead", "--root", str(mead_root)]) == 0
+    out = capsys.readouterr().out
+    assert "FLAME_masks.pkl" in out and "lip/upper-face metrics" in out
+    assert main(["data", "inspect", "--format", "mead", "--root", str(mead_root), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["splits"]["train"]["sequences"] == 3
+    regions = summary["regions"]
+    assert regions["lips"] is None and regions["upper"] is None and "FLAME_masks.pkl" in regions["missing"]
+    # Where the regions are needed, the masks are required, and the error names the file.
+    with pytest.raises(DataError, match=r"FLAME_masks\.pkl"):
+        open_corpus(cfg_for(mead_root)).regions()
+
+
+def test_empty_val_or_test_split_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "mead"
+    write_clip(root, "M003_01_1_001", 10)
+    write_clip(root, "M037_01_1_001", 100)  # a test actor with < 10 s: all of it becomes reference
+    corpus = open_corpus(cfg_for(root))
+    with caplog.at_level(logging.WARNING, logger="talkmesh.data.mead"):
+        corpus.sequences()
+    assert not corpus.sequences("val") and not corpus.sequences("test")
+    val = [r.getMessage() for r in caplog.records if "'val'" in r.getMessage()]
+    test = [r.getMessage() for r in caplog.records if "'test'" in r.getMessage()]
+    assert len(val) == 1 and "M032" in val[0]  # names the split's actors, none on disk
+    assert len(test) == 1 and "reference" in test[0] and "M037" in test[0]
+    assert corpus.info.notes["empty_splits"] == "val test"
+
+
+def test_no_warning_when_val_and_test_have_clips(mead_root: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="talkmesh.data.mead"):
+        open_corpus(cfg_for(mead_root, smoothing=False)).sequences()
+    assert not [r for r in caplog.records if "split" in r.getMessage() and "empty" in r.getMessage()]
+
+
+def test_mixed_153_and_156_columns_warn_and_read_to_flame56(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "mead"
+    raw156 = write_clip(root, "M003_01_1_001", 12, cols=156, seed=1)
+    raw153 = write_clip(root, "M003_01_1_002", 12, cols=153, seed=2)
+    corpus = open_corpus(cfg_for(root, smoothing=False))
+    with caplog.at_level(logging.WARNING, logger="talkmesh.data.mead"):
+        corpus.sequences()
+    mixed = [r.getMessage() for r in caplog.records if "153" in r.getMessage()]
+    assert len(mixed) == 1 and "1 of 2" in mixed[0] and "M003_01_1_002" in mixed[0] and "head" in mixed[0]
+    assert corpus.info.notes["columns_mixed"].startswith("1 of 2")
+    a, b = corpus.load("M003_01_1_001"), corpus.load("M003_01_1_002")
+    assert a.params.shape == b.params.shape == (12, 53)  # both in the FLAME-56 layout
+    np.testing.assert_array_equal(a.params[:, 50:53], raw156[:, 53:56])  # jaw from its own columns
+    np.testing.assert_array_equal(b.params[:, 50:53], raw153[:, 50:53])
+    assert a.head_pose is not None and b.head_pose is None
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="talkmesh.data.mead"):
+        open_corpus(cfg_for(tmp_path / "mead", smoothing=False)).info  # noqa: B018
+    assert len([r for r in caplog.records if "153" in r.getMessage()]) == 1  # once per corpus

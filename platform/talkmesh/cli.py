@@ -56,9 +56,17 @@ def _print_summary(summary: dict[str, Any]) -> None:
             f"{s['motion_seconds']:>9.1f} {audio:>9}"
         )
     regions = summary["regions"]
-    print(f"regions      lips {regions['lips']} vertices, upper face {regions['upper']} vertices")
+    if regions.get("missing"):
+        print(f"regions      missing: {regions['missing']}")
+    else:
+        print(f"regions      lips {regions['lips']} vertices, upper face {regions['upper']} vertices")
     for key, src in regions["sources"].items():
         print(f"  {key:<6} {src}")
+    skipped = summary.get("skipped", {})
+    if skipped:
+        print(f"skipped      {len(skipped)} clip(s), left out of every split:")
+        for name, why in skipped.items():
+            print(f"  {name}: {why}")
     for key, value in summary.get("notes", {}).items():
         print(f"note         {key}: {value}")
 

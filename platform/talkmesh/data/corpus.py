@@ -72,6 +72,7 @@ class Corpus(abc.ABC):
         self.cfg = cfg
         self.root = Path(cfg.root).expanduser() if cfg.root else Path()
         self._clip_cache: OrderedDict[str, Clip] = OrderedDict()
+        self._skipped: dict[str, str] = {}  # filled by _index: clip name -> why it was left out
 
     def check_stored_rate(self, native_fps: float, stored: str) -> None:
         """For corpora kept at one rate: ``data.fps`` must be 0 (the native rate) or ``native_fps``;
@@ -113,8 +114,17 @@ class Corpus(abc.ABC):
     def _sequences(self) -> list[SequenceInfo]:
         seqs = sorted(self._index(), key=lambda s: s.name)
         if not seqs:
-            raise DataError(f"{self.root}: no {self.format_name} sequences found")
+            why = "; ".join(f"{k}: {v}" for k, v in sorted(self._skipped.items())[:3])
+            extra = f" ({len(self._skipped)} clip(s) skipped: {why})" if self._skipped else ""
+            raise DataError(f"{self.root}: no {self.format_name} sequences found{extra}")
         return seqs
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """Clips the index left out, name -> reason (e.g. missing or unreadable audio); empty for
+        readers that never skip. Indexes the corpus first. Training runs tag the count."""
+        _ = self._sequences
+        return dict(self._skipped)
 
     @functools.cached_property
     def _by_name(self) -> dict[str, SequenceInfo]:
@@ -230,7 +240,8 @@ class Corpus(abc.ABC):
         return layer.vertices_from_params(clip.params, clip.shape)
 
     def summary(self) -> dict[str, Any]:
-        """What `talkmesh data inspect` prints: per split subjects, sequences, frames, audio."""
+        """What `talkmesh data inspect` prints: per split subjects, sequences, frames, audio;
+        regions; clips the index skipped (name -> reason)."""
         info = self.info
         per_split: dict[str, Any] = {}
         for split in (*info.splits, "unused"):
@@ -245,7 +256,6 @@ class Corpus(abc.ABC):
                 "motion_seconds": round(sum(s.num_frames for s in seqs) / info.fps, 2),
                 "audio_seconds": None if any(a is None for a in audio) else round(float(sum(audio)), 2),
             }
-        regions = self.regions()
         return {
             "format": info.format,
             "root": info.root,
@@ -256,9 +266,14 @@ class Corpus(abc.ABC):
             "has_head_pose": info.has_head_pose,
             "train_subjects": list(info.train_subjects),
             "splits": per_split,
-            "regions": regions.describe(),
+            "regions": self._regions_summary(),
+            "skipped": self.skipped,
             "notes": dict(info.notes),
         }
+
+    def _regions_summary(self) -> dict[str, Any]:
+        """``summary()["regions"]``: vertex counts and sources of :meth:`regions`."""
+        return self.regions().describe()
 
 
 def concat_clips(clips: list[Clip], name: str) -> Clip:

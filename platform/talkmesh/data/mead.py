@@ -9,7 +9,9 @@ Layout under ``data.root``::
     flame_param/<actor>/<uid>.npy    (T, 156) float: expr 0:50 | head rot 50:53 | jaw 53:56 | shape 56:156
                                      or (T, 153):    expr 0:50 | jaw 50:53 | shape 53:153 (no head rotation)
     audio_sample/<actor>/<uid>.npy   (S,) float, raw 16 kHz mono
-    FLAME_masks.pkl                  optional; also looked up next to ``data.flame_model``
+    FLAME_masks.pkl                  ships with FLAME, not MEAD; also looked up next to ``data.flame_model``.
+                                     Needed only for regions (lip/upper-face metrics and losses):
+                                     ``summary()`` / `talkmesh data inspect` report it missing, not refuse
 
 Conversion to the project's FLAME-56 (datasets.md 6.2): ``Clip.params`` (T, 53) =
 expression 50 | jaw 3, ``Clip.head_pose`` (T, 3) = global rotation (None for 153-column files),
@@ -28,6 +30,14 @@ Decisions made here:
 - Savitzky-Golay(5, 2) along time on expression, jaw and head rotation when
   ``data.smoothing`` (only for T >= 5); shape is never smoothed.
 - The index reads only ``.npy`` headers (``np.load(mmap_mode="r")``), never the data.
+  A clip whose audio is missing or unreadable (or not (S,)) is skipped with a warning naming
+  the file, and listed in ``Corpus.skipped`` (inspect output; ``talkmesh.skipped_clips`` run
+  tag); a bad flame_param file still rejects the corpus.
+- Warnings (once per corpus, at indexing): ``val`` or ``test`` without clips (why: no actor
+  of the split on disk, or every test clip taken as a style reference; ``notes["empty_splits"]``);
+  153- and 156-column files mixed (``notes["columns_mixed"]``). Both layouts are read to the
+  same FLAME-56 ``params``; only 156-column clips have ``head_pose``, so a batch holding a
+  153-column clip carries none, and ``info.has_head_pose`` means "some clip has it".
 - ``column_stats()`` computes per-column min/max/mean/std over the train split lazily (as
   loaded, i.e. after smoothing) and logs them (5.4); ``info.notes`` records the
   reconstruction version (``data.flame_reconstruction``).
@@ -39,6 +49,7 @@ import dataclasses
 import functools
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -170,12 +181,17 @@ def face_model_vertices(layer: object) -> int:
     return int(np.asarray(layer.template(None)).shape[0])  # type: ignore[attr-defined]
 
 
-def find_flame_masks(root: Path, flame_model: str) -> Path | None:
-    """``FLAME_masks.pkl`` at the dataset root, else next to ``data.flame_model``."""
+def _mask_candidates(root: Path, flame_model: str) -> list[Path]:
+    """Where ``FLAME_masks.pkl`` is looked up: the dataset root, then next to ``data.flame_model``."""
     candidates = [root / "FLAME_masks.pkl"]
     if flame_model:
         candidates.append(Path(flame_model).expanduser().parent / "FLAME_masks.pkl")
-    return next((c for c in candidates if c.is_file()), None)
+    return candidates
+
+
+def find_flame_masks(root: Path, flame_model: str) -> Path | None:
+    """``FLAME_masks.pkl`` at the dataset root, else next to ``data.flame_model``."""
+    return next((c for c in _mask_candidates(root, flame_model) if c.is_file()), None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,6 +244,7 @@ class MeadCorpus(Corpus):
                 "and audio_sample/<actor>/<uid>.npy"
             )
         self._columns: dict[str, int] = {}  # uid -> 156 | 153 (filled by _index)
+        self._empty_splits: list[str] = []  # "val" / "test" when they end up without clips (filled by _index)
         self._subject_shapes: dict[str, np.ndarray] = {}
         self._regions: Regions | None = None
         self._stats: ColumnStats | None = None
@@ -249,23 +266,31 @@ class MeadCorpus(Corpus):
             if actor != actor_dir:
                 raise DataError(f"{path}: uid {uid!r} names actor {actor!r} but lies under {actor_dir}/")
             shape, dtype = _npy_shape(path, _EXPECTED)
-            self._columns[uid] = _check_param_shape(path, shape, dtype)
-            audio = self.root / "audio_sample" / actor / f"{uid}.npy"
-            if not audio.is_file():
-                raise DataError(f"{audio}: audio for {path.name} not found (expected (S,) float 16 kHz mono .npy)")
+            columns = _check_param_shape(path, shape, dtype)
+            try:  # one missing or unreadable audio file drops its clip, not the corpus
+                samples = _audio_samples(self.root / "audio_sample" / actor / f"{uid}.npy")
+            except DataError as e:
+                self._skipped[uid] = str(e)
+                log.warning("mead: skipping clip %s (%s): %s", uid, path, e)
+                continue
+            self._columns[uid] = columns
             entries.append(
                 SequenceInfo(
                     name=uid,
                     subject=actor,
                     split=split_of.get(actor, "unused"),
                     num_frames=shape[0],
-                    audio_seconds=_audio_samples(audio) / SAMPLE_RATE,
+                    audio_seconds=samples / SAMPLE_RATE,
                     sentence=sentence,
                     emotion=emotion,
                     intensity=intensity,
                 )
             )
-        return _assign_reference(entries)
+        entries = _assign_reference(entries)
+        if entries:
+            self._empty_splits = _warn_empty_splits(entries)
+            _warn_mixed_columns(self._columns)
+        return entries
 
     # ---- facts ------------------------------------------------------------------------
     @functools.cached_property
@@ -289,6 +314,11 @@ class MeadCorpus(Corpus):
             ),
             "columns_153": str(sum(1 for c in self._columns.values() if c == 153)),
         }
+        mixed = _mixed_columns(self._columns)
+        if mixed:
+            notes["columns_mixed"] = mixed
+        if self._empty_splits:
+            notes["empty_splits"] = " ".join(self._empty_splits)
         if missing:
             notes["missing_train_actors"] = " ".join(missing)
         if unused:
@@ -397,6 +427,24 @@ class MeadCorpus(Corpus):
             self._regions = flame_regions(self.root, self.cfg, nv, self.format_name)
         return self._regions
 
+    def _regions_summary(self) -> dict[str, Any]:
+        """For ``summary()`` (`talkmesh data inspect`): without FLAME_masks.pkl (it comes with
+        FLAME, not with MEAD) the regions are reported missing instead of refused; counting
+        clips needs no regions, the lip/upper-face metrics do (:meth:`regions` raises there)."""
+        if self.cfg.lip_regions or find_flame_masks(self.root, self.cfg.flame_model) is not None:
+            return super()._regions_summary()
+        where = " or ".join(str(c) for c in _mask_candidates(self.root, self.cfg.flame_model))
+        return {
+            "lips": None,
+            "upper": None,
+            "sources": {},
+            "missing": (
+                f"FLAME_masks.pkl (ships with FLAME, not with MEAD) not found at {where}; the lip/upper-face "
+                "metrics (LVE, FDD) and region losses need it: put it there or set data.lip_regions=... and "
+                "data.upper_regions=..."
+            ),
+        }
+
     # ---- statistics -------------------------------------------------------------------
     def column_stats(self, split: str = "train") -> ColumnStats:
         """Per-column min/max/mean/std of FLAME-56 over ``split`` (computed once, logged)."""
@@ -485,6 +533,43 @@ def _assign_reference(entries: list[SequenceInfo]) -> list[SequenceInfo]:
     return out
 
 
+def _warn_empty_splits(entries: list[SequenceInfo]) -> list[str]:
+    """Log a warning for ``val`` / ``test`` left without clips, saying why; the empty split names."""
+    empty = []
+    for split in ("val", "test"):
+        if any(s.split == split for s in entries):
+            continue
+        empty.append(split)
+        present = sorted({s.subject for s in entries if s.subject in MEAD_SPLITS[split]})
+        if present:  # only test actors can lose every clip to the reference split
+            why = (
+                f"every clip of its actors on disk ({' '.join(present)}) went to the style-reference split "
+                f"(the first {REFERENCE_SECONDS:g} s per actor, emotion and intensity; metrics.md 6.3)"
+            )
+        else:
+            why = f"none of its actors ({' '.join(MEAD_SPLITS[split])}) has clips under flame_param/ (datasets.md 5.3)"
+        log.warning("mead: split %r is empty: %s; nothing will be scored on it", split, why)
+    return empty
+
+
+def _mixed_columns(columns: dict[str, int]) -> str:
+    """A note when 153- and 156-column files are mixed ("" otherwise)."""
+    n153 = sorted(uid for uid, c in columns.items() if c == 153)
+    if not n153 or len(n153) == len(columns):
+        return ""
+    return (
+        f"{len(n153)} of {len(columns)} clips have 153 columns (no head rotation; e.g. {', '.join(n153[:3])}), "
+        "the others 156: both are read to FLAME-56 params (expression | jaw); head_pose exists only for the "
+        "156-column clips, so a batch holding a 153-column clip carries no head_pose"
+    )
+
+
+def _warn_mixed_columns(columns: dict[str, int]) -> None:
+    mixed = _mixed_columns(columns)
+    if mixed:
+        log.warning("mead: %s; stages that need head pose (AdaMesh pose stages) cannot train on those clips", mixed)
+
+
 def flame_regions(root: Path, cfg: DataConfig, num_vertices: int | None, fmt: str) -> Regions:
     """FLAME regions for a parameter corpus: FLAME_masks.pkl at ``root`` or next to
     ``cfg.flame_model`` (lips = unique ``lips``, upper = ``forehead`` U ``eye_region``),
@@ -497,9 +582,7 @@ def flame_regions(root: Path, cfg: DataConfig, num_vertices: int | None, fmt: st
         # A FLAME_masks.pkl given as lip_regions also supplies the upper face; an index list
         # needs data.upper_regions as well (load_regions says so).
         return load_regions(cfg.lip_regions, cfg.upper_regions or None, num_vertices)
-    where = [str(root / "FLAME_masks.pkl")]
-    if cfg.flame_model:
-        where.append(str(Path(cfg.flame_model).expanduser().parent / "FLAME_masks.pkl"))
+    where = [str(c) for c in _mask_candidates(root, cfg.flame_model)]
     raise DataError(
         f"{fmt}: FLAME lip/upper-face regions need FLAME_masks.pkl (keys lips, forehead, eye_region; "
         f"datasets.md 7): put it at {' or '.join(where)}, or set data.lip_regions=... and data.upper_regions=..."

@@ -190,7 +190,8 @@ def _start_run(
     tags: Mapping[str, Any] | None,
 ) -> str:
     """Start (or continue, same name) the MLflow run: resolved config as params, the git
-    commit, the dataset fingerprint and the Ray job submission id as tags. Its run id."""
+    commit, the dataset fingerprint, the Ray job submission id and (when the reader left clips
+    out) ``talkmesh.skipped_clips`` as tags. Its run id."""
     from talkmesh.ops import tracking
 
     commit, dirty = tracking.git_commit()
@@ -202,6 +203,8 @@ def _start_run(
         "talkmesh.run_dir": str(run_dir),
         "talkmesh.num_workers": exp.train.num_workers,
     }
+    if corpus.skipped:  # clips the reader left out (e.g. MEAD clips with missing or unreadable audio)
+        run_tags["talkmesh.skipped_clips"] = len(corpus.skipped)
     if commit:
         run_tags["mlflow.source.git.commit"] = commit
         run_tags["talkmesh.git_dirty"] = dirty
