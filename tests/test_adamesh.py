@@ -192,12 +192,13 @@ def test_checkpoints_saved_with_the_flat_config_of_stop_7_still_load(tmp_path):
     import json
     from pathlib import Path
 
-    from talkmesh.config import to_dict
+    from talkmesh.config import from_dict, to_dict
     from talkmesh.train.checkpoint import METHOD_FILE, load_method, save_method
 
     legacy = json.loads((Path(__file__).parent / "data" / "adamesh_config_stop7_debug.json").read_text())
     assert "pose_vq_epochs" in legacy and "pose_vq" not in legacy  # really the old, flat form
-    assert AdaMeshConfig.upgrade(legacy) == to_dict(AdaMeshConfig.debug())
+    # Fields added since (e.g. hubert_chunk_*) take their defaults.
+    assert from_dict(AdaMeshConfig, AdaMeshConfig.upgrade(legacy)) == AdaMeshConfig.debug()
     assert AdaMeshConfig.upgrade(to_dict(AdaMeshConfig.debug())) == to_dict(AdaMeshConfig.debug())
 
     m = model(face=False)
@@ -833,3 +834,99 @@ def test_validation_syncs_rank_zero_buffers_before_scoring():
     for p in procs:
         p.join(timeout=60)
     assert results == [(0, 2.0, False, 0.0), (1, 2.0, False, 0.0)]
+
+
+# --------------------------------------------------------------------------------------
+# HuBERT on long files: chunks of encoder frames (§2, Q6)
+# --------------------------------------------------------------------------------------
+
+
+def reference_chunked_hubert(m: AdaMesh, audio: np.ndarray, chunk_frames: int) -> torch.Tensor:
+    """The reference extraction, written out on the HF model: the whole file normalised
+    once; chunk i is samples [i C 320, i C 320 + (C - 1) 320 + 400) (C frames), the rest
+    after the last whole chunk one more pass unless shorter than 400 samples; the frames
+    concatenated, padded or trimmed to floor((N - 80) / 320). Returns (N', H)."""
+    hf = m.audio_encoder.model
+    a = torch.from_numpy(audio).to(torch.float64)
+    x = ((a - a.mean()) / torch.sqrt(a.var(unbiased=False) + 1e-7)).to(torch.float32)[None]  # (1, S)
+    step, span = 320 * chunk_frames, 320 * (chunk_frames - 1) + 400
+    whole = x.shape[1] // step
+    parts = [hf(x[:, i * step : i * step + span]).last_hidden_state[0] for i in range(whole)]
+    rest = x[:, whole * step :] if whole else x
+    if rest.shape[1] >= 400:
+        parts.append(hf(rest).last_hidden_state[0])
+    out = torch.cat(parts)  # (N', H)
+    n = (x.shape[1] - 80) // 320
+    return out[:n] if out.shape[0] >= n else torch.nn.functional.pad(out, (0, 0, 0, n - out.shape[0]))
+
+
+def long_audio(seconds: float, extra: int = 0) -> np.ndarray:
+    clip = make_clip("S1", 1.0, 25.0, 5).audio
+    n = int(round(seconds * 16000)) + extra
+    return np.resize(clip * np.linspace(0.5, 1.5, clip.shape[0], dtype=np.float32), n).astype(np.float32)
+
+
+def test_hubert_past_20_s_is_encoded_in_chunks_of_1000_frames():
+    m = model(face=False).eval()
+    assert (m.config.hubert_chunk_frames, m.config.hubert_chunk_after_s) == (1000, 20.0)
+    h = m.audio_encoder.hidden_size
+    audio = long_audio(20.6, 37)  # 1029 frames: one chunk of 1000 frames and the rest
+    with torch.no_grad():
+        want = reference_chunked_hubert(m, audio, 1000)
+        one_pass = torch.from_numpy(m.audio_encoder.encode(audio))
+        got = m._clip_features(audio)[:, :h]
+    assert want.shape == one_pass.shape == got.shape == (1029, h)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, one_pass, atol=1e-3)
+
+
+@pytest.mark.parametrize("extra", [150, 100, 50])  # the rest after the last chunk: >= 400, < 400, < 80 samples
+def test_hubert_chunking_for_training_clips_generate_and_the_feature_cache(tmp_path, extra):
+    from talkmesh.audio.cache import FeatureCache
+
+    m = model(face=False, hubert_chunk_frames=20, hubert_chunk_after_s=1.0).eval()
+    h = m.audio_encoder.hidden_size
+    long = long_audio(1.2, extra) if extra != 150 else long_audio(2.3, extra)
+    short = long_audio(0.9, 7)
+    cache = FeatureCache(tmp_path)
+    with torch.no_grad():
+        want = reference_chunked_hubert(m, long, 20)
+        one_pass = torch.from_numpy(m.audio_encoder.encode(long))
+        assert want.shape == one_pass.shape and not torch.allclose(want, one_pass, atol=1e-3)
+        # Whole training clips (pose-index stage), with and without the disk cache.
+        torch.testing.assert_close(m._clip_features(long)[:, :h], want, atol=1e-5, rtol=1e-5)
+        for _ in range(2):
+            torch.testing.assert_close(m._clip_features(long, cache)[:, :h], want, atol=1e-5, rtol=1e-5)
+        assert cache.stats()["hits"] == 1
+        # generate's and training's audio path (trim alignment: the first 2T frames).
+        t = m.frames_for_audio(long.shape[0])
+        both = m._audio_inputs(torch.from_numpy(long)[None], None, torch.tensor([t]))
+        torch.testing.assert_close(both[0, :, :h], want[: 2 * t], atol=1e-5, rtol=1e-5)
+        # A padded batch with one long and one short item: the short one is one pass.
+        batch_audio = torch.zeros(2, long.shape[0])
+        batch_audio[0], batch_audio[1, : short.shape[0]] = torch.from_numpy(long), torch.from_numpy(short)
+        frames = torch.tensor([t, m.frames_for_audio(short.shape[0])])
+        both = m._audio_inputs(batch_audio, torch.tensor([long.shape[0], short.shape[0]]), frames)
+        torch.testing.assert_close(both[0, :, :h], want[: 2 * t], atol=1e-5, rtol=1e-5)
+        short_want = torch.from_numpy(m.audio_encoder.encode(short))
+        n = 2 * int(frames[1])
+        torch.testing.assert_close(both[1, :n, :h], short_want[:n], atol=1e-5, rtol=1e-5)
+        # Shorter than the threshold: one pass, as before.
+        torch.testing.assert_close(m._clip_features(short)[:, :h], short_want, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(m._clip_features(short, cache)[:, :h], short_want, atol=1e-6, rtol=1e-6)
+        assert cache.path_for(short, m.audio_encoder).exists()  # one-pass entries keep their old keys
+
+
+def test_chunk_spans_give_every_encoder_frame_once():
+    from talkmesh.audio.chunks import chunk_spans
+
+    def frames(n: int) -> int:
+        return (n - 400) // 320 + 1 if n >= 400 else 0
+
+    for n in (400, 6399, 6480, 12800, 19250, 19300, 36950, 320000, 320079, 320080, 640399, 640400):
+        spans = chunk_spans(n, 20 if n < 100000 else 1000)
+        assert spans[0][0] == 0 and n - spans[-1][1] < 320  # a rest under 400 samples has no frame of its own
+        starts = [a // 320 for a, _ in spans]  # first frame of each piece
+        counts = [frames(b - a) for a, b in spans]
+        assert sum(counts) == frames(n) == (n - 80) // 320
+        assert all(starts[i] + counts[i] == starts[i + 1] for i in range(len(spans) - 1))  # no gap, no overlap

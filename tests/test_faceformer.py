@@ -404,3 +404,67 @@ def test_style_errors(styled_model):
         m.generate(clip.audio, np.zeros((V + 1, 3), np.float32))
     with pytest.raises(ValueError, match="reference"):
         m.encode_style({"audio": clip.audio})
+
+
+# --------------------------------------------------------------------------------------
+# Audio alignment exactly as the reference's encoder subclass (§3.1, Q3)
+# --------------------------------------------------------------------------------------
+
+
+def reference_encoder_features(m: FaceFormer, audio: np.ndarray, frame_num: int | None) -> torch.Tensor:
+    """The reference's path, written out on the HF model: the whole waveform normalised
+    and through the CNN; "double" drops an odd last CNN frame, then keeps at most 2T;
+    "interp" interpolates (align_corners) to T, or int(frames / 50 * fps) at inference;
+    then the feature projection and the transformer. Returns (1, S_mem, H)."""
+    hf = m.audio_encoder.model
+    a = torch.from_numpy(audio).to(torch.float64)
+    x = ((a - a.mean()) / torch.sqrt(a.var(unbiased=False) + 1e-7)).to(torch.float32)[None]  # (1, S)
+    h = hf.feature_extractor(x).transpose(1, 2)  # (1, N, C) 50 Hz CNN frames of the whole waveform
+    if m.config.alignment == "double":
+        if h.shape[1] % 2:
+            h = h[:, :-1]
+        if frame_num and h.shape[1] > 2 * frame_num:
+            h = h[:, : 2 * frame_num]
+    else:
+        size = frame_num if frame_num else int(h.shape[1] / 50.0 * m.facts.fps)
+        h = torch.nn.functional.interpolate(h.transpose(1, 2), size=size, mode="linear", align_corners=True)
+        h = h.transpose(1, 2)
+    projected = hf.feature_projection(h)
+    h = projected[0] if isinstance(projected, tuple) else projected
+    return hf.encoder(h).last_hidden_state
+
+
+@pytest.mark.parametrize(("facts", "alignment"), [(FACTS25, "double"), (FACTS30, "interp"), (FACTS25, "interp")])
+def test_audio_features_equal_the_reference_trimming_of_encoder_frames(facts, alignment):
+    """The reference encodes the whole waveform and trims the CNN frames (BIWI) or
+    interpolates them (VOCASET); cutting the waveform instead changes the per-utterance
+    normalisation and the group-norm statistics of every frame."""
+    m = model(facts, alignment=alignment)
+    m.eval()
+    fps = facts.fps
+    long = make_clip("S1", 1.5, fps, 4).audio  # 24000 samples: 74 CNN frames, more than 2T for T = 25
+    odd = np.concatenate([long, long[:3517]])  # 85 CNN frames (odd) and samples past the last frame
+    with torch.no_grad():
+        for audio, t in ((long, int(fps)), (odd, int(fps)), (odd, None), (long, None)):
+            frames = None if t is None else torch.tensor([t])
+            feats, out = m.audio_features(torch.from_numpy(audio)[None], None, frames)
+            want = reference_encoder_features(m, audio, t)
+            if alignment == "double":
+                assert out.tolist() == [want.shape[1] // 2]
+            else:
+                assert out.tolist() == [want.shape[1]]
+            torch.testing.assert_close(feats, want, atol=1e-5, rtol=1e-5)
+        # A padded batch: every item as the reference encodes it alone.
+        b = torch.zeros(2, odd.shape[0])
+        b[0], b[1, : long.shape[0]] = torch.from_numpy(odd), torch.from_numpy(long)
+        lens = torch.tensor([odd.shape[0], long.shape[0]])
+        feats, out = m.audio_features(b, lens, torch.tensor([int(fps), int(fps) - 3]))
+        for i, (audio, t) in enumerate(((odd, int(fps)), (long, int(fps) - 3))):
+            want = reference_encoder_features(m, audio, t)
+            torch.testing.assert_close(feats[i : i + 1, : want.shape[1]], want, atol=1e-5, rtol=1e-5)
+            assert not bool(feats[i, want.shape[1] :].any())
+        # Same audio length, different motion lengths: no item sees another's frames.
+        feats, _ = m.audio_features(torch.from_numpy(np.stack([odd, odd])), None, torch.tensor([int(fps), 20]))
+        for i, t in enumerate((int(fps), 20)):
+            want = reference_encoder_features(m, odd, t)
+            torch.testing.assert_close(feats[i : i + 1, : want.shape[1]], want, atol=1e-5, rtol=1e-5)

@@ -2,8 +2,10 @@
 
 Key = sha256 over the encoder's identity string (kind, checkpoint, hidden-state index,
 normalisation, and a fingerprint of its config and weights; for tiny random encoders the
-seed as well) and the float32 little-endian bytes of the 16 kHz mono audio. A changed
-encoder therefore never hits an entry written by another one.
+seed as well) and the float32 little-endian bytes of the 16 kHz mono audio, plus the
+piece size when a long file is encoded in chunks (:class:`talkmesh.audio.chunks.ChunkedEncoding`;
+one-pass entries keep the plain key). A changed encoder therefore never hits an entry
+written by another one.
 
 Layout: ``<root>/<encoder digest[:16]>/<key[:2]>/<key>.npy`` (default root
 ``cache_dir()/"features"``). Writes are atomic (temporary file in the same directory +
@@ -23,7 +25,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from talkmesh.audio.chunks import ChunkedEncoding
 from talkmesh.audio.encoders import AudioEncoder
 from talkmesh.paths import cache_dir
 
@@ -54,23 +58,28 @@ class FeatureCache:
         """sha256 of the encoder identity (includes its weight fingerprint)."""
         return hashlib.sha256(f"{_FORMAT}|{encoder.identity()}".encode()).hexdigest()
 
-    def key(self, audio: np.ndarray, encoder: AudioEncoder) -> str:
-        """sha256 hex key of (encoder identity, float32 audio bytes)."""
+    def key(self, audio: np.ndarray, encoder: AudioEncoder, variant: str = "") -> str:
+        """sha256 hex key of (encoder identity, float32 audio bytes[, variant])."""
         a = self._audio(audio)
         h = hashlib.sha256()
         h.update(self.encoder_digest(encoder).encode())
         h.update(f"|{a.shape[0]}|".encode())
         h.update(a.tobytes())
+        if variant:
+            h.update(f"|{variant}".encode())
         return h.hexdigest()
 
-    def path_for(self, audio: np.ndarray, encoder: AudioEncoder) -> Path:
+    def path_for(self, audio: np.ndarray, encoder: AudioEncoder, variant: str = "") -> Path:
         """Where the features of ``audio`` under ``encoder`` are (or would be) stored."""
-        key = self.key(audio, encoder)
+        key = self.key(audio, encoder, variant)
         return self.root / self.encoder_digest(encoder)[:16] / key[:2] / f"{key}.npy"
 
     # ------------------------------------------------------------------------ access
-    def get_or_compute(self, audio: np.ndarray, encoder: AudioEncoder) -> np.ndarray:
-        """Features (N, H) float32 of one raw 16 kHz utterance (S,), from disk or computed.
+    def get_or_compute(
+        self, audio: np.ndarray, encoder: AudioEncoder, chunking: ChunkedEncoding | None = None
+    ) -> np.ndarray:
+        """Features (N, H) float32 of one raw 16 kHz utterance (S,), from disk or computed
+        (in pieces when ``chunking`` applies to its length).
 
         Raises ValueError when ``encoder`` has trainable parameters.
         """
@@ -81,7 +90,8 @@ class FeatureCache:
                 f"(first: {trainable[0]}). Build it with trainable_layers=0 to cache its features."
             )
         a = self._audio(audio)
-        path = self.path_for(a, encoder)
+        variant = chunking.tag(a.shape[0], encoder.sample_rate) if chunking is not None else ""
+        path = self.path_for(a, encoder, variant)
         expected = (int(encoder.frames_for_samples(a.shape[0])), encoder.hidden_size)
         if path.exists():
             feats = self._read(path, expected)
@@ -90,7 +100,12 @@ class FeatureCache:
                 return feats
             self.corrupt += 1
         self.misses += 1
-        feats = np.ascontiguousarray(encoder.encode(a), dtype=np.float32)
+        if variant:
+            assert chunking is not None
+            computed = chunking.encode(encoder, torch.from_numpy(a.astype(np.float32))).to("cpu").numpy()
+        else:
+            computed = encoder.encode(a)
+        feats = np.ascontiguousarray(computed, dtype=np.float32)
         self._write(path, feats)
         return feats
 

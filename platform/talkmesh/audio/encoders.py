@@ -13,7 +13,11 @@ One wrapper, :class:`AudioEncoder`, serves every method:
   in one call);
 * optional interpolation of the CNN features *before* the feature projection and the
   transformer (``num_frames``), the FaceFormer/Mimic VOCASET path and DEEPTalk's
-  resampled wav2vec (faceformer.md §3.1, mimic.md §2.3, deeptalk.md §6.1);
+  resampled wav2vec (faceformer.md §3.1, mimic.md §2.3, deeptalk.md §6.1), or a cap on
+  the CNN frames kept (``max_frames``), FaceFormer's BIWI path: the whole waveform is
+  normalised and goes through the CNN, only the transformer sees fewer frames;
+* ``normalize=False`` for audio the caller already normalised over a longer utterance
+  (chunked encoding of long files, :mod:`talkmesh.audio.chunks`);
 * freezing: CNN feature encoder (``freeze_feature_encoder``) and ``trainable_layers``
   (-1 all, 0 none, k = the top k transformer layers, plus the final LayerNorm of
   stable-layer-norm models).
@@ -441,6 +445,9 @@ class AudioEncoder(nn.Module):
         audio: torch.Tensor,
         lengths: torch.Tensor | None = None,
         num_frames: int | torch.Tensor | None = None,
+        *,
+        max_frames: int | torch.Tensor | None = None,
+        normalize: bool = True,
     ) -> AudioFeatures:
         """Encode raw audio.
 
@@ -451,6 +458,12 @@ class AudioEncoder(nn.Module):
             int or (B,) -> the CNN features of each item are linearly interpolated
             (align_corners=True) to num_frames_b frames *before* the feature projection
             and the transformer (FaceFormer's VOCASET alignment).
+        max_frames: None, or int / (B,) -> only the first min(N_b, max_frames_b) CNN frames
+            of each item go on to the feature projection and the transformer; the CNN
+            (and the normalisation) still see every valid sample (FaceFormer's BIWI
+            trimming). Not combined with num_frames.
+        normalize: False skips the per-utterance normalisation (G8): the caller passes
+            audio it normalised itself, e.g. one chunk of a longer normalised utterance.
         Returns AudioFeatures(features (B, N, H) zero past each length, lengths (B,)).
         """
         if audio.ndim != 2:
@@ -459,15 +472,23 @@ class AudioEncoder(nn.Module):
         x = audio.to(device=device, dtype=torch.float32)  # (B, S)
         lens, targets = self._checked_lengths(x, lengths, num_frames)  # (B,), (B,) or None
         b, s = x.shape
-        x = normalize_waveform(x, lens)  # (B, S)
+        caps = self._checked_caps(max_frames, targets, b, x.device)  # (B,) or None
+        if normalize:
+            x = normalize_waveform(x, lens)  # (B, S)
+        elif bool((lens != s).any()):
+            x = x * (torch.arange(s, device=x.device)[None, :] < lens[:, None]).to(x.dtype)  # padding -> 0
         padded = bool((lens != s).any())
-        if not padded or self.uses_attention_mask:
-            return self._encode(x, lens, targets, padded)
-        # Group-norm CNN without attention mask: padding would leak into every frame,
-        # so each item runs alone at its own length.
+        if self.uses_attention_mask or not (padded or self._ragged(lens, targets, caps)):
+            return self._encode(x, lens, targets, padded, caps)
+        # Group-norm CNN without attention mask: padding would leak into every frame (and
+        # unequal frame counts into the transformer), so each item runs alone.
         outs = [
             self._encode(
-                x[i : i + 1, : int(lens[i])], lens[i : i + 1], None if targets is None else targets[i : i + 1], False
+                x[i : i + 1, : int(lens[i])],
+                lens[i : i + 1],
+                None if targets is None else targets[i : i + 1],
+                False,
+                None if caps is None else caps[i : i + 1],
             )
             for i in range(b)
         ]
@@ -495,12 +516,49 @@ class AudioEncoder(nn.Module):
             raise ValueError("num_frames must be >= 1")
         return lens, targets
 
-    def _encode(self, x: torch.Tensor, lens: torch.Tensor, targets: torch.Tensor | None, padded: bool) -> AudioFeatures:
-        """x (B, S) normalised -> AudioFeatures; the HF model's forward, step by step."""
+    def _ragged(self, lens: torch.Tensor, targets: torch.Tensor | None, caps: torch.Tensor | None) -> bool:
+        """True when the items of an unpadded batch reach the transformer with different
+        frame counts (per-item ``num_frames`` or ``max_frames``)."""
+        if targets is not None:
+            kept = targets  # (B,)
+        elif caps is not None:
+            n = self.frames_for_samples(lens)  # (B,)
+            assert isinstance(n, torch.Tensor)
+            kept = torch.minimum(n, caps)
+        else:
+            return False
+        return bool((kept != kept.max()).any())
+
+    def _checked_caps(
+        self, max_frames: int | torch.Tensor | None, targets: torch.Tensor | None, b: int, device: torch.device
+    ) -> torch.Tensor | None:
+        """max_frames -> (B,) long caps on the CNN frames, checked; None stays None."""
+        if max_frames is None:
+            return None
+        if targets is not None:
+            raise ValueError("max_frames and num_frames cannot be combined")
+        caps = as_lengths(max_frames, b, device, "max_frames")  # (B,)
+        if bool((caps < 1).any()):
+            raise ValueError("max_frames must be >= 1")
+        return caps
+
+    def _encode(
+        self,
+        x: torch.Tensor,
+        lens: torch.Tensor,
+        targets: torch.Tensor | None,
+        padded: bool,
+        caps: torch.Tensor | None = None,
+    ) -> AudioFeatures:
+        """x (B, S) normalised -> AudioFeatures; the HF model's forward, step by step.
+        caps (B,): CNN frames kept per item before the projection (None = all)."""
         model = self.model
         feats = model.feature_extractor(x).transpose(1, 2)  # (B, N, C)
         out_lens = self.frames_for_samples(lens)  # (B,)
         assert isinstance(out_lens, torch.Tensor)
+        if caps is not None:
+            out_lens = torch.minimum(out_lens, caps.to(out_lens))  # (B,)
+            feats = feats[:, : int(out_lens.max())]  # (B, N', C)
         if targets is not None:
             feats = interpolate_features(feats, targets, lengths=out_lens if padded else None)  # (B, T, C)
             out_lens = targets

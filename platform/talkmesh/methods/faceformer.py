@@ -23,12 +23,10 @@ Deviations from the reference code (all spec DECISIONS unless noted):
   4. Batches larger than 1 are allowed: frames past ``motion_mask`` are padding and the
      loss is averaged over valid frames only (the paper presets keep batch size 1).
   5. Audio is normalised per utterance inside the encoder (README G8), as the processor did.
-  6. ``alignment="double"`` (BIWI): the reference trims the 50 Hz CNN output to an even
-     count and to at most 2T before the transformer. Here the waveform is cut to the
-     samples whose CNN frames are kept (receptive field + (M - 1) * stride), so the CNN
-     gives exactly M frames; the kept frames see the same samples, but the per-utterance
-     normalisation and the CNN's group-norm statistics cover the kept audio only
-     (project deviation: the shared AudioEncoder has no CNN-trimming hook).
+  6. (Not a deviation; §3.1, Q3.) ``alignment="double"`` (BIWI) is exactly the reference:
+     the whole waveform is normalised and goes through the CNN, whose 50 Hz frames are
+     trimmed to an even count and to at most 2T before the feature projection and the
+     transformer. ``"interp"`` (VOCASET) interpolates the whole waveform's CNN frames to T.
   7. Style interface (§7, §11): ``encode_style(subject=k)`` is the one-hot of k;
      ``encode_style(reference)`` and ``adapt(reference)`` decode the reference once per
      training one-hot and select the lowest vertex MSE; ``adapt(mode="optimize")``
@@ -385,25 +383,17 @@ class FaceFormer(MotionMethod):
                 frames = torch.tensor([self.frames_for_audio(int(n)) for n in lens.tolist()], device=audio.device)
             else:
                 frames = motion_frames.to(device=audio.device, dtype=torch.long)
-            self._check_frames(frames)
-            keep = lens
         else:
-            cap = enc.frames_for_samples(lens) // 2  # (B,)
+            cap = enc.frames_for_samples(lens) // 2  # (B,) pairs of CNN frames (an odd last frame dropped)
             assert isinstance(cap, torch.Tensor)
             frames = cap if motion_frames is None else torch.minimum(cap, motion_frames.to(cap))
-            self._check_frames(frames)
-            # Samples whose CNN frames are the first 2 * T_b (deviation 6).
-            stride = round(enc.sample_rate / enc.output_rate)
-            keep = torch.minimum(lens, enc.receptive_field + (2 * frames - 1) * stride)  # (B,)
-        x = audio[:, : int(keep.max())]  # (B, S')
-        if b == 1:  # one utterance: encode exactly its valid samples
-            x, keep_arg = x[:, : int(keep[0])], None
-        else:
-            keep_arg = keep
+        self._check_frames(frames)
+        x, keep_arg = (audio[:, : int(lens[0])], None) if b == 1 else (audio[:, : int(lens.max())], lens)
         if self.config.alignment == "interp":
             feats = enc(x, keep_arg, num_frames=frames).features  # (B, T, H)
         else:
-            feats = enc(x, keep_arg).features[:, : 2 * int(frames.max())]  # (B, 2T, H)
+            # The whole waveform through the CNN; its frames trimmed to 2 T_b (§3.1).
+            feats = enc(x, keep_arg, max_frames=2 * frames).features  # (B, 2T, H)
         return feats, frames  # (B, S_mem, H), (B,)
 
     @staticmethod

@@ -371,6 +371,10 @@ class AdaMeshConfig(MethodConfig):
     audio_encoder: AudioEncoderConfig = dataclasses.field(default_factory=_hubert)  # frozen
     audio_alignment: Literal["auto", "trim", "interp"] = "auto"  # deviation 5
     mel_bins: int = 80  # log-mel bins of PoseGPT's input (and of the "hubert+mel" options)
+    # Q6: files longer than hubert_chunk_after_s go through HuBERT in pieces of
+    # hubert_chunk_frames frames (talkmesh.audio.chunks); shorter ones in one pass.
+    hubert_chunk_frames: int = 1000
+    hubert_chunk_after_s: float = 20.0
     # ---- stage "expression": pre-training schedule (§5, D14) ----
     lr: float = 1e-4
     epochs: int = 50
@@ -407,9 +411,9 @@ class AdaMeshConfig(MethodConfig):
     def __post_init__(self) -> None:
         check_ranges(
             self,
-            positive_ints=("mel_bins", "epochs", "batch_size", "grad_accum"),
+            positive_ints=("mel_bins", "hubert_chunk_frames", "epochs", "batch_size", "grad_accum"),
             non_negative=("lr_step", "default_pose_identity"),
-            positive=("lr", "lr_gamma", "reference_seconds"),
+            positive=("lr", "lr_gamma", "reference_seconds", "hubert_chunk_after_s"),
         )
         if self.audio_encoder.trainable_layers != 0:
             raise ValueError("audio_encoder.trainable_layers must be 0: AdaMesh uses a frozen HuBERT (§2, D17)")

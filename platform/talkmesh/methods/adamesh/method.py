@@ -73,7 +73,11 @@ Deviations (spec DECISIONs unless noted):
   9. The frozen HuBERT is not part of the state dict (checkpoints would carry 1.2 GB of
      frozen weights); it is rebuilt from ``audio_encoder`` (local weights / tiny seed).
      Features of whole training clips are cached on disk in the pose-index stage (D17);
-     training windows are encoded on the fly.
+     training windows are encoded on the fly. Q6 is kept: in every path (training
+     windows, cached clips, references, generate) audio longer than
+     ``hubert_chunk_after_s`` (20 s) goes through HuBERT in pieces of
+     ``hubert_chunk_frames`` (1000) frames as the reference's extraction does
+     (talkmesh.audio.chunks); shorter audio in one pass.
  10. StyleState (§9) is flat (README G5 allows no nesting): MoLoRA tensors are stored as
      ``molora/<parameter name>``; distances of identities that share fewer than
      ``pose_index.min_shared_clusters`` clusters with the reference are stored as -1 (not inf).
@@ -120,6 +124,7 @@ from torch import nn
 
 from talkmesh.audio.align import frames_from_audio, interpolate_features
 from talkmesh.audio.cache import FeatureCache
+from talkmesh.audio.chunks import ChunkedEncoding
 from talkmesh.audio.encoders import build_audio_encoder
 from talkmesh.methods.adamesh.configuration import STAGES, AdaMeshConfig
 from talkmesh.methods.adamesh.modeling import (
@@ -191,6 +196,7 @@ class AdaMesh(MotionMethod):
         encoder = build_audio_encoder(cfg.audio_encoder)  # frozen; kept out of the state dict (deviation 9)
         encoder.eval()
         object.__setattr__(self, "_hubert", encoder)
+        self.chunking = ChunkedEncoding(cfg.hubert_chunk_frames, cfg.hubert_chunk_after_s)  # Q6
         object.__setattr__(self, "_face", FaceModelSlot("adamesh", N_EXPRESSION, facts.num_vertices))
         self.alignment: str = self._alignment_mode(encoder.output_rate)
         h = encoder.hidden_size
@@ -322,9 +328,20 @@ class AdaMesh(MotionMethod):
     # ================================================================== audio
     @torch.no_grad()
     def _features(self, audio: torch.Tensor, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Frozen HuBERT: audio (B, S) -> features (B, N, H) at 50 Hz and lengths (B,)."""
-        out = self._hubert(audio.to(self.device), None if lengths is None else lengths.to(self.device))
-        return out.features, out.lengths
+        """Frozen HuBERT: audio (B, S) -> features (B, N, H) at 50 Hz and lengths (B,); items
+        longer than ``hubert_chunk_after_s`` in pieces (Q6), the batch in one call otherwise."""
+        audio = audio.to(self.device)
+        lens = lengths.to(self.device) if lengths is not None else None
+        sizes = [audio.shape[1]] * audio.shape[0] if lens is None else lens.tolist()
+        if not any(self.chunking.applies(int(n)) for n in sizes):
+            out = self._hubert(audio, lens)
+            return out.features, out.lengths
+        parts = [self.chunking.encode(self._hubert, audio[i, : int(n)]) for i, n in enumerate(sizes)]  # (N_b, H)
+        flen = torch.tensor([p.shape[0] for p in parts], device=self.device)  # (B,)
+        feats = parts[0].new_zeros(len(parts), int(flen.max()), parts[0].shape[1])  # (B, N, H)
+        for i, p in enumerate(parts):
+            feats[i, : p.shape[0]] = p
+        return feats, flen
 
     def _align(self, feats: torch.Tensor, lengths: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per item, the first ``lengths_b`` frames of feats (B, N, C) to exactly ``targets_b``
@@ -520,7 +537,8 @@ class AdaMesh(MotionMethod):
         a = torch.as_tensor(np.asarray(audio, np.float32) if not isinstance(audio, torch.Tensor) else audio)
         a = a.to(torch.float32)
         if cache is not None:
-            feats = torch.from_numpy(cache.get_or_compute(a.cpu().numpy(), self._hubert)).to(self.device)
+            feats = torch.from_numpy(cache.get_or_compute(a.cpu().numpy(), self._hubert, self.chunking))
+            feats = feats.to(self.device)
         else:
             feats = self._features(a[None])[0][0]
         if self.config.pose_index.cluster_audio == "hubert+mel":
