@@ -19,8 +19,10 @@ import torch
 
 from talkmesh.config import ConfigError, DataConfig
 from talkmesh.data import open_corpus
-from talkmesh.data.corpus import concat_clips
+from talkmesh.data.clip import Clip, SequenceInfo
+from talkmesh.data.corpus import Corpus, CorpusInfo, concat_clips
 from talkmesh.data.dataset import ClipDataset, collate_clips, match_audio_to_motion
+from talkmesh.data.regions import Regions
 from talkmesh.data.synthetic import STYLE_RANGES, speaker_styles
 from talkmesh.methods import build_method
 from talkmesh.methods.adamesh import (
@@ -446,7 +448,7 @@ def train_stage(m: AdaMesh, corpus, stage: str, epochs: int, seed: int = 0) -> l
     m.set_stage(stage)
     m.fit_stage(ClipDataset(corpus, "train", mode="sequence"))
     sched = m.config.stage_schedule(stage)
-    ds = ClipDataset(corpus, "train", mode="window", seed=seed)
+    ds = ClipDataset(corpus, "train", mode="window", seed=seed, style_reference_frames=m.style_reference_frames())
     loader = torch.utils.data.DataLoader(
         ds,
         batch_size=sched.batch_size,
@@ -930,3 +932,154 @@ def test_chunk_spans_give_every_encoder_frame_once():
         counts = [frames(b - a) for a, b in spans]
         assert sum(counts) == frames(n) == (n - 80) // 320
         assert all(starts[i] + counts[i] == starts[i + 1] for i in range(len(spans) - 1))  # no gap, no overlap
+
+
+# --------------------------------------------------------------------------------------
+# Pre-training style references (§5): never the item's own training window
+# --------------------------------------------------------------------------------------
+
+# name -> (frames, emotion, intensity); the number after the speaker letter is the clip number.
+LABELLED_CLIPS = {
+    "A1": (30, 1, 0),
+    "A2": (20, 1, 0),  # A1 <-> A2: same speaker, same labels
+    "A3": (30, 2, 1),  # no other clip with its labels, longer than a window: its own frames outside the window
+    "B4": (40, 0, 0),  # B's only clip: its own frames outside the window
+    "C5": (8, 0, 0),  # fits in one window, no other clip with its labels: another clip of C
+    "C6": (25, 3, 2),
+    "D7": (6, 0, 0),  # D's only clip fits in one window: no reference
+}
+EXPECTED_SOURCE = {"A1": "same_labels", "A2": "same_labels", "A3": "same_clip", "B4": "same_clip"}
+EXPECTED_SOURCE |= {"C5": "other_labels", "C6": "same_clip", "D7": "none"}
+
+
+class LabelledFlameCorpus(Corpus):
+    """FLAME clips in memory, 10-frame windows; ``params[:, 0]`` = 1000 x clip number + frame."""
+
+    format_name = "labelled-memory"
+
+    def __init__(self) -> None:
+        super().__init__(DataConfig(window_seconds=0.4))
+
+    @property
+    def info(self) -> CorpusInfo:
+        return CorpusInfo(
+            format="labelled-memory", root="", fps=25.0, motion="params", num_vertices=0, param_dim=53,
+            has_head_pose=True, train_subjects=("A", "B", "C", "D"), splits=("train",), eval_splits=(),
+            unseen_splits=(),
+        )  # fmt: skip
+
+    def _index(self) -> list[SequenceInfo]:
+        return [
+            SequenceInfo(
+                name=k, subject=k[0], split="train", num_frames=n, audio_seconds=n / 25.0, emotion=e, intensity=i
+            )
+            for k, (n, e, i) in LABELLED_CLIPS.items()
+        ]
+
+    def _load(self, seq: SequenceInfo) -> Clip:
+        n = seq.num_frames
+        params = np.zeros((n, 53), np.float32)
+        params[:, 0] = 1000 * int(seq.name[1:]) + np.arange(n)
+        audio = np.random.default_rng(n).normal(scale=0.1, size=n * 640).astype(np.float32)
+        return Clip(
+            name=seq.name, subject=seq.subject, audio=audio, fps=25.0, params=params,
+            head_pose=np.zeros((n, 3), np.float32), shape=np.zeros(100, np.float32),
+            emotion=seq.emotion, intensity=seq.intensity,
+        )  # fmt: skip
+
+    def template(self, subject: str) -> np.ndarray | None:
+        return None
+
+    def regions(self) -> Regions:
+        return Regions(lips=np.arange(2), upper=np.arange(2, 4))
+
+
+def frame_ids(params: np.ndarray | torch.Tensor) -> set[tuple[int, int]]:
+    """(clip number, frame) of each row of params encoded as in LabelledFlameCorpus."""
+    code = np.asarray(params)[:, 0].round().astype(int)
+    return {(int(c) // 1000, int(c) % 1000) for c in code}
+
+
+def test_style_references_come_from_other_clips_or_frames_outside_the_window():
+    corpus = LabelledFlameCorpus()
+    ds = ClipDataset(corpus, "train", mode="window", seed=5, style_reference_frames=12)
+    plain = ClipDataset(corpus, "train", mode="window", seed=5)
+    spans = []
+    for epoch in range(4):
+        ds.set_epoch(epoch)
+        plain.set_epoch(epoch)
+        for i, seq in enumerate(ds.sequences):
+            item, span = ds[i], ds.style_reference_span(i)
+            spans.append(span)
+            np.testing.assert_array_equal(item.params, plain[i].params)  # the windows themselves are unchanged
+            ref, own = item.style_reference, frame_ids(item.params)
+            assert item.style_source == span.source == EXPECTED_SOURCE[seq.name], seq.name
+            assert ref.num_frames == span.stop - span.start <= 12
+            assert not frame_ids(ref.params) & own  # never a frame of the training window
+            other = ds.sequences[span.sequence]
+            if span.source == "none":
+                assert ref.num_frames == 0
+                continue
+            w0 = ds.window_start(i)
+            free = max(w0, seq.num_frames - w0 - ds.window_frames) if other is seq else other.num_frames
+            assert ref.num_frames == min(12, free)  # the longer side of the window, or the other clip, cropped
+            assert other.subject == seq.subject and frame_ids(ref.params) <= frame_ids(corpus.load(other).params)
+            if span.source == "same_labels":
+                assert other.name != seq.name and (other.emotion, other.intensity) == (seq.emotion, seq.intensity)
+            if span.source == "other_labels":
+                assert other.name != seq.name and seq.num_frames <= ds.window_frames
+            if span.source == "same_clip":
+                assert other is seq and seq.num_frames > ds.window_frames
+    again = ClipDataset(corpus, "train", mode="window", seed=5, style_reference_frames=12)
+    again.set_epoch(3)
+    assert [again.style_reference_span(i) for i in range(len(again))] == spans[-len(again) :]  # seeded
+    assert len(set(spans)) > len(again)  # crops move between epochs
+    b = ds.collate([ds[i] for i in range(len(ds))])
+    lengths = [ds.style_reference_span(i).stop - ds.style_reference_span(i).start for i in range(len(ds))]
+    assert b["style_params"].shape == (len(ds), max(lengths), 53) and b["style_head_pose"].shape[:2] == (7, 12)
+    assert b["style_lengths"].tolist() == lengths and b["style_mask"].sum(1).tolist() == lengths
+    assert b["style_source"] == [EXPECTED_SOURCE[s.name] for s in ds.sequences]
+    assert b["style_names"][-1] == "" and b["style_names"][0] == "A2"
+    assert not any(k.startswith("style_") for k in plain.collate([plain[i] for i in range(len(plain))]))
+
+
+def test_pretraining_never_feeds_the_target_window_to_the_style_encoder():
+    seen: list[torch.Tensor] = []
+
+    def spy(m: AdaMesh) -> None:
+        encode = m.expression.encode_style
+
+        def record(ref: torch.Tensor, ref_mask: torch.Tensor) -> torch.Tensor:
+            seen.append(torch.cat([ref[k][ref_mask[k]] for k in range(len(ref))]).detach())  # valid rows
+            return encode(ref, ref_mask)
+
+        m.expression.encode_style = record
+
+    # Each speaker has a single clip in the batch: no reference, so no style input at all.
+    m = model(face=False).train()
+    spy(m)
+    b = batch()
+    loss, logs = m(b)
+    target = m._norm_expr(b["params"])[b["motion_mask"]]  # (N, 53) valid target rows
+    assert all(not (rows[:, None] == target[None]).all(-1).any() for rows in seen)
+    assert logs["style_missing"] == 1.0 and torch.isfinite(loss)
+    # Batches from the loader: references from other clips or other frames of the speaker.
+    corpus = LabelledFlameCorpus()
+    facts = DataFacts.from_corpus(corpus)
+    m = model(facts, face=False).train()
+    assert m.style_reference_frames() == round(m.config.expression.style_seconds * 25.0)
+    spy(m)
+    ds = ClipDataset(corpus, "train", mode="window", seed=1, style_reference_frames=m.style_reference_frames())
+    b = ds.collate([ds[i] for i in range(len(ds))])
+    seen.clear()
+    loss, logs = m(b)
+    with_ref = [i for i in range(len(ds)) if b["style_lengths"][i] > 0]
+    assert torch.isfinite(loss) and logs["style_missing"] == pytest.approx(1 / 7)
+    assert len(seen) == 1 and len(seen[0]) == int(b["style_lengths"].sum())
+    rows = iter(seen[0].split(b["style_lengths"][with_ref].tolist()))
+    for i in with_ref:
+        ids = frame_ids(next(rows))
+        assert ids == frame_ids(b["style_params"][i][b["style_mask"][i]])  # what the loader drew
+        assert not ids & frame_ids(b["params"][i][b["motion_mask"][i]])  # none of the item's own window
+    m.set_stage("pose_vq")
+    assert m.style_reference_frames() == 0  # only the expression stage asks the loader for references

@@ -140,3 +140,41 @@ def test_reference_clip_concatenates_pool(corpus):
     assert corpus.reference_pool("A")[0].split == "train"  # seen subjects use their training clips
     both = concat_clips([corpus.load("A_train_2"), corpus.load("A_train_1")], "x")
     assert both.num_frames == 35 and both.audio.shape == (35 * 640,)
+
+
+def test_items_per_sequence_draws_several_windows_per_sequence(corpus):
+    one = ClipDataset(corpus, "train", mode="window", seed=3)
+    many = ClipDataset(corpus, "train", mode="window", seed=3, items_per_sequence=4)
+    assert len(many) == 4 * len(one) == 12
+    assert [many.sequence_index(i) for i in range(12)] == [i // 4 for i in range(12)]
+    long_seq = [many.window_start(i) for i in range(8, 12)]  # B_train_1 (50 frames): four windows
+    assert len(set(long_seq)) > 1 and all(many[i].name == "B_train_1" for i in range(8, 12))
+    assert many[8].vertices[0, 0, 0] == long_seq[0]
+    assert one.window_start(0) == ClipDataset(corpus, "train", seed=3, items_per_sequence=1).window_start(0)
+    # From the data config (configs/mimic/hdtf.yaml sets 40); whole sequences are never repeated.
+    cfg_corpus = MemoryCorpus(corpus.lengths, DataConfig(window_seconds=0.4, items_per_sequence=2))
+    assert len(ClipDataset(cfg_corpus, "train", mode="window")) == 6
+    assert len(ClipDataset(cfg_corpus, "train", mode="sequence")) == 3
+    with pytest.raises(IndexError):
+        many.window_start(12)
+    with pytest.raises(ValueError, match="items_per_sequence"):
+        ClipDataset(corpus, "train", items_per_sequence=0)
+
+
+def test_items_per_sequence_is_validated_in_the_config():
+    from talkmesh.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.items_per_sequence"):
+        DataConfig(items_per_sequence=0)
+
+
+def test_mimic_hdtf_preset_matches_the_reference_number_of_updates():
+    """mimic.md §5: an epoch has len(train_videos) x 40 items of random 150-frame windows;
+    150 epochs, with the GRL weight schedule at epochs 20 and 40 (unscaled)."""
+    from pathlib import Path
+
+    from talkmesh.train.config import load_experiment
+
+    exp = load_experiment(Path(__file__).resolve().parents[1] / "configs" / "mimic" / "hdtf.yaml")
+    assert exp.data.items_per_sequence == 40 and exp.schedule().epochs == 150
+    assert exp.method_config().grl_decay_epochs == (20, 40)

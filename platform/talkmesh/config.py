@@ -94,6 +94,9 @@ class DataConfig:
     smoothing: bool = True
     # Training windows (seconds of motion); evaluation always uses whole sequences.
     window_seconds: float = 3.0
+    # Training items drawn from each sequence per epoch, each its own random window (1 = one
+    # per sequence; Mimic's 3D-HDTF reference draws 40 per video).
+    items_per_sequence: int = 1
     # Clips kept decoded in memory per process (0 = none). Corpora are never loaded whole.
     cache_clips: int = 32
     # Synthetic corpus: generated into `<cache>/synthetic-<preset>-s<seed>-<fps>fps` when root is empty.
@@ -109,6 +112,10 @@ class DataConfig:
     hdtf_val_ids: int = 10
     # Unseen-subject evaluation with many training identities: a seeded subset of this size.
     max_conditions: int = 8
+
+    def __post_init__(self) -> None:
+        if self.items_per_sequence < 1:
+            raise ConfigError(f"data.items_per_sequence: must be >= 1, got {self.items_per_sequence}")
 
 
 # --------------------------------------------------------------------------------------

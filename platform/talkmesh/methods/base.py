@@ -487,6 +487,13 @@ class MotionMethod(nn.Module, abc.ABC):
         after resuming too), for schedules that live in the model (e.g. a gradient-reversal
         weight). Default: nothing."""
 
+    def style_reference_frames(self) -> int:
+        """Frames of style reference each training window of the current stage needs from
+        other frames of the corpus (never the window itself; the ``style_*`` batch keys of
+        talkmesh.data.dataset). The loop reads it when it builds the training loader.
+        Default: 0, none."""
+        return 0
+
     @abc.abstractmethod
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """One training step's loss (scalar) and logs (flat dict of floats, every term named:

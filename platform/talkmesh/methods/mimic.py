@@ -42,8 +42,9 @@ Deviations from the reference code (spec DECISIONS unless noted):
      hook calls :meth:`Mimic.set_epoch`, which stores it in a buffer, so it survives
      checkpoints. A caller that never sets the epoch trains at the epoch-0 weight.
   7. ``items_per_video`` (40 random windows per HDTF video per epoch) is not a method
-     setting: an epoch of the shared loop is one item per sequence (project deviation);
-     scale ``epochs`` instead.
+     setting but the data's: ``data.items_per_sequence`` (40 in configs/mimic/hdtf.yaml), so
+     the reference's 150 epochs, its number of updates and its epoch-based GRL schedule
+     carry over unchanged.
   8. ``generate(style=subject)`` / ``encode_style(subject=...)`` use an exponential moving
      average of that training subject's style codes, recorded during training (project
      DECISION; the reference has no subject-indexed path); ``style=None`` uses the mean

@@ -26,8 +26,9 @@ quick runs). Per worker, in named steps (as torchtitan's trainer reads):
 The method is called only through the :class:`~talkmesh.methods.base.MotionMethod` contract:
 ``fit_stage`` (non-gradient fitting, once on a fresh run, logs reported as
 ``train/fit/<key>``; a stage whose ``trainable_parameters()`` is empty is fit-only: one
-epoch without an optimizer), ``on_epoch_start`` and ``trains_on_vertices`` (False: the
-training batches of a parameter corpus carry no face-model vertices).
+epoch without an optimizer), ``on_epoch_start``, ``trains_on_vertices`` (False: the
+training batches of a parameter corpus carry no face-model vertices) and
+``style_reference_frames`` (> 0: training windows carry style references from other frames).
 
 Metric names: ``train/loss`` and every ``train/<term>`` the method logs, ``<split>/lve``,
 ``<split>/fdd``, ... (all predictions), ``<split>/seen/*``, ``<split>/unseen/*`` (+
@@ -350,7 +351,14 @@ def _build_loader(
     t = exp.train
     facts = method.facts
     with_vertices = facts.motion == "params" and facts.num_vertices > 0 and method.trains_on_vertices
-    train_ds = ClipDataset(corpus, "train", mode="window", seed=t.seed, with_vertices=with_vertices)
+    train_ds = ClipDataset(
+        corpus,
+        "train",
+        mode="window",
+        seed=t.seed,
+        with_vertices=with_vertices,
+        style_reference_frames=method.style_reference_frames(),
+    )
     sampler = None
     if world > 1:
         sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=t.seed)

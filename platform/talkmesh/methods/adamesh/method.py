@@ -42,10 +42,16 @@ targets at the start of the stages that need them.
 Deviations (spec DECISIONs unless noted):
   1. D5: a Conv1d weight (m, n/g, k) is adapted as the m x ((n/g)k) matrix (not the
      figure's Conv2d-style factorisation).
-  2. Style-encoder input in pre-training (§5): another window of the same speaker in the
-     batch when there is one (a different clip), else the item's own window (the spec's
-     "non-overlapping segment of the same clip" needs data-side support the shared
-     loader does not have; the temporal mean carries only window-level statistics).
+  2. Style-encoder input in pre-training (§5) is never the item's own training window. The
+     expression stage asks the loader for ``expression.style_seconds`` of reference per
+     window (:meth:`AdaMesh.style_reference_frames`; talkmesh.data.dataset draws it,
+     seeded by (seed, epoch, index)): a random crop of another training clip of the speaker
+     with the same emotion and intensity; else the longer part of the item's own clip
+     before or after its window; else (the clip fits in one window) another clip of the
+     speaker with other labels; else (the speaker's only clip fits in one window) nothing,
+     and the item trains with a zero style vector (logged as ``style_missing``). Batches
+     without these keys (direct ``forward`` calls) use another clip of the speaker in the
+     batch, else nothing.
   3. The identity encoder sees the shape beta repeated over the reference frames (zeros when
      the corpus has no shape); for a training identity or no style, over
      ``reference_seconds`` frames.
@@ -375,7 +381,9 @@ class AdaMesh(MotionMethod):
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss of the current stage on a batch (specs/README.md schema): ``audio`` (B, S),
         ``audio_lengths``, ``params`` (B, T, 53) (expression), ``head_pose`` (B, T, 3) (pose
-        stages), ``motion_mask`` (B, T), optional ``shape`` (B, 100), ``subject`` (B,)."""
+        stages), ``motion_mask`` (B, T), optional ``shape`` (B, 100), ``subject`` (B,); the
+        expression stage also reads ``style_params`` (B, R, 53) / ``style_mask`` (B, R) where
+        the loader adds them (deviation 2)."""
         if self.stage == "expression":
             return self._expression_loss(batch)
         if self.stage == "pose_vq":
@@ -398,16 +406,59 @@ class AdaMesh(MotionMethod):
         lengths = mask.sum(1)  # (B,)
         return motion, mask, lengths
 
+    def style_reference_frames(self) -> int:
+        """Frames of style reference each expression-stage training window gets from other
+        frames of the corpus (``expression.style_seconds``, deviation 2); 0 in the other stages."""
+        return self._style_frames() if self.stage == "expression" else 0
+
+    def _style_frames(self) -> int:
+        return max(1, int(round(self.config.expression.style_seconds * self.facts.fps)))
+
     def _style_partners(self, batch: Batch) -> list[int]:
-        """Per item, another item of the same training speaker from a different clip if the
-        batch has one, else itself (deviation 2)."""
-        subject = torch.as_tensor(batch.get("subject", [-1] * len(batch["params"]))).tolist()
-        names = batch.get("names") or [str(i) for i in range(len(subject))]
+        """For batches without ``style_*`` keys (deviation 2): per item, another item of the same
+        training speaker from a different clip (same emotion and intensity first), else -1."""
+        n = len(batch["params"])
+        subject = torch.as_tensor(batch.get("subject", [-1] * n)).tolist()
+        names = batch.get("names") or [str(i) for i in range(n)]
+        emotion, intensity = (torch.as_tensor(batch.get(k, [-1] * n)).tolist() for k in ("emotion", "intensity"))
+        labels = list(zip(emotion, intensity, strict=True))
         out = []
         for i, s in enumerate(subject):
-            cands = [j for j, t in enumerate(subject) if j != i and t == s and s >= 0 and names[j] != names[i]]
-            out.append(cands[0] if cands else i)
+            cands = [j for j, t in enumerate(subject) if t == s and s >= 0 and names[j] != names[i]]
+            same = [j for j in cands if labels[j] == labels[i]]
+            out.append((same or cands or [-1])[0])
         return out
+
+    def _style_inputs(self, batch: Batch, y: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised style reference (B, R, 53) and mask (B, R), never frames of the item's own
+        window: the batch's ``style_params`` / ``style_mask`` (talkmesh.data.dataset), else
+        another clip's window from :meth:`_style_partners` (no frames where there is none).
+        ``y`` (B, T, 53) is the normalised target, ``mask`` (B, T) its valid frames."""
+        r = self._style_frames()
+        if "style_params" in batch:
+            ref = batch["style_params"].to(self.device, torch.float32)[:, :r]  # (B, R, 53)
+            ref_mask = batch["style_mask"].to(self.device, torch.bool)[:, :r]  # (B, R)
+            if ref.shape[-1] != EXPR_DIM:
+                raise ValueError(f"batch['style_params'] must be (B, R, {EXPR_DIM}), got {tuple(ref.shape)}")
+            return self._norm_expr(ref), ref_mask
+        partners = torch.tensor(self._style_partners(batch), device=self.device)  # (B,)
+        has = partners >= 0
+        idx = partners.clamp_min(0)
+        return y[idx, :r], mask[idx, :r] & has[:, None]
+
+    def _style_and_identity(
+        self, ref: torch.Tensor, ref_mask: torch.Tensor, mask: torch.Tensor, shape: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Style and identity vectors (B, d) for training: items without reference frames get a
+        zero style vector (the style encoder never sees them) and their identity over their own
+        frame count (the identity input is only the shape, repeated, deviation 3)."""
+        has = ref_mask.any(1)  # (B,)
+        style = torch.zeros(ref.shape[0], self.config.expression.d_model, device=self.device)
+        if bool(has.any()):
+            style[has] = self.expression.encode_style(ref[has], ref_mask[has])
+        frames = torch.where(has, ref_mask.sum(1), mask.sum(1))  # (B,)
+        id_mask = torch.arange(int(frames.max()), device=self.device)[None] < frames[:, None]  # (B, F)
+        return style, self.expression.encode_identity(shape, id_mask)
 
     def _shape(self, batch: Batch, b: int) -> torch.Tensor:
         shape = batch.get("shape")
@@ -428,13 +479,13 @@ class AdaMesh(MotionMethod):
         if audio.shape[1] < 2 * t:
             audio = F.pad(audio, (0, 0, 0, 2 * t - audio.shape[1]))
         y = self._norm_expr(params)  # (B, T, 53)
-        partners = self._style_partners(batch)
-        r = min(t, max(1, int(round(self.config.expression.style_seconds * self.facts.fps))))
-        ref, ref_mask = y[partners, :r], mask[partners, :r]
-        mid, post, _, _ = self.expression(audio, mask, ref, ref_mask, self._shape(batch, b))
+        ref, ref_mask = self._style_inputs(batch, y, mask)  # (B, R, 53), (B, R)
+        style, identity = self._style_and_identity(ref, ref_mask, mask, self._shape(batch, b))
+        mid, post, _, _ = self.expression(audio, mask, style=style, identity=identity)
         terms = {"l1_mid": masked_l1(mid, y, mask), "l1_post": masked_l1(post, y, mask)}
         loss, logs = weighted_loss(terms, dataclasses.asdict(self.config.expression.loss_weights))
         logs["frames"] = float(lengths.sum())
+        logs["style_missing"] = float((~ref_mask.any(1)).float().mean())  # items trained with a zero style
         return loss, logs
 
     def _pose_crop(self, lengths: torch.Tensor) -> int:
