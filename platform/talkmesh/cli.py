@@ -6,6 +6,7 @@
     talkmesh face convert --pkl generic_model.pkl --out flame.npz
     talkmesh serve [--config serve/config.yaml] [key=value ...]
     talkmesh sweep sweeps/<method>.yaml [--num-samples N] [--name NAME] [--no-register] [key=value ...]
+    talkmesh import faceformer --checkpoint vocaset.pth --preset vocaset|biwi [--tracking-uri URI] [--alias A]
 
 Trailing ``key=value`` arguments are dotted overrides of the data config
 (``data.fps=60`` or ``fps=60``). Errors in the user's data or arguments print one line
@@ -123,6 +124,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from talkmesh.ops.importers import import_checkpoint
+
+    report = import_checkpoint(
+        args.method,
+        args.checkpoint,
+        args.preset,
+        tracking_uri=args.tracking_uri or None,
+        register=not args.no_register,
+        alias=args.alias or None,
+    )
+    imp = report.imported
+    print(f"imported     {imp.source} (sha256 {imp.sha256}) as {args.method}, preset {imp.preset}")
+    print(f"tensors      {len(imp.names)} mapped; not loaded: {', '.join(imp.unused) or 'none'}")
+    if report.version is not None:
+        name = f"talkmesh-{args.method}"
+        print(f"mlflow       run {report.run_id} in {report.tracking_uri}")
+        print(f"registered   {name} version {report.version}" + (f" (@{report.alias})" if report.alias else ""))
+        print(f"serve with   talkmesh serve method={args.method} model=models:/{name}/{report.version}")
+    return 0
+
+
 def _json_default(obj: Any) -> Any:
     import numpy as np
 
@@ -176,6 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--config", default="serve/config.yaml", help="Serve config file (default: serve/config.yaml)")
     srv.add_argument("overrides", nargs="*", help="application args, e.g. method=faceformer style_dir=/srv/styles")
     srv.set_defaults(func=cmd_serve)
+
+    imp = sub.add_parser("import", help="load a released reference checkpoint into a method and register it")
+    imp.add_argument("method", help="the method the weights belong to (faceformer)")
+    imp.add_argument("--checkpoint", required=True, help="the authors' released file, e.g. vocaset.pth")
+    imp.add_argument("--preset", required=True, help="the released setting: vocaset or biwi (FaceFormer)")
+    imp.add_argument("--tracking-uri", default="", help="MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
+    imp.add_argument("--alias", default="", help="also point talkmesh-<method>@ALIAS at the new version")
+    imp.add_argument("--no-register", action="store_true", help="only map and check the weights")
+    imp.set_defaults(func=cmd_import)
 
     # Listed for --help only: main() hands `sweep ...` to talkmesh.ops.sweep.main (same as sweeps/run.py).
     sub.add_parser(

@@ -26,6 +26,8 @@ Weights are read from a local directory or the local Hugging Face cache only; no
 ever downloaded (:class:`EncoderWeightsMissing` says how to provide them). ``tiny=True``
 builds a seeded random encoder with the real convolutional geometry (total stride 320,
 receptive field 400 samples), so frame counts equal the real encoders'.
+``from_config_only=True`` builds a checkpoint's architecture without its weights, for a model
+whose every weight comes from a saved or imported state dict (``talkmesh import``).
 
 ``transformers`` is imported inside functions only; importing this module is cheap.
 """
@@ -65,6 +67,7 @@ __all__ = [
     "AudioFeatures",
     "EncoderKind",
     "EncoderWeightsMissing",
+    "WAV2VEC2_BASE_960H_CONFIG",
     "build_audio_encoder",
     "normalize_waveform",
     "tiny_hf_config",
@@ -111,6 +114,11 @@ class AudioEncoderConfig:
     # Random tiny encoder for tests (hidden 32, 2 layers, 2 heads, FF 64, 32 conv
     # channels) with the real conv kernels and strides. No file access.
     tiny: bool = False
+    # Build the checkpoint's architecture from its config alone, with seeded random weights
+    # that the caller then replaces from a state dict (an imported or a saved model): no
+    # weights file is read. The default wav2vec2 checkpoint's config is built in
+    # (WAV2VEC2_BASE_960H_CONFIG); any other checkpoint needs its config.json locally.
+    from_config_only: bool = False
     # Freeze the convolutional feature encoder (the CNN).
     freeze_feature_encoder: bool = True
     # -1: everything trainable (except the CNN when frozen above); 0: fully frozen
@@ -291,8 +299,57 @@ def _load_pretrained(cfg: AudioEncoderConfig) -> PreTrainedModel:
     return model
 
 
+# facebook/wav2vec2-base-960h's config.json, the fields that shape the model or its training
+# (SpecAugment, dropouts); the architecture is also checked by the shapes of any state dict
+# loaded into it. Used by from_config_only=True, so no file is needed for this checkpoint.
+WAV2VEC2_BASE_960H_CONFIG: dict[str, Any] = dict(
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    hidden_act="gelu",
+    conv_dim=(512,) * 7,
+    conv_kernel=DEFAULT_CONV_KERNEL,
+    conv_stride=DEFAULT_CONV_STRIDE,
+    conv_bias=False,
+    feat_extract_norm="group",
+    feat_extract_activation="gelu",
+    do_stable_layer_norm=False,
+    num_conv_pos_embeddings=128,
+    num_conv_pos_embedding_groups=16,
+    layer_norm_eps=1e-5,
+    vocab_size=32,
+    apply_spec_augment=True,
+    mask_time_prob=0.05,
+    mask_time_length=10,
+    mask_feature_prob=0.0,
+    mask_feature_length=10,
+    hidden_dropout=0.1,
+    attention_dropout=0.1,
+    activation_dropout=0.1,
+    feat_proj_dropout=0.1,
+    layerdrop=0.1,
+)
+
+
+def _config_only_model(cfg: AudioEncoderConfig) -> PreTrainedModel:
+    """The checkpoint's architecture with seeded random weights; reads a config.json at most."""
+    config_cls, model_cls = _classes(cfg.kind)
+    if cfg.kind == "wav2vec2" and cfg.checkpoint == DEFAULT_CHECKPOINTS["wav2vec2"]:
+        hf_cfg = config_cls(**WAV2VEC2_BASE_960H_CONFIG)
+    else:
+        try:
+            hf_cfg = config_cls.from_pretrained(str(Path(cfg.checkpoint).expanduser()), local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise EncoderWeightsMissing(_missing_message(cfg, f"no local config.json: {type(e).__name__}")) from e
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return model_cls(hf_cfg)
+
+
 def build_audio_encoder(cfg: AudioEncoderConfig) -> AudioEncoder:
-    """Build the encoder ``cfg`` describes: real local weights, or a seeded tiny random one.
+    """Build the encoder ``cfg`` describes: real local weights, a seeded tiny random one, or
+    (``from_config_only``) the checkpoint's architecture whose weights the caller loads.
 
     Raises :class:`EncoderWeightsMissing` when pre-trained weights are not on this machine.
     """
@@ -302,6 +359,8 @@ def build_audio_encoder(cfg: AudioEncoderConfig) -> AudioEncoder:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             model = model_cls(hf_cfg)
+    elif cfg.from_config_only:
+        model = _config_only_model(cfg)
     else:
         model = _load_pretrained(cfg)
     return AudioEncoder(model, cfg)

@@ -1,0 +1,112 @@
+"""What every importer of a released reference checkpoint provides, and the build step.
+
+An :class:`Importer` names the reference code it reads (``reference``), the presets the
+authors released weights for, the explicit key map, and per preset the talkmesh config and
+the corpus facts the checkpoint implies (vertex count, fps, training subjects in the
+reference's one-hot order). :func:`build_imported` turns a checkpoint file into a talkmesh
+method with every weight from the file: the audio encoder is built from its config only
+(``AudioEncoderConfig.from_config_only``), so no pre-trained weights need to be on disk.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from talkmesh.ops.importers.keymap import (
+    CheckpointImportError,
+    KeyRule,
+    file_sha256,
+    load_reference_state,
+    map_state_dict,
+)
+
+__all__ = ["ImportedModel", "Importer", "build_imported"]
+
+
+class Importer(abc.ABC):
+    """One method's importer (see :mod:`talkmesh.ops.importers.faceformer`)."""
+
+    method: ClassVar[str]  # talkmesh registry name
+    reference: ClassVar[str]  # the reference code whose state dict names the map reads
+    presets: ClassVar[tuple[str, ...]]  # presets the authors released weights for
+    key_map: ClassVar[tuple[KeyRule, ...]]
+
+    @abc.abstractmethod
+    def config(self, preset: str) -> Any:
+        """The talkmesh method config the checkpoint was trained with (encoder from config only)."""
+
+    @abc.abstractmethod
+    def facts(self, preset: str) -> Any:
+        """The DataFacts the checkpoint implies (fps, vertices, training subjects in one-hot order)."""
+
+    def check_unused(self, method: torch.nn.Module, unused: Mapping[str, torch.Tensor]) -> None:  # noqa: B027
+        """Check reference tensors talkmesh does not load (e.g. tables it recomputes) against
+        the built method; raise :class:`CheckpointImportError` on a mismatch. Default: none."""
+
+    def describe(self, reference: Mapping[str, torch.Tensor]) -> str:
+        """What the checkpoint's shapes say (width, vertices, subjects), for error messages."""
+        return f"{len(reference)} tensors"
+
+    def flags(self, config: Any) -> dict[str, Any]:
+        """The behaviour flags of the imported method's ``config`` that the checkpoint was
+        trained with (logged as tags). Default: none."""
+        return {}
+
+    def check_preset(self, preset: str) -> None:
+        if preset not in self.presets:
+            raise CheckpointImportError(
+                f"{self.method} released checkpoints come in presets {list(self.presets)}, got {preset!r}"
+            )
+
+
+@dataclasses.dataclass
+class ImportedModel:
+    """A method whose weights all come from a reference checkpoint."""
+
+    method: Any  # MotionMethod, eval mode
+    preset: str
+    source: Path
+    sha256: str
+    names: dict[str, str]  # reference name -> talkmesh name, every loaded tensor
+    unused: list[str]  # reference tensors talkmesh does not load (checked by the importer)
+
+
+def build_imported(
+    importer: Importer,
+    checkpoint: str | Path,
+    preset: str,
+    *,
+    config: Any | None = None,
+    facts: Any | None = None,
+) -> ImportedModel:
+    """Load ``checkpoint`` (weights only), build ``importer.method`` for ``preset`` (or the
+    given ``config`` / ``facts``, e.g. a tiny test model), map the state dict with the
+    importer's key map and load it strictly. Raises :class:`CheckpointImportError` naming
+    every tensor that does not fit."""
+    from talkmesh.methods.registry import build_method
+
+    path = Path(checkpoint).expanduser()
+    if config is None or facts is None:
+        importer.check_preset(preset)
+    reference = load_reference_state(path)
+    sha = file_sha256(path)
+    method = build_method(importer.method, config or importer.config(preset), facts or importer.facts(preset))
+    try:
+        mapped = map_state_dict(reference, importer.key_map, method.state_dict())
+        importer.check_unused(method, mapped.unused)
+    except CheckpointImportError as e:
+        raise CheckpointImportError(
+            f"{path} does not fit talkmesh {importer.method} (preset {preset}); the checkpoint has "
+            f"{importer.describe(reference)}. {e}"
+        ) from None
+    method.load_state_dict(mapped.state, strict=True)
+    method.eval()
+    return ImportedModel(
+        method=method, preset=preset, source=path, sha256=sha, names=mapped.names, unused=sorted(mapped.unused)
+    )

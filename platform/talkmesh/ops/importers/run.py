@@ -1,0 +1,116 @@
+"""``talkmesh import``: a released checkpoint -> an MLflow run and a registered model version.
+
+The run (experiment ``talkmesh-<method>``, the one training runs use; run name
+``import-<preset>-<sha256[:12]>``) carries the tags ``talkmesh.import.sha256`` (the source
+file's sha256), ``talkmesh.import.source``, ``.reference``, ``.preset``, ``.unused`` (the
+reference tensors not loaded) and ``talkmesh.import.flag.<name>`` (the behaviour flags set
+for the checkpoint), the method config and data facts as params, and ``key_map.json`` (every
+reference name -> talkmesh name) as an artifact. The model is registered as
+``talkmesh-<method>`` from that run (its ``method.json`` records the same provenance under
+``imported_from``), so that ``talkmesh serve
+model=models:/talkmesh-<method>/<version>`` (or an alias) serves it and the evaluator scores it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from talkmesh.ops.importers.base import ImportedModel, Importer, build_imported
+from talkmesh.ops.importers.faceformer import FaceFormerImporter
+from talkmesh.ops.importers.keymap import CheckpointImportError
+
+__all__ = ["IMPORTERS", "ImportReport", "get_importer", "import_checkpoint"]
+
+IMPORTERS: dict[str, type[Importer]] = {"faceformer": FaceFormerImporter}
+TAG = "talkmesh.import"
+
+
+def get_importer(method: str) -> Importer:
+    """The importer of ``method``'s released checkpoints."""
+    try:
+        return IMPORTERS[method]()
+    except KeyError:
+        raise CheckpointImportError(f"no importer for {method!r}; available: {sorted(IMPORTERS)}") from None
+
+
+@dataclasses.dataclass
+class ImportReport:
+    """What :func:`import_checkpoint` did."""
+
+    imported: ImportedModel
+    run_id: str | None  # None when nothing was logged (register=False and no tracking)
+    version: int | None  # registered version of talkmesh-<method>
+    alias: str | None
+    tracking_uri: str | None
+
+
+def _tags(importer: Importer, imp: ImportedModel) -> dict[str, str]:
+    tags = {
+        f"{TAG}.sha256": imp.sha256,
+        f"{TAG}.source": str(imp.source.resolve()),
+        f"{TAG}.reference": importer.reference,
+        f"{TAG}.preset": imp.preset,
+        f"{TAG}.unused": ",".join(imp.unused) or "-",
+        f"{TAG}.tensors": str(len(imp.names)),
+    }
+    tags.update({f"{TAG}.flag.{k}": str(v) for k, v in importer.flags(imp.method.config).items()})
+    return tags
+
+
+def _log(importer: Importer, imp: ImportedModel, uri: str, alias: str | None) -> tuple[str, int]:
+    """An MLflow run for the import, the model registered; returns (run id, version)."""
+    from talkmesh.config import flatten
+    from talkmesh.ops import tracking
+
+    method = imp.method
+    tags = _tags(importer, imp)
+    params = flatten({"model": method.config, "facts": method.facts.to_dict()})
+    run_name = f"import-{imp.preset}-{imp.sha256[:12]}"
+    run_id = tracking.start_run(
+        tracking.model_name(importer.method), run_name, params=params, tags=tags, resume=False, uri=uri
+    )
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "key_map.json"
+            rules = [dataclasses.asdict(r) for r in importer.key_map]
+            path.write_text(json.dumps({"rules": rules, "tensors": imp.names, "unused": imp.unused}, indent=1))
+            tracking.log_artifacts(run_id, path, uri=uri)
+        extra = {"imported_from": {k.removeprefix(f"{TAG}."): v for k, v in tags.items()}}
+        version = tracking.register_model(importer.method, run_id, method=method, extra=extra, uri=uri)
+        if alias:
+            tracking.set_alias(importer.method, alias, version, uri=uri)
+    except BaseException:
+        tracking.end_run(run_id, "FAILED", uri=uri)
+        raise
+    tracking.end_run(run_id, "FINISHED", uri=uri)
+    return run_id, version
+
+
+def import_checkpoint(
+    method: str,
+    checkpoint: str | Path,
+    preset: str,
+    *,
+    tracking_uri: str | None = None,
+    register: bool = True,
+    alias: str | None = None,
+    config: Any | None = None,
+    facts: Any | None = None,
+) -> ImportReport:
+    """Import a released checkpoint of ``method`` (see :func:`build_imported`; ``config`` /
+    ``facts`` override the preset's, e.g. for a tiny test model) and, with ``register``, log
+    an MLflow run (source sha256 as a tag) and register ``talkmesh-<method>`` (``alias``, if
+    given, then points at the new version)."""
+    from talkmesh.ops import tracking
+
+    importer = get_importer(method)
+    imp = build_imported(importer, checkpoint, preset, config=config, facts=facts)
+    if not register:
+        return ImportReport(imported=imp, run_id=None, version=None, alias=None, tracking_uri=None)
+    uri = tracking_uri or tracking.tracking_uri()
+    run_id, version = _log(importer, imp, uri, alias)
+    return ImportReport(imported=imp, run_id=run_id, version=version, alias=alias, tracking_uri=uri)
