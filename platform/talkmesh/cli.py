@@ -7,6 +7,7 @@
     talkmesh serve [--config serve/config.yaml] [key=value ...]
     talkmesh sweep sweeps/<method>.yaml [--num-samples N] [--name NAME] [--no-register] [key=value ...]
     talkmesh import faceformer --checkpoint vocaset.pth --preset vocaset|biwi [--tracking-uri URI] [--alias A]
+    talkmesh import mimic --checkpoint Epoch_125.pth --preset hdtf [--tracking-uri URI] [--alias A]
 
 Trailing ``key=value`` arguments are dotted overrides of the data config
 (``data.fps=60`` or ``fps=60``). Errors in the user's data or arguments print one line
@@ -125,7 +126,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from talkmesh.ops.importers import import_checkpoint
+    from talkmesh.ops.importers import get_importer, import_checkpoint
+    from talkmesh.ops.importers.run import unused_summary
 
     report = import_checkpoint(
         args.method,
@@ -137,7 +139,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     )
     imp = report.imported
     print(f"imported     {imp.source} (sha256 {imp.sha256}) as {args.method}, preset {imp.preset}")
-    print(f"tensors      {len(imp.names)} mapped; not loaded: {', '.join(imp.unused) or 'none'}")
+    unused = unused_summary(get_importer(args.method).key_map, imp.unused)
+    print(f"tensors      {len(imp.names)} mapped; not loaded: {unused}")
     if report.version is not None:
         name = f"talkmesh-{args.method}"
         print(f"mlflow       run {report.run_id} in {report.tracking_uri}")
@@ -201,9 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.set_defaults(func=cmd_serve)
 
     imp = sub.add_parser("import", help="load a released reference checkpoint into a method and register it")
-    imp.add_argument("method", help="the method the weights belong to (faceformer)")
+    imp.add_argument("method", help="the method the weights belong to (faceformer, mimic)")
     imp.add_argument("--checkpoint", required=True, help="the authors' released file, e.g. vocaset.pth")
-    imp.add_argument("--preset", required=True, help="the released setting: vocaset or biwi (FaceFormer)")
+    imp.add_argument("--preset", required=True, help="the released setting: vocaset or biwi (FaceFormer), hdtf (Mimic)")
     imp.add_argument("--tracking-uri", default="", help="MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
     imp.add_argument("--alias", default="", help="also point talkmesh-<method>@ALIAS at the new version")
     imp.add_argument("--no-register", action="store_true", help="only map and check the weights")

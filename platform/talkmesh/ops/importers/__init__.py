@@ -6,6 +6,7 @@ explicit, documented key map").
   its inverse, weights-only loading, sha256;
 * :mod:`~talkmesh.ops.importers.base` - the :class:`Importer` contract and :func:`build_imported`;
 * :mod:`~talkmesh.ops.importers.faceformer` - FaceFormer's ``vocaset.pth`` / ``biwi.pth``;
+* :mod:`~talkmesh.ops.importers.mimic` - Mimic's 3D-HDTF ``Epoch_125.pth``;
 * :mod:`~talkmesh.ops.importers.run` - :func:`import_checkpoint`: MLflow run + registered version.
 """
 

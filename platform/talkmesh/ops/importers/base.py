@@ -36,6 +36,8 @@ class Importer(abc.ABC):
     reference: ClassVar[str]  # the reference code whose state dict names the map reads
     presets: ClassVar[tuple[str, ...]]  # presets the authors released weights for
     key_map: ClassVar[tuple[KeyRule, ...]]
+    # talkmesh tensors no reference checkpoint holds (training bookkeeping): kept as built
+    talkmesh_only: ClassVar[tuple[str, ...]] = ()
 
     @abc.abstractmethod
     def config(self, preset: str) -> Any:
@@ -97,15 +99,17 @@ def build_imported(
     reference = load_reference_state(path)
     sha = file_sha256(path)
     method = build_method(importer.method, config or importer.config(preset), facts or importer.facts(preset))
+    target = method.state_dict()
+    own = {k: target.pop(k) for k in importer.talkmesh_only}
     try:
-        mapped = map_state_dict(reference, importer.key_map, method.state_dict())
+        mapped = map_state_dict(reference, importer.key_map, target)
         importer.check_unused(method, mapped.unused)
     except CheckpointImportError as e:
         raise CheckpointImportError(
             f"{path} does not fit talkmesh {importer.method} (preset {preset}); the checkpoint has "
             f"{importer.describe(reference)}. {e}"
         ) from None
-    method.load_state_dict(mapped.state, strict=True)
+    method.load_state_dict({**mapped.state, **own}, strict=True)
     method.eval()
     return ImportedModel(
         method=method, preset=preset, source=path, sha256=sha, names=mapped.names, unused=sorted(mapped.unused)
