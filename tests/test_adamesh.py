@@ -31,6 +31,7 @@ from talkmesh.methods.adamesh import (
     ExpressionAdapter,
     log_mel,
     mel_filterbank,
+    molora_selector,
     pose_style_distances,
 )
 from talkmesh.methods.base import DataFacts, StageSchedule, StyleStateError, check_style_state
@@ -218,17 +219,13 @@ def test_checkpoints_saved_with_the_flat_config_of_stop_7_still_load(tmp_path):
 # --------------------------------------------------------------------------------------
 
 
-def _select(name: str, _m: object) -> bool:
-    return ".conv." in f".{name}" and name.rsplit(".", 1)[-1] in ("pw1", "dw", "pw2")
-
-
 def test_molora_is_an_exact_no_op_at_initialisation():
     cfg = AdaMeshConfig.debug()
     torch.manual_seed(0)
     plain = ExpressionAdapter(cfg.expression, 48).eval()
     torch.manual_seed(0)
     wrapped = ExpressionAdapter(cfg.expression, 48)
-    apply_adapters(wrapped, _select, lambda s: MoLoRA(s, cfg.molora.ranks))
+    apply_adapters(wrapped, molora_selector(cfg.molora.targets), lambda s: MoLoRA(s, cfg.molora.ranks))
     wrapped.eval()
     x, mask = torch.randn(2, 20, 48), torch.ones(2, 10, dtype=torch.bool)
     ref, shape = torch.randn(2, 6, 53), torch.randn(2, 100)
@@ -241,13 +238,20 @@ def test_molora_is_an_exact_no_op_at_initialisation():
 def test_molora_placement_and_parameter_count_at_paper_sizes():
     cfg = AdaMeshConfig()
     adapter = ExpressionAdapter(cfg.expression, 8)  # the audio width does not touch the adapted layers
-    names = apply_adapters(adapter, _select, lambda s: MoLoRA(s, cfg.molora.ranks))
+    names = apply_adapters(adapter, molora_selector(cfg.molora.targets), lambda s: MoLoRA(s, cfg.molora.ranks))
     assert len(names) == 27  # 9 Conformer blocks x (pw1, dw, pw2), §4.2
     assert {n.split(".")[0] for n in names} == {"audio_encoder", "style_encoder", "identity_encoder", "decoder"}
     params = adapter_parameters(adapter)
     assert sum(p.numel() for p in params.values()) == 209493
     shapes = [adapter.get_submodule(n).base.weight.shape for n in names]
     assert molora_parameter_count(shapes, cfg.molora.ranks) == 209493
+    # The method places its experts with this selector: the debug model's adapted layers.
+    m = model(face=False)
+    select = molora_selector(m.config.molora.targets)
+    layers = (torch.nn.Conv1d, torch.nn.Linear)
+    debug = ExpressionAdapter(m.config.expression, 48)
+    expected = [n for n, mod in debug.named_modules() if isinstance(mod, layers) and n and select(n, mod)]
+    assert expected and m.molora_layers == expected
 
 
 def test_trainable_parameters_per_stage():

@@ -819,9 +819,10 @@ def test_speaker_id_network_trains_saves_and_loads(speaker_net, tmp_path):
 def test_style_consistency_scores_a_method(trained, speaker_net):
     res = style_consistency(trained, StyledCorpus(25.0), "train", speaker_net, limit=6)
     assert res["sequences"] == 6 and res["speakers"] == list(SUBJECTS)
-    assert -1.0 <= res["scs"] <= 1.0 and 0.0 <= res["speaker_acc"] <= 1.0
     assert res["speaker_acc_chance"] == pytest.approx(1 / 3)
-    assert res["gt_speaker_acc"] == 1.0 and 0.0 < res["gt_scs"] <= 1.0
+    assert res["gt_speaker_acc"] == 1.0 and res["gt_scs"] > 0.99  # the ground truth is recognised as itself
+    # The briefly trained model carries some of its speakers' style (seeded: scs 0.17), below the ground truth.
+    assert 0.05 < res["scs"] < res["gt_scs"] and res["speaker_acc"] <= res["gt_speaker_acc"]
     assert res["fingerprint"] == speaker_net.fingerprint()
 
 

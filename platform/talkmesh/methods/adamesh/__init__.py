@@ -30,6 +30,7 @@ from talkmesh.methods.adamesh.modeling import (
     PoseVQVAE,
     log_mel,
     mel_filterbank,
+    molora_selector,
     pose_style_distances,
 )
 
@@ -49,5 +50,6 @@ __all__ = [
     "PoseVQVAE",
     "log_mel",
     "mel_filterbank",
+    "molora_selector",
     "pose_style_distances",
 ]

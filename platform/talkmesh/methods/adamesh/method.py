@@ -143,6 +143,7 @@ from talkmesh.methods.adamesh.modeling import (
     log_mel,
     masked_l1,
     mel_filterbank,
+    molora_selector,
     pose_style_distances,
 )
 from talkmesh.methods.base import (
@@ -211,7 +212,7 @@ class AdaMesh(MotionMethod):
         self.expression = ExpressionAdapter(cfg.expression, expression_in)
         self.molora_layers = apply_adapters(
             self.expression,
-            lambda name, _m: ".conv." in f".{name}" and name.rsplit(".", 1)[-1] in cfg.molora.targets,
+            molora_selector(cfg.molora.targets),
             lambda shape: MoLoRA(shape, cfg.molora.ranks, cfg.molora.alpha),
         )
         self.pose_vq = PoseVQVAE(cfg.pose_vq)

@@ -10,6 +10,7 @@ Paper, reference code and the numbered Deviations ("deviation N" below): the doc
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,7 @@ __all__ = [
     "masked_l1",
     "masked_mean",
     "mel_filterbank",
+    "molora_selector",
     "pose_style_distances",
 ]
 
@@ -43,6 +45,17 @@ N_EXPRESSION = 50
 # --------------------------------------------------------------------------------------
 # Masked reductions (the log-mel front end is talkmesh.audio.mel)
 # --------------------------------------------------------------------------------------
+
+
+def molora_selector(targets: Sequence[str]) -> Callable[[str, nn.Module], bool]:
+    """Which layers of the expression adapter get MoLoRA experts (§4.2): every convolution of
+    every Conformer convolution module whose name is in ``targets`` (pw1, dw, pw2)."""
+    wanted = tuple(targets)
+
+    def select(name: str, _module: nn.Module) -> bool:
+        return ".conv." in f".{name}" and name.rsplit(".", 1)[-1] in wanted
+
+    return select
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
