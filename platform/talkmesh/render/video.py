@@ -186,27 +186,43 @@ def _write_mp4(
     crf: int,
     num_frames: int | None,
 ) -> None:
-    """H.264 + AAC in one ffmpeg pass; ValueError when ``num_frames`` is given and not met."""
+    """H.264 + AAC; ValueError when ``num_frames`` is given and not met. With a known frame
+    count (or no audio) one ffmpeg pass; a stream of unknown length is encoded first and the
+    audio, cut or padded to the frames written, muxed in after (ffmpeg's ``-shortest`` on a
+    piped stream keeps however much audio it read ahead, which depends on the machine's load)."""
+    from talkmesh.audio.io import write_wav
+
     output = [*_X264, "-crf", str(crf)]
     with tempfile.TemporaryDirectory(prefix="talkmesh-render-") as tmp:
-        audio_path = None
-        if audio is not None:
-            from talkmesh.audio.io import write_wav
-
-            samples, sr = audio
-            if num_frames is not None:
-                samples = _fit_audio(samples, sr, rate, num_frames)
-            else:  # length unknown until the last frame: pad with silence, stop with the video
-                output += ["-af", "apad,asetnsamples=n=64", "-shortest"]  # small frames: -shortest cuts closely
-            audio_path = str(Path(tmp) / "audio.wav")
-            write_wav(audio_path, samples, sr, subtype="FLOAT")
-            output += ["-b:a", "128k"]
-        count = _encode(
-            frames, part, rate, w, h, codec="libx264", output_params=output,
-            audio_path=audio_path, audio_codec="aac" if audio_path else None,
-        )
+        audio_path = str(Path(tmp) / "audio.wav")
+        if audio is None or num_frames is None:
+            video = part if audio is None else Path(tmp) / "video.mp4"
+            count = _encode(frames, video, rate, w, h, codec="libx264", output_params=output)
+            if audio is not None:
+                write_wav(audio_path, _fit_audio(audio[0], audio[1], rate, count), audio[1], subtype="FLOAT")
+                _mux_audio(video, audio_path, part)
+        else:
+            write_wav(audio_path, _fit_audio(audio[0], audio[1], rate, num_frames), audio[1], subtype="FLOAT")
+            count = _encode(
+                frames, part, rate, w, h, codec="libx264", output_params=[*output, "-b:a", "128k"],
+                audio_path=audio_path, audio_codec="aac",
+            )
     if num_frames is not None and count != num_frames:
         raise ValueError(f"frames: expected {num_frames} frames, got {count}")
+
+
+def _mux_audio(video: Path, audio_path: str, out: Path) -> None:
+    """Copy the H.264 stream of ``video`` and encode ``audio_path`` (already as long as the
+    video) as AAC into ``out``."""
+    import subprocess
+
+    cmd = [
+        find_ffmpeg(), "-v", "error", "-y", "-i", str(video), "-i", audio_path, "-map", "0:v:0", "-map", "1:a:0",
+        "-c:v", "copy", "-c:a", "aac", "-b:a", "128k", "-movflags", "+faststart", str(out),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0 or not out.is_file() or out.stat().st_size == 0:
+        raise RuntimeError(f"ffmpeg failed adding the audio to {out.name}: {done.stderr.strip()[-500:]}")
 
 
 def _write_gif(frames: Iterator[np.ndarray], part: Path, rate: fractions.Fraction, w: int, h: int) -> None:
