@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from talkmesh.methods.base import DataFacts
 from talkmesh.ops.importers.keymap import (
     CheckpointImportError,
     KeyRule,
@@ -26,7 +27,27 @@ from talkmesh.ops.importers.keymap import (
     map_state_dict,
 )
 
-__all__ = ["ImportedModel", "Importer", "build_imported"]
+__all__ = ["HDTF_TRAIN_SUBJECTS", "ImportedModel", "Importer", "build_imported", "published_facts"]
+
+# datasets.md §4.3: 3D-HDTF ids 1..150 train; the reference's one-hot index is id - 1.
+HDTF_TRAIN_SUBJECTS: tuple[str, ...] = tuple(str(i) for i in range(1, 151))
+
+
+def published_facts(dataset: str) -> DataFacts:
+    """The data facts of a published checkpoint's dataset (datasets.md §2-§4): fps, FLAME /
+    BIWI vertex count and the training subjects in the reference's one-hot order (the
+    readers' own lists; 3D-HDTF: :data:`HDTF_TRAIN_SUBJECTS`)."""
+    from talkmesh.data import biwi, vocaset
+
+    table = {
+        "vocaset": (30.0, 5023, vocaset.TRAIN_SUBJECTS),
+        "biwi": (25.0, 23370, biwi.TRAIN_SUBJECTS),
+        "hdtf": (25.0, 5023, HDTF_TRAIN_SUBJECTS),
+    }
+    if dataset not in table:
+        raise ValueError(f"no published facts for dataset {dataset!r}; known: {sorted(table)}")
+    fps, vertices, subjects = table[dataset]
+    return DataFacts(fps=fps, num_vertices=vertices, train_subjects=subjects)
 
 
 class Importer(abc.ABC):

@@ -47,25 +47,17 @@ from typing import Any, ClassVar
 
 import torch
 
+from talkmesh.data import biwi, vocaset
 from talkmesh.methods.base import DataFacts
 from talkmesh.methods.faceformer import FaceFormerConfig, periodic_positional_encoding
-from talkmesh.ops.importers.base import Importer
+from talkmesh.ops.importers.base import Importer, published_facts
 from talkmesh.ops.importers.keymap import CheckpointImportError, KeyRule
 
 __all__ = ["BIWI_TRAIN_SUBJECTS", "FACEFORMER_KEY_MAP", "VOCASET_TRAIN_SUBJECTS", "FaceFormerImporter"]
 
-# datasets.md §2.3 / §3.3: the training subjects in the reference's one-hot order.
-VOCASET_TRAIN_SUBJECTS: tuple[str, ...] = (
-    "FaceTalk_170728_03272_TA",
-    "FaceTalk_170904_00128_TA",
-    "FaceTalk_170725_00137_TA",
-    "FaceTalk_170915_00223_TA",
-    "FaceTalk_170811_03274_TA",
-    "FaceTalk_170913_03279_TA",
-    "FaceTalk_170904_03276_TA",
-    "FaceTalk_170912_03278_TA",
-)
-BIWI_TRAIN_SUBJECTS: tuple[str, ...] = ("F2", "F3", "F4", "M3", "M4", "M5")
+# datasets.md §2.3 / §3.3: the training subjects in the reference's one-hot order (the readers' own).
+VOCASET_TRAIN_SUBJECTS: tuple[str, ...] = vocaset.TRAIN_SUBJECTS
+BIWI_TRAIN_SUBJECTS: tuple[str, ...] = biwi.TRAIN_SUBJECTS
 
 _POS_CONV = "encoder.pos_conv_embed.conv."
 FACEFORMER_KEY_MAP: tuple[KeyRule, ...] = (
@@ -113,9 +105,7 @@ class FaceFormerImporter(Importer):
 
     def facts(self, preset: str) -> DataFacts:
         self.check_preset(preset)
-        if preset == "vocaset":
-            return DataFacts(fps=30.0, num_vertices=5023, train_subjects=VOCASET_TRAIN_SUBJECTS)
-        return DataFacts(fps=25.0, num_vertices=23370, train_subjects=BIWI_TRAIN_SUBJECTS)
+        return published_facts(preset)
 
     def flags(self, config: Any) -> dict[str, Any]:
         cfg = config

@@ -77,8 +77,7 @@ import torch
 from talkmesh.methods.base import DataFacts
 from talkmesh.methods.faceformer import periodic_positional_encoding
 from talkmesh.methods.mimic import MimicConfig
-from talkmesh.ops.importers.base import Importer
-from talkmesh.ops.importers.faceformer import BIWI_TRAIN_SUBJECTS, VOCASET_TRAIN_SUBJECTS
+from talkmesh.ops.importers.base import HDTF_TRAIN_SUBJECTS, Importer, published_facts
 from talkmesh.ops.importers.keymap import CheckpointImportError, KeyRule
 
 __all__ = [
@@ -92,8 +91,6 @@ __all__ = [
 
 REFERENCE_CONVS = 5  # config.yaml num_conv_layers
 REFERENCE_DECODER_LAYERS = 1  # config.yaml decoder.num_layers
-# datasets.md §4.3: ids 1..150 train; the reference's one-hot index is id - 1.
-HDTF_TRAIN_SUBJECTS: tuple[str, ...] = tuple(str(i) for i in range(1, 151))
 
 _POS_CONV = "encoder.pos_conv_embed.conv."
 _W2V = "audio_encoder.audio_encoder."
@@ -207,11 +204,7 @@ class MimicImporter(Importer):
 
     def facts(self, preset: str) -> DataFacts:
         self.check_preset(preset)
-        if preset == "hdtf":
-            return DataFacts(fps=25.0, num_vertices=5023, train_subjects=HDTF_TRAIN_SUBJECTS)
-        if preset == "vocaset":
-            return DataFacts(fps=30.0, num_vertices=5023, train_subjects=VOCASET_TRAIN_SUBJECTS)
-        return DataFacts(fps=25.0, num_vertices=23370, train_subjects=BIWI_TRAIN_SUBJECTS)
+        return published_facts(preset)
 
     def flags(self, config: Any) -> dict[str, Any]:
         cfg = config
