@@ -173,10 +173,10 @@ def dee_embeddings(m: DEEPTalk, clips: list):
 def test_dee_retrieves_emotions_across_modalities_above_twice_chance(corpus, priors):
     clips = held_out(corpus)
     a, e = dee_embeddings(priors, clips)
-    out = M.emotion_retrieval_accuracy(e.mu.numpy(), e.logvar.exp().numpy(), a.mu.numpy(), a.logvar.exp().numpy(),
+    out = M.retrieval_accuracy(e.mu.numpy(), e.logvar.exp().numpy(), a.mu.numpy(), a.logvar.exp().numpy(),
                                        labels_of(priors, clips))
     print("DEE retrieval", out)
-    assert out["exp2audio"] > 2 * out["chance"] and out["audio2exp"] > 2 * out["chance"], out
+    assert out["expr_to_audio"] > 2 * out["chance"] and out["audio_to_expr"] > 2 * out["chance"], out
 
 
 @pytest.mark.xfail(

@@ -12,9 +12,9 @@ def test_emotion_retrieval_perfect_and_chance():
     labels = np.array([0, 0, 1, 2, 2, 2])
     mu = np.eye(3)[labels]
     var = np.full((6, 3), 0.05)
-    r = M.emotion_retrieval_accuracy(mu, var, mu, var, labels)
-    assert set(r) == {"exp2audio", "audio2exp", "mean", "chance"}
-    assert r["exp2audio"] == r["audio2exp"] == r["mean"] == 1.0
+    r = M.retrieval_accuracy(mu, var, mu, var, labels)
+    assert set(r) == {"expr_to_audio", "audio_to_expr", "mean", "chance"}
+    assert r["expr_to_audio"] == r["audio_to_expr"] == r["mean"] == 1.0
     assert r["chance"] == pytest.approx((2 / 6) ** 2 + (1 / 6) ** 2 + (3 / 6) ** 2)
 
 
@@ -24,15 +24,15 @@ def test_emotion_retrieval_directions_differ():
     mu_e = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     mu_a = np.array([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0]])
     var = np.zeros((3, 2))
-    r = M.emotion_retrieval_accuracy(mu_e, var, mu_a, var, labels)
+    r = M.retrieval_accuracy(mu_e, var, mu_a, var, labels)
     # e0, e1 -> a2 (label 1): wrong; e2 -> a0 (label 0, tie with a1, lowest index): wrong
-    assert r["exp2audio"] == 0.0
+    assert r["expr_to_audio"] == 0.0
     # a0, a1 -> e2 (label 1): wrong; a2 -> e0 (label 0): wrong
-    assert r["audio2exp"] == 0.0
+    assert r["audio_to_expr"] == 0.0
     # variance shifts a whole column: audio 2 gets a large variance and is never retrieved
     var_a = np.array([[0.0, 0.0], [0.0, 0.0], [5.0, 5.0]])
-    r = M.emotion_retrieval_accuracy(mu_e, var, mu_a, var_a, labels)
-    assert r["exp2audio"] == pytest.approx(2 / 3)  # e0, e1 -> a0 (label 0) right; e2 -> a0 wrong
+    r = M.retrieval_accuracy(mu_e, var, mu_a, var_a, labels)
+    assert r["expr_to_audio"] == pytest.approx(2 / 3)  # e0, e1 -> a0 (label 0) right; e2 -> a0 wrong
 
 
 def test_emotion_accuracy():

@@ -67,7 +67,6 @@ __all__ = [
     "dtw",
     "dynamics",
     "emotion_accuracy",
-    "emotion_retrieval_accuracy",
     "evaluate_conditions",
     "evaluate_sequences",
     "fdd",
@@ -1073,26 +1072,6 @@ def format_table(
 # --------------------------------------------------------------------------------------
 # DEEPTalk emotion proxies (§9, §10)
 # --------------------------------------------------------------------------------------
-
-
-def emotion_retrieval_accuracy(
-    mu_e: np.ndarray,
-    var_e: np.ndarray,
-    mu_a: np.ndarray,
-    var_a: np.ndarray,
-    labels: np.ndarray | Sequence[int],
-) -> dict[str, float]:
-    """DEE cross-modal retrieval accuracy, CSD similarity version (§9), under DEEPTalk's key names.
-
-    s_ij = -(2 - 2 mu_e,i . mu_a,j + sum_k var_e,i,k + sum_k var_a,j,k) (:func:`csd_similarity`).
-    mu_e, var_e: (N, D) expression means (unit norm) and variances; mu_a, var_a: (N, D) audio
-    ones of the same N clips; labels: (N,) emotion labels. A query is correct when the clip
-    it retrieves has the same label; ties go to the lowest index. Returns ``exp2audio``,
-    ``audio2exp``, their ``mean`` and ``chance`` = sum_c p_c^2. Inputs are numpy arrays (or
-    CPU tensors without grad).
-    """
-    r = retrieval_accuracy(mu_e, var_e, mu_a, var_a, labels)
-    return {"exp2audio": r["expr_to_audio"], "audio2exp": r["audio_to_expr"], "mean": r["mean"], "chance": r["chance"]}
 
 
 def emotion_accuracy(clip_logits: np.ndarray, labels: np.ndarray | Sequence[int]) -> float:

@@ -145,7 +145,7 @@ class DEEPTalk(MotionMethod):
     )
     style_options: ClassVar[tuple[str, ...]] = ("source",)
     method_metric_names: ClassVar[tuple[str, ...]] = (
-        "emo_retrieval_exp2audio", "emo_retrieval_audio2exp", "emo_retrieval", "emo_retrieval_chance",
+        "emo_retrieval_expr_to_audio", "emo_retrieval_audio_to_expr", "emo_retrieval", "emo_retrieval_chance",
         "emo_acc", "emo_fd_dee", "sample_diversity_params",
     )
     config: DEEPTalkConfig
@@ -833,7 +833,7 @@ class DEEPTalk(MotionMethod):
             audio, a_len, params, valid = self.dee_windows(batch, "fixed")
             a = self.dee.encode_audio(audio, a_len)
             e = self.expression_emotion(params, valid)
-            out = M.emotion_retrieval_accuracy(e.mu.cpu().numpy(), e.logvar.exp().cpu().numpy(),
+            out = M.retrieval_accuracy(e.mu.cpu().numpy(), e.logvar.exp().cpu().numpy(),
                                                a.mu.cpu().numpy(), a.logvar.exp().cpu().numpy(), labels)
             logits, gen_mu, gt_mu, diversity = [], [], [], []
             for i, clip in enumerate(labelled):
