@@ -155,3 +155,166 @@ def test_synthetic_inspect_and_condition_protocol(tmp_path, capsys):
     np.testing.assert_allclose(per_cond, [3 * (1e-3 * (k + 1)) ** 2 for k in range(8)], rtol=1e-3)
     # every condition covers the same frames, so the frame-weighted mean is the plain mean
     assert split_metrics(report, "test-B")["lve"] == pytest.approx(np.mean(per_cond), rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# talkmesh evaluate: a registered (or saved) model scored on the user's copy of a corpus
+# --------------------------------------------------------------------------------------
+
+EVAL_DATA = ("--format", "synthetic")  # the small synthetic corpus (with max_conditions=2 after the options)
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory, one_intra_op_thread):
+    """A debug FaceFormer registered as talkmesh-faceformer version 1 @published in a SQLite
+    store of its own (and saved as a method directory), as `talkmesh import` leaves it. The
+    synthetic corpus comes from the session's private cache, as in the tests (a module fixture
+    runs before the autouse ``_private_cache``)."""
+    import torch
+
+    from talkmesh.methods.base import DataFacts
+    from talkmesh.methods.registry import build_method
+    from talkmesh.ops import tracking
+    from talkmesh.train.checkpoint import save_method
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TALKMESH_CACHE", str(tmp_path_factory.getbasetemp() / "talkmesh-cache"))
+    root = tmp_path_factory.mktemp("evaluate")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    corpus = open_corpus(DataConfig(format="synthetic", max_conditions=2))
+    torch.manual_seed(0)
+    method = build_method("faceformer", None, DataFacts.from_corpus(corpus), preset="debug").eval()
+    with torch.no_grad():  # off its initialisation (a zero output layer would ignore the audio and the style)
+        for p in method.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    run_id = tracking.start_run("talkmesh-faceformer", "import-debug", uri=uri)
+    version = tracking.register_model("faceformer", run_id, method, uri=uri)
+    tracking.set_alias("faceformer", "published", version, uri=uri)
+    tracking.end_run(run_id, uri=uri)
+    yield {"uri": uri, "version": version, "method": method, "corpus": corpus, "dir": save_method(root / "m", method)}
+    mp.undo()
+
+
+def evaluate(capsys, published, model: str, *extra: str) -> tuple[int, str, str]:
+    capsys.readouterr()  # drop what the fixture printed (MLflow's registration lines)
+    return run(capsys, "evaluate", "--method", "faceformer", "--model", model, *EVAL_DATA,
+               "--tracking-uri", published["uri"], *extra, "max_conditions=2")
+
+
+def runs_in(uri: str) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def test_evaluate_alias_prints_and_writes_what_evaluate_method_returns(tmp_path, capsys, published):
+    from talkmesh.eval.evaluate import evaluate_method
+
+    out_json, pred = tmp_path / "metrics.json", tmp_path / "pred"
+    before = len(runs_in(published["uri"]))
+    code, out, err = evaluate(capsys, published, "published", "--split", "test-B", "--limit", "2",
+                              "--output", str(out_json), "--save-predictions", str(pred))
+    assert code == 0, err
+    want = evaluate_method(published["method"], published["corpus"], "test-B", limit=2)
+    report = json.loads(out_json.read_text())
+    assert report["model"]["version"] == published["version"] and report["model"]["alias"] == "published"
+    assert list(report["splits"]) == ["test-B"]
+    got = report["splits"]["test-B"]
+    assert got["metrics"] == want["metrics"] and got["unseen"]["min"] == want["unseen"]["min"]
+    assert got["conditions"] == want["conditions"] and len(want["conditions"]) == 2
+    assert want["unseen"]["min"]["lve"] < want["unseen"]["max"]["lve"]  # the style matters: the weights were used
+    assert f"{want['metrics']['lve']:.4e}" in out and "test-B min over conditions" in out
+    assert len(list((pred / "test-B").glob("*.npy"))) == want["predictions"]
+    assert len(runs_in(published["uri"])) == before  # evaluation only: nothing logged without --log
+
+
+def test_evaluate_version_number_defaults_to_the_test_splits(capsys, published):
+    code, out, err = evaluate(capsys, published, str(published["version"]), "--limit", "1", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert tuple(report["splits"]) == published["corpus"].info.eval_splits == ("test-A", "test-B")
+    assert report["model"]["uri"] == f"models:/talkmesh-faceformer/{published['version']}"
+
+
+def test_evaluate_a_method_directory_and_the_methods_own_metrics(capsys, published, monkeypatch):
+    from talkmesh.eval.evaluate import evaluate_method
+    from talkmesh.methods.faceformer import FaceFormer
+
+    monkeypatch.setattr(FaceFormer, "method_metric_names", ("clips_seen",))
+    monkeypatch.setattr(FaceFormer, "method_metrics", lambda self, clips: {"clips_seen": float(len(clips))})
+    code, out, err = evaluate(capsys, published, str(published["dir"]), "--split", "test-A", "--limit", "2", "--json")
+    assert code == 0, err
+    got = json.loads(out)["splits"]["test-A"]
+    want = evaluate_method(published["method"], published["corpus"], "test-A", limit=2)
+    assert got["metrics"] == want["metrics"] and got["method"] == want["method"] == {"clips_seen": 2.0}
+    code, out, err = evaluate(capsys, published, str(published["dir"]), "--split", "test-A", "--limit", "2")
+    assert code == 0 and "test-A: clips_seen = 2" in out
+
+
+def test_evaluate_log_links_the_run_to_the_model_version(capsys, published):
+    from mlflow import MlflowClient
+
+    code, out, err = evaluate(capsys, published, "published", "--split", "test-B", "--limit", "1", "--json", "--log")
+    assert code == 0, err
+    report = json.loads(out)
+    client = MlflowClient(tracking_uri=published["uri"], registry_uri=published["uri"])
+    run = client.get_run(report["run_id"])
+    mv = client.get_model_version("talkmesh-faceformer", str(published["version"]))
+    assert run.info.status == "FINISHED" and run.info.experiment_id == client.get_experiment_by_name(
+        "talkmesh-faceformer").experiment_id
+    assert run.data.tags["talkmesh.model_uri"] == f"models:/talkmesh-faceformer/{published['version']}"
+    assert run.data.tags["talkmesh.model_run_id"] == mv.run_id and run.data.tags["talkmesh.model_alias"] == "published"
+    assert run.data.metrics["test/test-B/lve"] == report["splits"]["test-B"]["metrics"]["lve"]
+    model_id = report["model"]["model_id"]  # the logged model the version was registered from
+    assert model_id and mv.source == f"models:/{model_id}"
+    assert [m.model_id for m in run.inputs.model_inputs] == [model_id]
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["synthetic"]
+    model_metrics = {m.key: m.value for m in client.get_logged_model(model_id).metrics}
+    assert model_metrics["test/test-B/lve"] == report["splits"]["test-B"]["metrics"]["lve"]
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (("--model", "nosuch"), ["--model nosuch", "talkmesh-faceformer", "published"]),
+        (("--model", "99"), ["--model 99", "version 99", "published"]),
+        (("--model", "published", "--split", "test-C"), ["--split test-C", "test-B"]),
+        (("--model", "published", "--root", "/nonexistent/3D-HDTF"), ["--root /nonexistent/3D-HDTF", "directory"]),
+        (("--model", "./no-such-dir"), ["--model ./no-such-dir", "method.json"]),
+        (("--model", "published", "--output", "/nonexistent/m.json"), ["--output /nonexistent/m.json", "folder"]),
+    ],
+    ids=["alias", "version", "split", "root", "directory", "output"],
+)
+def test_evaluate_user_errors_exit_2_naming_the_option(capsys, published, args, needles):
+    uri = published["uri"]
+    code, _, err = run(capsys, "evaluate", "--method", "faceformer", *EVAL_DATA, "--tracking-uri", uri, *args)
+    assert code == 2 and "Traceback" not in err and err.count("talkmesh: error:") == 1, err  # (MLflow's progress bars)
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+def test_evaluate_refuses_a_model_of_other_data(tmp_path, capsys, published):
+    from talkmesh.methods.base import DataFacts
+    from talkmesh.methods.registry import build_method
+    from talkmesh.train.checkpoint import save_method
+
+    facts = DataFacts(fps=30.0, num_vertices=12, train_subjects=published["method"].facts.train_subjects)
+    save_method(tmp_path / "m30", build_method("faceformer", None, facts, preset="debug"))
+    code, _, err = evaluate(capsys, published, str(tmp_path / "m30"))
+    assert code == 2 and "Traceback" not in err
+    assert "fps 30.0 vs 25.0" in err and "vertices 12 vs" in err and "--model" in err
+
+
+def test_evaluate_unknown_format_missing_store_and_weights_file(tmp_path, capsys, monkeypatch, published):
+    with pytest.raises(SystemExit) as ex:  # argparse: exit 2, "invalid choice" naming --format
+        main(["evaluate", "--method", "faceformer", "--model", "published", "--format", "nope"])
+    assert ex.value.code == 2 and "--format" in capsys.readouterr().err
+    missing = tmp_path / "none" / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{missing}")
+    code, _, err = run(capsys, "evaluate", "--method", "faceformer", "--model", "published", *EVAL_DATA)
+    assert code == 2 and str(missing) in err and "MLFLOW_TRACKING_URI" in err and not missing.exists()
+    weights = tmp_path / "vocaset.pth"
+    weights.write_bytes(b"")
+    code, _, err = run(capsys, "evaluate", "--method", "faceformer", "--model", str(weights), *EVAL_DATA)
+    assert code == 2 and "talkmesh import faceformer" in err

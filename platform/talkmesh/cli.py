@@ -8,6 +8,8 @@
     talkmesh sweep sweeps/<method>.yaml [--num-samples N] [--name NAME] [--no-register] [key=value ...]
     talkmesh import faceformer --checkpoint vocaset.pth --preset vocaset|biwi [--tracking-uri URI] [--alias A]
     talkmesh import mimic --checkpoint Epoch_125.pth --preset hdtf [--tracking-uri URI] [--alias A]
+    talkmesh evaluate --method M --model ALIAS|VERSION|DIR --format F --root DIR [--split NAME] [--limit N]
+                      [--adapted] [--output metrics.json] [--save-predictions DIR] [--json] [--log] [key=value ...]
 
 Trailing ``key=value`` arguments are dotted overrides of the data config
 (``data.fps=60`` or ``fps=60``). Errors in the user's data or arguments print one line
@@ -18,12 +20,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from talkmesh.config import ConfigError, DataConfig, from_dict
+
+if TYPE_CHECKING:  # pragma: no cover
+    from talkmesh.data.corpus import Corpus
+    from talkmesh.methods.base import MotionMethod
 
 
 def _data_config(fmt: str | None, root: str | None, overrides: Sequence[str]) -> DataConfig:
@@ -149,6 +156,201 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_local_model(model: str) -> bool:
+    """``--model`` names a directory (a path that exists or has a separator), not an alias or version."""
+    return Path(model).expanduser().exists() or "/" in model or os.sep in model or model.startswith((".", "~"))
+
+
+def _check_store(uri: str) -> None:
+    """A SQLite store must exist: loading from a missing one would create an empty database."""
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise ConfigError(
+            f"MLflow store {uri} does not exist; point --tracking-uri or MLFLOW_TRACKING_URI at the store "
+            "that `talkmesh import` (or the training job) registered the model into"
+        )
+
+
+def _load_local(args: argparse.Namespace) -> tuple[MotionMethod, dict[str, Any]]:
+    """The method saved in the directory ``--model`` (method.json + model.pt)."""
+    from talkmesh.train.checkpoint import METHOD_FILE, MODEL_FILE, load_method
+
+    path = Path(args.model).expanduser()
+    what = f"a method or checkpoint directory ({METHOD_FILE} + {MODEL_FILE}) or an alias or version of talkmesh-"
+    what += args.method
+    if path.is_file():
+        raise ConfigError(
+            f"--model {args.model}: a file; expected {what}. Released reference weights are registered first: "
+            f"talkmesh import {args.method} --checkpoint {args.model} --preset ... --alias published"
+        )
+    if not (path / METHOD_FILE).is_file():
+        raise ConfigError(f"--model {args.model}: no {METHOD_FILE} there; expected {what}")
+    loaded = load_method(path, device=args.device)
+    if loaded.info.get("method") != args.method:
+        raise ConfigError(f"--model {args.model}: holds method {loaded.info.get('method')!r}, not {args.method!r}")
+    return loaded.method, {"path": str(path.resolve())}
+
+
+def _load_registered(args: argparse.Namespace) -> tuple[MotionMethod, dict[str, Any]]:
+    """The registered version of ``talkmesh-<method>`` that ``--model`` names (an alias or a version number)."""
+    from talkmesh.ops import tracking
+
+    uri = args.tracking_uri or tracking.tracking_uri()
+    _check_store(uri)
+    try:
+        mv = tracking.model_version(args.method, args.model, uri=uri)
+    except LookupError as e:
+        raise ConfigError(
+            f"--model {args.model}: {e}; expected an alias or version number of talkmesh-{args.method}, "
+            "or a method directory"
+        ) from None
+    method, _, _ = tracking.load_registered(args.method, str(mv["version"]), device=args.device, uri=uri)
+    alias = None if args.model.isdigit() else args.model
+    model = {**mv, "alias": alias, "uri": f"models:/{mv['name']}/{mv['version']}", "tracking_uri": uri}
+    return method, model
+
+
+def _check_facts(method: MotionMethod, corpus: Corpus, model: str) -> None:
+    """The model must have been trained on data like the corpus: same fps, vertices, motion kind
+    (and, for one-hot methods, the same training subjects in the same order)."""
+    facts, info = method.facts, corpus.info
+    pairs = {
+        "fps": (float(facts.fps), float(info.fps)),
+        "vertices": (facts.num_vertices, info.num_vertices),
+        "motion": (facts.motion, info.motion),
+    }
+    if method.conditioning == "onehot":
+        pairs["training subjects"] = (list(facts.train_subjects), list(info.train_subjects))
+    bad = [f"{k} {m!r} vs {c!r}" for k, (m, c) in pairs.items() if m != c and (k != "vertices" or m and c)]
+    if bad:
+        raise ConfigError(
+            f"--model {model}: does not fit the {info.format} corpus at {info.root or '(cache)'} "
+            f"(model vs corpus: {'; '.join(bad)}); data overrides such as fps=N change how the corpus is read"
+        )
+
+
+def _eval_splits(corpus: Corpus, split: str | None) -> list[str]:
+    """``--split``, or the corpus's test splits (those the training job evaluates)."""
+    info = corpus.info
+    if split is None:
+        if not info.eval_splits:
+            raise ConfigError(f"{info.format}: the corpus names no test split; pass --split ({list(info.splits)})")
+        return list(info.eval_splits)
+    if split not in info.splits:
+        raise ConfigError(f"--split {split}: not a split of the {info.format} corpus; splits: {list(info.splits)}")
+    return [split]
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """What can be checked before the (long) evaluation: --limit, --output's folder, --device."""
+    if args.limit < 0:
+        raise ConfigError(f"--limit {args.limit}: expected 0 (every sequence) or a positive number")
+    if args.output and not Path(args.output).expanduser().resolve().parent.is_dir():
+        raise ConfigError(f"--output {args.output}: its folder does not exist")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from talkmesh.data import open_corpus
+    from talkmesh.eval.evaluate import evaluate_method, summary_table
+    from talkmesh.ops.tracking import dataset_fingerprint
+
+    cfg = _data_config(args.format, args.root, args.overrides)
+    if cfg.root and not Path(cfg.root).expanduser().is_dir():
+        raise ConfigError(f"--root {cfg.root}: not a directory (expected your copy of the {cfg.format} dataset)")
+    if not cfg.root and cfg.format != "synthetic":
+        raise ConfigError(f"--root: the {cfg.format} format needs --root DIR, your copy of the dataset")
+    _check_options(args)
+    corpus = open_corpus(cfg)
+    splits = _eval_splits(corpus, args.split)
+    method, model = (_load_local if _is_local_model(args.model) else _load_registered)(args)
+    _check_facts(method, corpus, args.model)
+    summaries = {
+        split: evaluate_method(
+            method,
+            corpus,
+            split,
+            limit=args.limit,
+            adapted=args.adapted,
+            save_dir=Path(args.save_predictions) / split if args.save_predictions else None,
+        )
+        for split in splits
+    }
+    info = corpus.info
+    dataset = {"format": info.format, "root": str(info.root), "fingerprint": dataset_fingerprint(corpus)}
+    report = {"method": args.method, "model": model, "dataset": dataset, "limit": args.limit, "splits": summaries}
+    table = summary_table(summaries, info.format, method.method_metric_names)
+    if args.log:
+        report["run_id"] = _log_evaluation(args, corpus, report, table)
+    if args.output:
+        Path(args.output).expanduser().write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    if args.json:
+        print(json.dumps(report, indent=2, default=_json_default))
+    else:
+        _print_evaluation(report, table, args)
+    return 0
+
+
+def _print_evaluation(report: dict[str, Any], table: str, args: argparse.Namespace) -> None:
+    model, data = report["model"], report["dataset"]
+    name = model.get("uri", model.get("path"))
+    alias = f" (@{model['alias']})" if model.get("alias") else ""
+    print(f"model        {name}{alias}")
+    print(f"dataset      {data['format']} at {data['root'] or '(cache)'} (fingerprint {data['fingerprint']})")
+    if report["limit"]:
+        print(f"limit        {report['limit']} sequences per split (not the full protocol)")
+    print(table)
+    if args.save_predictions:
+        root = "".join(f" {o}" for o in ([f"--root {data['root']}"] if args.root else []) + list(args.overrides))
+        for split in report["splits"]:
+            pred = Path(args.save_predictions) / split
+            print(f"predictions  {pred} (score again: talkmesh metrics --pred {pred} --format {data['format']}{root})")
+    if args.output:
+        print(f"wrote        {args.output}")
+    if "run_id" in report:
+        print(f"mlflow       run {report['run_id']} in {model.get('tracking_uri') or args.tracking_uri or '(default)'}")
+
+
+def _log_evaluation(args: argparse.Namespace, corpus: Corpus, report: dict[str, Any], table: str) -> str:
+    """An MLflow run (experiment ``talkmesh-<method>``) holding the evaluation: the metrics as
+    ``test/<split>/...`` linked to the registered version's logged model and to the corpus,
+    the table and the report as artifacts, the model version as tags. Returns its id."""
+    import tempfile
+
+    from talkmesh.config import flatten
+    from talkmesh.eval.evaluate import flat_metrics
+    from talkmesh.ops import tracking
+
+    model = report["model"]
+    uri = model.get("tracking_uri") or args.tracking_uri or tracking.tracking_uri()
+    tags = {"talkmesh.method": args.method, "talkmesh.evaluation": "true", "talkmesh.dataset": corpus.info.format,
+            "talkmesh.dataset_root": corpus.info.root, "talkmesh.dataset_fingerprint": report["dataset"]["fingerprint"]}
+    names = {"uri": "model_uri", "version": "model_version", "alias": "model_alias", "run_id": "model_run_id",
+             "model_id": "logged_model_id", "path": "model_path"}
+    tags.update({f"talkmesh.{names[k]}": v for k, v in model.items() if k in names and v is not None})
+    params = {**flatten({"data": corpus.cfg}), "eval.splits": ",".join(report["splits"]), "eval.limit": args.limit,
+              "eval.adapted": args.adapted}
+    label = f"v{model['version']}" if "version" in model else Path(model["path"]).name
+    run_id = tracking.start_run(tracking.model_name(args.method), f"evaluate-{corpus.info.format}-{label}",
+                                params=params, tags=tags, resume=False, uri=uri)
+    try:
+        tracking.log_dataset(run_id, corpus, context="evaluation", uri=uri)
+        metrics = {k: v for split, s in report["splits"].items() for k, v in flat_metrics(s, f"test/{split}").items()}
+        tracking.log_model_metrics(run_id, metrics, model.get("model_id"), corpus, uri=uri)
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "test_metrics.txt").write_text(table + "\n")
+            (Path(tmp) / "evaluation.json").write_text(json.dumps(report, indent=2, default=_json_default))
+            tracking.log_artifacts(run_id, tmp, uri=uri)
+    except BaseException:
+        tracking.end_run(run_id, "FAILED", uri=uri)
+        raise
+    tracking.end_run(run_id, "FINISHED", uri=uri)
+    return run_id
+
+
 def _json_default(obj: Any) -> Any:
     import numpy as np
 
@@ -163,6 +365,7 @@ def _json_default(obj: Any) -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     from talkmesh.data.corpus import available_formats
+    from talkmesh.methods.registry import available_methods
 
     p = argparse.ArgumentParser(prog="talkmesh", description="speech-driven 3D facial animation platform")
     sub = p.add_subparsers(dest="command", required=True)
@@ -211,6 +414,25 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--alias", default="", help="also point talkmesh-<method>@ALIAS at the new version")
     imp.add_argument("--no-register", action="store_true", help="only map and check the weights")
     imp.set_defaults(func=cmd_import)
+
+    ev = sub.add_parser("evaluate", help="score a registered (or saved) model on your copy of a corpus")
+    ev.add_argument("--method", choices=available_methods(), required=True, help="the method of talkmesh-<method>")
+    ev.add_argument("--model", required=True,
+                    help="an alias (e.g. published, champion) or version number of talkmesh-<method>, "
+                    "or a method/checkpoint directory (method.json + model.pt)")
+    ev.add_argument("--format", choices=available_formats(), required=True)
+    ev.add_argument("--root", default="", help="dataset root (empty for the cached synthetic corpus)")
+    ev.add_argument("--split", default=None, help="split to evaluate (default: the corpus's test splits)")
+    ev.add_argument("--limit", type=int, default=0, help="at most N sequences per split, every speaker (0 = all)")
+    ev.add_argument("--adapted", action="store_true", help="also score the style adapt() picks on each reference")
+    ev.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
+    ev.add_argument("--output", default="", help="write the metrics as JSON to this file")
+    ev.add_argument("--save-predictions", default="", help="write <split>/<seq>.npy for `talkmesh metrics`")
+    ev.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    ev.add_argument("--log", action="store_true", help="log an MLflow run linked to the model version")
+    ev.add_argument("--tracking-uri", default="", help="MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
+    ev.add_argument("overrides", nargs="*", help="data config overrides, e.g. fps=60 max_conditions=8")
+    ev.set_defaults(func=cmd_evaluate)
 
     # Listed for --help only: main() hands `sweep ...` to talkmesh.ops.sweep.main (same as sweeps/run.py).
     sub.add_parser(

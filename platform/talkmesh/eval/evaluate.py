@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -55,6 +55,7 @@ __all__ = [
     "save_predictions",
     "score_method",
     "summarize",
+    "summary_table",
 ]
 
 
@@ -369,6 +370,36 @@ def flat_metrics(summary: dict[str, Any], prefix: str) -> dict[str, float]:
     for m, v in summary.get("method", {}).items():
         put(f"{prefix}/{m}", v)
     return out
+
+
+def summary_table(
+    summaries: Mapping[str, Mapping[str, Any]], dataset: str | None, method_metric_names: Sequence[str] = ()
+) -> str:
+    """The table of :func:`evaluate_method` summaries keyed by split: one row per split, then
+    its min / max over the unseen-subject conditions and its adapted row where computed
+    (:func:`talkmesh.eval.metrics.format_table` over the default metrics, with ``dataset``'s
+    published scale), and below it the method's own metrics one per line (``<split>: <name> = value``)."""
+    rows: dict[str, Mapping[str, float]] = {}
+    for split, summary in summaries.items():
+        rows[split] = summary["metrics"]
+        unseen = summary.get("unseen", {})
+        if "min" in unseen:
+            rows[f"{split} min over conditions"] = unseen["min"]
+            rows[f"{split} max over conditions"] = unseen["max"]
+        if "adapted" in summary:
+            rows[f"{split} adapted"] = summary["adapted"]
+    table = M.format_table(rows, dataset, list(M.DEFAULT_METRICS), label="split")
+    own = [
+        f"{split}: {name} = {float(value):.4g}"
+        for split, summary in summaries.items()
+        for name in method_metric_names
+        if (value := summary.get("method", {}).get(name)) is not None and _finite_number(value)
+    ]
+    return "\n".join([table, *own])
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
 
 
 def save_predictions(predictions: Iterable[Prediction], out_dir: str | Path) -> list[Path]:

@@ -205,14 +205,13 @@ def _evaluate_test_splits(exp: ExperimentConfig, corpus: Corpus, result: RunResu
     """Evaluate the selected checkpoint on the corpus's test splits (predictions saved under
     ``<run dir>/predictions/<split>``); log the metrics and the table to the MLflow run.
     Returns (``test/<split>/*`` metrics, the table)."""
-    from talkmesh.eval import metrics as M
-    from talkmesh.eval.evaluate import evaluate_method, flat_metrics
+    from talkmesh.eval.evaluate import evaluate_method, flat_metrics, summary_table
     from talkmesh.ops import tracking
     from talkmesh.train.checkpoint import load_method
 
     assert result.selected_checkpoint is not None
     method = load_method(result.selected_checkpoint).method
-    rows: dict[str, dict[str, float]] = {}
+    summaries: dict[str, dict[str, Any]] = {}
     test_metrics: dict[str, float] = {}
     for split in corpus.info.eval_splits:
         summary = evaluate_method(
@@ -225,17 +224,8 @@ def _evaluate_test_splits(exp: ExperimentConfig, corpus: Corpus, result: RunResu
             save_dir=Path(result.run_dir) / "predictions" / split,
         )
         test_metrics.update(flat_metrics(summary, f"test/{split}"))
-        rows[split] = summary["metrics"]
-        if "unseen" in summary and "min" in summary["unseen"]:
-            rows[f"{split} min over conditions"] = summary["unseen"]["min"]
-            rows[f"{split} max over conditions"] = summary["unseen"]["max"]
-        if "adapted" in summary:
-            rows[f"{split} adapted"] = summary["adapted"]
-    table = M.format_table(rows, corpus.info.format, list(M.DEFAULT_METRICS), label="split")
-    own = {f"{split}: {k}": test_metrics[f"test/{split}/{k}"] for split in corpus.info.eval_splits
-           for k in method.method_metric_names if f"test/{split}/{k}" in test_metrics}
-    if own:  # the method's own metrics (e.g. DEEPTalk's emotion metrics), one per line
-        table += "\n" + "\n".join(f"{k} = {v:.4g}" for k, v in own.items())
+        summaries[split] = summary
+    table = summary_table(summaries, corpus.info.format, method.method_metric_names)  # + the method's own metrics
     tracking.log_metrics(result.mlflow_run_id, test_metrics, step=result.epochs, uri=result.tracking_uri)
     table_path = Path(result.run_dir) / "test_metrics.txt"
     table_path.write_text(table + "\n")

@@ -68,8 +68,10 @@ __all__ = [
     "log_dataset",
     "log_metrics",
     "log_model",
+    "log_model_metrics",
     "log_params",
     "model_name",
+    "model_version",
     "promote_if_better",
     "register_model",
     "set_alias",
@@ -411,17 +413,47 @@ def log_dataset(run_id: str, corpus: Corpus, context: str = "training", uri: str
     """Log ``corpus`` as an input of run ``run_id`` (``mlflow.log_input``): a metadata-only
     dataset named after the corpus format, with its root as the source and
     :func:`dataset_fingerprint` as the digest. Logging it again is a no-op. Returns the fingerprint."""
+    info = corpus.info
+    dataset = _corpus_dataset(corpus)
+    tags = {"fps": str(float(info.fps)), "motion": info.motion}
+    with _in_run(run_id, uri) as fluent:
+        fluent.log_input(dataset, context=context, tags=tags)
+    return dataset.digest
+
+
+def _corpus_dataset(corpus: Corpus) -> Any:
+    """The corpus as a metadata-only MLflow dataset: named after its format, its root as the
+    source, :func:`dataset_fingerprint` as the digest."""
     import mlflow.data
     from mlflow.data.meta_dataset import MetaDataset
 
     info = corpus.info
-    fingerprint = dataset_fingerprint(corpus)
     source = mlflow.data.get_dataset_source_from_json(json.dumps({"uri": str(info.root)}), source_type="local")
-    dataset = MetaDataset(source, name=info.format, digest=fingerprint)
-    tags = {"fps": str(float(info.fps)), "motion": info.motion}
-    with _in_run(run_id, uri) as fluent:
-        fluent.log_input(dataset, context=context, tags=tags)
-    return fingerprint
+    return MetaDataset(source, name=info.format, digest=dataset_fingerprint(corpus))
+
+
+def log_model_metrics(
+    run_id: str,
+    metrics: Mapping[str, Any],
+    model_id: str | None,
+    corpus: Corpus | None = None,
+    step: int = 0,
+    uri: str | None = None,
+) -> None:
+    """Log the finite ``metrics`` to run ``run_id`` with ``mlflow.log_metrics``, linked to the
+    logged model ``model_id`` (a registered version's ``model_id``: MLflow then records the
+    model as an input of the run and shows the metrics on the model) and to ``corpus`` as
+    their dataset (see :func:`log_dataset`)."""
+    finite = {
+        str(k): float(v)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+    }
+    if not finite:
+        return
+    dataset = _corpus_dataset(corpus) if corpus is not None else None
+    with _fluent(uri) as mlflow:
+        mlflow.log_metrics(finite, step=step, run_id=run_id, model_id=model_id, dataset=dataset)
 
 
 # --------------------------------------------------------------------------------------
@@ -581,6 +613,47 @@ def get_alias_version(method_name: str, alias: str = "champion", uri: str | None
     except MlflowException:
         return None
     return int(mv.version)
+
+
+def model_version(method: str, ref: str, uri: str | None = None) -> dict[str, Any]:
+    """The version of ``talkmesh-<method>`` that ``ref`` names (an alias, or a version number
+    such as ``"3"``): ``{"name", "version", "run_id", "model_id"}`` (``model_id``: its logged
+    model, None for versions registered before MLflow 3). :class:`LookupError` naming the
+    versions and aliases that exist when there is no such version."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(uri)
+    name = model_name(method)
+    try:
+        mv = client.get_model_version(name, ref) if ref.isdigit() else client.get_model_version_by_alias(name, ref)
+    except MlflowException:
+        try:
+            aliases = client.get_registered_model(name).aliases
+        except MlflowException:
+            raise LookupError(f"no registered model {name} in {client.tracking_uri}") from None
+        versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+        what = f"version {ref}" if ref.isdigit() else f"alias {ref!r}"
+        have = ", ".join(f"@{a} -> {v}" for a, v in sorted(aliases.items())) or "none"
+        where = client.tracking_uri
+        raise LookupError(f"{name} has no {what} in {where}; versions {versions}, aliases {have}") from None
+    return {"name": name, "version": int(mv.version), "run_id": mv.run_id, "model_id": _logged_model_id(client, mv)}
+
+
+def _logged_model_id(client: Any, mv: Any) -> str | None:
+    """The logged model behind a model version: its ``model_id``, which the SQLite registry
+    leaves empty, else the id in its source ``models:/<model_id>`` (how MLflow 3 registers a
+    model that ``log_model`` logged); None when there is no such logged model."""
+    from mlflow.exceptions import MlflowException
+
+    if mv.model_id:
+        return str(mv.model_id)
+    candidate = str(mv.source or "").removeprefix("models:/")
+    if not str(mv.source or "").startswith("models:/") or not candidate or any(c in candidate for c in "/@"):
+        return None
+    try:
+        return str(client.get_logged_model(candidate).model_id)
+    except MlflowException:
+        return None
 
 
 def load_registered(
