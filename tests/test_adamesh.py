@@ -1,16 +1,14 @@
 """AdaMesh specifics (specs/adamesh.md §4, §6-§9, §14) on the debug preset.
 
-Fast tests use the contract module's tiny in-memory clips. The stage tests train the pose
-prior and PoseGPT briefly on the synthetic corpus (FLAME flavour); the learning checks
-(``@pytest.mark.slow``) train all four stages on it and measure adaptation and retrieval
-on the unseen speakers against the corpus's recorded speaker styles.
+Fast tests use the contract module's tiny in-memory clips; the staged job test
+(``@pytest.mark.slow``) runs jobs/adamesh.py on the synthetic corpus. The learning checks
+(§14.5-§14.9, training all four stages) are in test_adamesh_learning.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
-import math
 import time
 
 import numpy as np
@@ -18,12 +16,10 @@ import pytest
 import torch
 
 from talkmesh.config import ConfigError, DataConfig
-from talkmesh.data import open_corpus
 from talkmesh.data.clip import Clip, SequenceInfo
-from talkmesh.data.corpus import Corpus, CorpusInfo, concat_clips
-from talkmesh.data.dataset import ClipDataset, collate_clips, match_audio_to_motion
+from talkmesh.data.corpus import Corpus, CorpusInfo
+from talkmesh.data.dataset import ClipDataset, collate_clips
 from talkmesh.data.regions import Regions
-from talkmesh.data.synthetic import STYLE_RANGES, speaker_styles
 from talkmesh.methods import build_method
 from talkmesh.methods.adamesh import (
     AdaMesh,
@@ -431,288 +427,6 @@ def test_pose_style_distance_masks_absent_clusters():
     torch.testing.assert_close(dist[0], expected)
     dist, _ = pose_style_distances(ref, ref_counts, torch.stack([base, other]), counts, min_shared=4)
     assert torch.isinf(dist).all()
-
-
-# --------------------------------------------------------------------------------------
-# The synthetic corpus: fitted stages, stage tests
-# --------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def flame_corpus(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:  # module scope: the per-test cache env is not set yet
-        mp.setenv("TALKMESH_CACHE", str(tmp_path_factory.getbasetemp() / "talkmesh-cache"))
-        corpus = open_corpus(DataConfig(format="synthetic", synthetic_flavour="flame", window_seconds=2.0))
-        assert corpus.info.num_train_subjects == 8  # generated now, inside the patched environment
-        yield corpus
-
-
-def train_stage(m: AdaMesh, corpus, stage: str, epochs: int, seed: int = 0) -> list[dict[str, float]]:
-    """The training loop's per-stage work without Ray (fit_stage, the config's optimizer and lr factor)."""
-    m.set_stage(stage)
-    m.fit_stage(ClipDataset(corpus, "train", mode="sequence"))
-    sched = m.config.stage_schedule(stage)
-    ds = ClipDataset(corpus, "train", mode="window", seed=seed, style_reference_frames=m.style_reference_frames())
-    loader = torch.utils.data.DataLoader(
-        ds,
-        batch_size=sched.batch_size,
-        shuffle=True,
-        collate_fn=ds.collate,
-        generator=torch.Generator().manual_seed(seed),
-    )
-    opt = m.config.build_optimizer(m.trainable_parameters(), stage=stage, lr=sched.lr, weight_decay=0.01)
-    history = []
-    for epoch in range(epochs):
-        ds.set_epoch(epoch)
-        for g in opt.param_groups:
-            g["lr"] = sched.lr * m.config.lr_factor(stage, epoch)
-        m.train()
-        if stage == "pose_vq":
-            m.pose_vq.quantizer.reset_usage()
-        sums: dict[str, float] = {}
-        n = 0
-        for b in loader:
-            loss, logs = m(b)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            n += 1
-            for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + v
-        history.append({k: v / n for k, v in sums.items()})
-    return history
-
-
-@pytest.fixture(scope="module")
-def pose_trained(flame_corpus):
-    """Pose prior + PoseGPT trained briefly from scratch (the stage tests)."""
-    facts = DataFacts.from_corpus(flame_corpus)
-    m = model(facts, face=False)
-    m.set_stage("pose_vq")
-    m.fit_stage(ClipDataset(flame_corpus, "train", mode="sequence"))
-    x = torch.cat(
-        [m._norm_pose(torch.as_tensor(flame_corpus.load(s).head_pose[:48])) for s in flame_corpus.sequences("val")[:16]]
-    ).reshape(16, 48, 3)
-    with torch.no_grad():
-        m.eval()
-        untrained = float((m.pose_vq(x)[0] - x).abs().mean())
-    t0 = time.perf_counter()
-    vq = train_stage(m, flame_corpus, "pose_vq", 10)
-    gpt = train_stage(m, flame_corpus, "posegpt", 8)
-    with torch.no_grad():
-        m.eval()
-        trained = float((m.pose_vq(x)[0] - x).abs().mean())
-        m.pose_vq.quantizer.reset_usage()
-        m.pose_vq.quantizer.train()
-        m.pose_vq.quantizer(m.pose_vq.encode(x))
-        held_out_usage = m.pose_vq.quantizer.usage()
-    print(f"\npose stages trained in {time.perf_counter() - t0:.1f} s")
-    return m, vq, gpt, untrained, trained, held_out_usage
-
-
-def test_pose_vq_uses_its_codes_and_reconstructs(pose_trained):
-    _, vq, _, untrained, trained, held_out_usage = pose_trained
-    last = vq[-1]
-    print(
-        f"pose VQ: rec L1 (normalised, held-out) {untrained:.3f} -> {trained:.3f}; last epoch usage "
-        f"{last['code_usage']:.2f}, perplexity {last['perplexity']:.2f}; held-out usage {held_out_usage:.2f}"
-    )
-    assert last["code_usage"] > 0.25 and held_out_usage > 0.25  # §14.7: more than 25 % of the codes used
-    assert last["perplexity"] > 3.0
-    assert trained < 0.8 * untrained
-    assert vq[-1]["rec"] < vq[0]["rec"]
-
-
-def test_posegpt_cross_entropy_falls(pose_trained):
-    m, _, gpt, *_ = pose_trained
-    log_k = math.log(m.config.pose_vq.codebook_size)
-    print(
-        f"PoseGPT CE {gpt[0]['code_ce']:.3f} -> {gpt[-1]['code_ce']:.3f} (log K = {log_k:.3f}), "
-        f"accuracy {gpt[-1]['code_accuracy']:.2f}"
-    )
-    assert gpt[-1]["code_ce"] < 0.8 * gpt[0]["code_ce"]
-    assert gpt[-1]["code_ce"] < 0.7 * log_k  # §14.8
-
-
-# --------------------------------------------------------------------------------------
-# Learning checks (Done means): adaptation and retrieval on the unseen speakers
-# --------------------------------------------------------------------------------------
-
-UNSEEN = ("S09", "S10", "S11", "S12")  # val speakers S09/S10, test speakers S11/S12
-
-
-@pytest.fixture(scope="module")
-def trained(flame_corpus):
-    """All four stages on the synthetic corpus (FLAME flavour), debug preset, seed 0."""
-    facts = DataFacts.from_corpus(flame_corpus)
-    m = model(facts, face=False)
-    t0 = time.perf_counter()
-    train_stage(m, flame_corpus, "expression", 25)
-    train_stage(m, flame_corpus, "pose_vq", 25)
-    train_stage(m, flame_corpus, "posegpt", 20)
-    m.set_stage("pose_index")
-    m.fit_stage(ClipDataset(flame_corpus, "train", mode="sequence"))
-    m.eval()
-    print(f"\nall stages trained in {time.perf_counter() - t0:.1f} s")
-    return m
-
-
-def held_out(corpus, subject: str) -> list:
-    """The speaker's clips outside its reference pool (val speakers: val; test speakers: test-B)."""
-    return [
-        match_audio_to_motion(corpus.load(s))
-        for s in corpus.sequences()
-        if s.subject == subject and s.split in ("val", "test-B")
-    ]
-
-
-def expression_errors(m: AdaMesh, corpus, clips: list, style) -> tuple[float, torch.Tensor, torch.Tensor]:
-    """Pooled LVE (metrics.py convention, vertices through the corpus face model) and the
-    predicted / recorded normalised params of the clips."""
-    from talkmesh.eval import metrics as M
-
-    layer, regions = corpus.face_model(), corpus.regions()
-    scores, preds, gts = [], [], []
-    for clip in clips:
-        out = m.generate(clip.audio, clip.shape, style)
-        t = min(out["params"].shape[0], clip.num_frames)
-        pred = layer.vertices_from_params(out["params"][:t].numpy(), clip.shape)
-        gt = corpus.vertices_of(clip)[:t]
-        scores.append(M.score_sequence(pred, gt, corpus.template(clip.subject), regions.lips, regions.upper, ["lve"]))
-        preds.append(m._norm_expr(out["params"][:t]))
-        gts.append(m._norm_expr(torch.as_tensor(clip.params[:t])))
-    lve = M.aggregate(scores)["lve"]
-    return lve, torch.cat(preds), torch.cat(gts)
-
-
-def stats_distance(pred: torch.Tensor, gt: torch.Tensor) -> float:
-    """Expression statistics of a speaker: per-dimension mean and std of the normalised
-    params over its held-out frames; the distance is the mean absolute difference."""
-    return float((pred.mean(0) - gt.mean(0)).abs().mean() + (pred.std(0) - gt.std(0)).abs().mean())
-
-
-@pytest.mark.slow
-def test_adaptation_lowers_lve_and_moves_expression_statistics_to_the_speaker(trained, flame_corpus):
-    m = trained
-    styles = speaker_styles(flame_corpus.root)
-    rows = []
-    for subject in UNSEEN:
-        ref = flame_corpus.reference_clip(subject, 10.0)
-        clips = held_out(flame_corpus, subject)
-        t0 = time.perf_counter()
-        adapted_state = m.adapt(ref, seed=0)
-        secs = time.perf_counter() - t0
-        lve_u, pred_u, gt = expression_errors(m, flame_corpus, clips, m.encode_style(ref))
-        lve_a, pred_a, _ = expression_errors(m, flame_corpus, clips, adapted_state)
-        frames = gt.shape[0]
-        amp_u = float(pred_u[:, 50].std() * m.expr_std[50])
-        amp_a = float(pred_a[:, 50].std() * m.expr_std[50])
-        amp_gt = float(gt[:, 50].std() * m.expr_std[50])
-        rows.append(
-            (
-                subject,
-                frames,
-                lve_u,
-                lve_a,
-                stats_distance(pred_u, gt),
-                stats_distance(pred_a, gt),
-                amp_u,
-                amp_a,
-                amp_gt,
-                styles[subject]["articulation_gain"],
-                secs,
-            )
-        )
-    print(
-        "\nspeaker frames  LVE unadapted  LVE adapted  stats-dist unadapted  adapted  "
-        "jaw std unadapted/adapted/recorded  articulation_gain  adapt s"
-    )
-    for r in rows:
-        print(
-            f"{r[0]}  {r[1]:5d}  {r[2]:.3e}  {r[3]:.3e}  {r[4]:.3f}  {r[5]:.3f}  "
-            f"{r[6]:.4f}/{r[7]:.4f}/{r[8]:.4f}  {r[9]:.3f}  {r[10]:.1f}"
-        )
-    frames = np.array([r[1] for r in rows])
-    lve_u = float((np.array([r[2] for r in rows]) * frames).sum() / frames.sum())
-    lve_a = float((np.array([r[3] for r in rows]) * frames).sum() / frames.sum())
-    dist_u = float(np.mean([r[4] for r in rows]))
-    dist_a = float(np.mean([r[5] for r in rows]))
-    gains = np.array([r[9] for r in rows])
-    corr_u = float(np.corrcoef(gains, [r[6] for r in rows])[0, 1])
-    corr_a = float(np.corrcoef(gains, [r[7] for r in rows])[0, 1])
-    print(
-        f"pooled LVE unadapted {lve_u:.4e} adapted {lve_a:.4e} ({lve_a / lve_u:.2f}x); expression-statistics "
-        f"distance {dist_u:.3f} -> {dist_a:.3f}; corr(jaw std, recorded articulation_gain) "
-        f"{corr_u:.2f} -> {corr_a:.2f}"
-    )
-    assert lve_a < lve_u
-    assert dist_a < 0.9 * dist_u
-    assert sum(r[5] < r[4] for r in rows) >= 3  # statistics move toward the speaker for most speakers
-
-
-def _head_style_distance(styles: dict, a: str, b: str) -> float:
-    """Recorded head-motion style distance: |Δ amplitude| + |Δ frequency|, each over its range."""
-    out = 0.0
-    for key in ("head_amplitude", "head_frequency"):
-        lo, hi = STYLE_RANGES[key]
-        out += abs(styles[a][key] - styles[b][key]) / (hi - lo)
-    return out
-
-
-@pytest.mark.slow
-def test_pose_retrieval_picks_speakers_with_closer_head_motion_style(trained, flame_corpus):
-    m = trained
-    styles = speaker_styles(flame_corpus.root)
-    train_ids = list(m.facts.train_subjects)
-    frames = int(round(10.0 * flame_corpus.info.fps))
-    # Seen identities: a 10 s held-out clip (their val + test-A sequences) retrieves them (§14.9).
-    hits = 0
-    for k, subject in enumerate(train_ids):
-        clips = [
-            match_audio_to_motion(flame_corpus.load(s))
-            for s in flame_corpus.sequences()
-            if s.subject == subject and s.split in ("val", "test-A")
-        ]
-        ref = concat_clips(clips, f"{subject}_heldout").slice_frames(0, frames)
-        hits += m.encode_style(ref)["pose_identity"] == k
-    # Unseen speakers: three 10 s references each (reference pool, two halves of the held-out clips).
-    got, chance = [], []
-    for subject in UNSEEN:
-        clips = held_out(flame_corpus, subject)
-        refs = [
-            flame_corpus.reference_clip(subject, 10.0),
-            concat_clips(clips[:4], "a").slice_frames(0, frames),
-            concat_clips(clips[4:], "b").slice_frames(0, frames),
-        ]
-        for ref in refs:
-            state = m.encode_style(ref)
-            assert state["pose_selection"] == "masked cluster distance" and state["shared_clusters"] >= 1
-            got.append(_head_style_distance(styles, subject, train_ids[state["pose_identity"]]))
-            chance.append(float(np.mean([_head_style_distance(styles, subject, t) for t in train_ids])))
-    print(
-        f"\nseen identities retrieved: {hits}/{len(train_ids)} (chance {1 / len(train_ids):.2f}); unseen speakers: "
-        f"recorded head-style distance to the retrieved identity {np.mean(got):.3f} vs chance {np.mean(chance):.3f} "
-        f"over {len(got)} references"
-    )
-    assert hits >= len(train_ids) // 2
-    assert np.mean(got) < 0.85 * np.mean(chance)
-
-
-@pytest.mark.slow
-def test_identity_pose_embeddings_order_the_generated_head_motion(trained, flame_corpus):
-    """§14.8: for identical audio, the high-amplitude training identity's embedding gives
-    more head motion than the low-amplitude one's."""
-    m = trained
-    styles = speaker_styles(flame_corpus.root)
-    amps = {s: styles[s]["head_amplitude"] for s in m.facts.train_subjects}
-    low, high = min(amps, key=amps.get), max(amps, key=amps.get)
-    clip = held_out(flame_corpus, "S11")[0]
-    stds = {s: float(m.generate(clip.audio, None, s)["head_pose"].std(0).mean()) for s in (low, high)}
-    print(
-        f"\nhead-pose std with {low} (amplitude {amps[low]:.3f}): {stds[low]:.4f}; "
-        f"with {high} (amplitude {amps[high]:.3f}): {stds[high]:.4f}"
-    )
-    assert stds[high] > stds[low]
 
 
 # --------------------------------------------------------------------------------------
