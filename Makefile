@@ -27,14 +27,19 @@ setup: $(STAMP)
 demo: setup
 	$(PY) -m talkmesh.dev.demo
 
+# Tests run on $(WORKERS) pytest-xdist workers: one test file per group (its module-scoped
+# trainings run once), the files that start Ray together in one group (tests/conftest.py).
 # pytest exits 5 when it collected nothing; that is reported, not treated as a failure.
+WORKERS ?= 2
+XDIST   := -n $(WORKERS) --dist loadgroup
+
 test: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not learning"; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not learning" $(XDIST); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 # The learning checks that need longer (minutes of training on the synthetic corpus); CI runs
-# them after `make test`, one test file per worker on two workers (each file trains its own models).
+# them after `make test`, grouped by file in the same way (each file trains its own models).
 test-learning: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m learning -n 2 --dist loadfile; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m learning $(XDIST); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 test-fast: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow and not learning"

@@ -51,3 +51,18 @@ def one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# Test files that start Ray (the session's ``ray_cluster`` or a head of their own): under
+# pytest-xdist they share one worker, so at most one local Ray runs at a time.
+RAY_FILES = frozenset({"test_job_submit.py", "test_serving.py", "test_serving_options.py", "test_sweep.py",
+                       "test_train_ray.py"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With ``-n N --dist loadgroup`` (the Makefile's targets), each test file is one group
+    (its module-scoped trainings run once), except the Ray files, which form one group."""
+    for item in items:
+        name = item.path.name
+        group = "ray" if name in RAY_FILES or "ray_cluster" in getattr(item, "fixturenames", ()) else name
+        item.add_marker(pytest.mark.xdist_group(group))
