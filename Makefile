@@ -27,11 +27,11 @@ setup: $(STAMP)
 demo: setup
 	$(PY) -m talkmesh.dev.demo
 
-# Tests run on $(WORKERS) pytest-xdist workers: one test file per group (its module-scoped
-# trainings run once), the files that start Ray together in one group (tests/conftest.py).
+# Tests run on $(WORKERS) pytest-xdist workers, a test file per worker (its module-scoped
+# trainings run once), the files that start Ray all on one worker (tests/conftest.py).
 # pytest exits 5 when it collected nothing; that is reported, not treated as a failure.
 WORKERS ?= 2
-XDIST   := -n $(WORKERS) --dist loadgroup
+XDIST   := -n $(WORKERS) --dist loadfile
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not learning" $(XDIST); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc

@@ -4,6 +4,7 @@ loopback-only local Ray cluster (2 CPUs) shared by every test of the session tha
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # Before anything imports transformers/ray: no downloads, loopback only.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -53,16 +54,23 @@ def one_intra_op_thread():
     torch.set_num_threads(before)
 
 
-# Test files that start Ray (the session's ``ray_cluster`` or a head of their own): under
-# pytest-xdist they share one worker, so at most one local Ray runs at a time.
+# Test files that start Ray (the session's ``ray_cluster`` or a head of their own).
 RAY_FILES = frozenset({"test_job_submit.py", "test_serving.py", "test_serving_options.py", "test_sweep.py",
                        "test_train_ray.py"})
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """With ``-n N --dist loadgroup`` (the Makefile's targets), each test file is one group
-    (its module-scoped trainings run once), except the Ray files, which form one group."""
-    for item in items:
-        name = item.path.name
-        group = "ray" if name in RAY_FILES or "ray_cluster" in getattr(item, "fixturenames", ()) else name
-        item.add_marker(pytest.mark.xdist_group(group))
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """``-n N --dist loadfile`` (the Makefile's targets) with the Ray files as one file: each
+    test file runs on one worker (its module-scoped trainings run once), and all the Ray
+    files run on the same worker, so at most one local Ray runs at a time."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class FileOrRayScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:  # the scope a test belongs to: its file, or "ray"
+            path = super()._split_scope(nodeid)
+            return "ray" if Path(path).name in RAY_FILES else path
+
+    return FileOrRayScheduling(config, log)
