@@ -9,6 +9,9 @@ from pathlib import Path
 # Before anything imports transformers/ray: no downloads, loopback only.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Serve's proxy is killed after 3 health checks that each time out (10 s by default); on a
+# 2-core machine kept busy by the other test worker a check can take longer than that.
+os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
 
 import pytest  # noqa: E402
 
@@ -55,8 +58,8 @@ def one_intra_op_thread():
 
 
 # Test files that start Ray (the session's ``ray_cluster`` or a head of their own).
-RAY_FILES = frozenset({"test_job_submit.py", "test_serving.py", "test_serving_options.py", "test_sweep.py",
-                       "test_train_ray.py"})
+RAY_FILES = frozenset({"test_job_submit.py", "test_service_tenancy.py", "test_serving.py", "test_serving_options.py",
+                       "test_sweep.py", "test_train_ray.py"})
 
 
 @pytest.hookimpl(optionalhook=True)
