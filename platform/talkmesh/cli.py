@@ -5,6 +5,9 @@
     talkmesh metrics --pred DIR --format F --root DIR [--split NAME] [--json] [key=value ...]
     talkmesh face convert --pkl generic_model.pkl --out flame.npz
     talkmesh serve [--config serve/config.yaml] [key=value ...]
+    talkmesh keys create --tenant T [--label L] [--db URL]
+    talkmesh keys list [--tenant T] [--db URL] [--json]
+    talkmesh keys revoke KEY_ID [--tenant T] [--db URL]
     talkmesh sweep sweeps/<method>.yaml [--num-samples N] [--name NAME] [--no-register] [key=value ...]
     talkmesh import faceformer --checkpoint vocaset.pth --preset vocaset|biwi [--tracking-uri URI] [--alias A]
     talkmesh import mimic --checkpoint Epoch_125.pth --preset hdtf [--tracking-uri URI] [--alias A]
@@ -129,6 +132,66 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from talkmesh.serving.launch import run_serve
 
     run_serve(args.config, args.overrides)
+    return 0
+
+
+def _key_store(args: argparse.Namespace) -> Any:
+    """The service's key store at ``--db`` (default: the URL the service uses)."""
+    from talkmesh.serving.tenants import KeyStore, default_db_url
+
+    return KeyStore(args.db or default_db_url())
+
+
+def _keys_call(args: argparse.Namespace, fn: Any) -> Any:
+    """``fn(store)``, a database failure (unreachable server, unwritable file) as a ConfigError."""
+    import sqlalchemy as sa
+
+    store = _key_store(args)
+    try:
+        return fn(store)
+    except sa.exc.SQLAlchemyError as e:
+        raise ConfigError(f"--db {store.url}: {type(e).__name__}: {e}") from None
+
+
+def _when(t: float | None) -> str:
+    """Unix seconds as UTC ISO 8601 (``-`` for none)."""
+    import datetime
+
+    if t is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    key_id, token = _keys_call(args, lambda store: store.create(args.tenant, args.label))
+    print(f"created      API key {key_id} for tenant {args.tenant}" + (f" ({args.label})" if args.label else ""))
+    print(f"token        {token}")
+    print("             shown once: it cannot be shown again (only its hash is stored); keep it secret")
+    print("send it as   Authorization: Bearer <token>   (or X-API-Key: <token>)")
+    print(f"revoke with  talkmesh keys revoke {key_id}")
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    records = _keys_call(args, lambda store: store.list(args.tenant or None))
+    if args.json:
+        print(json.dumps([r.as_dict() for r in records], indent=2))
+        return 0
+    if not records:
+        print("no API keys" + (f" for tenant {args.tenant}" if args.tenant else ""))
+        return 0
+    print(f"{'key id':<16}  {'tenant':<20} {'created':<20} {'last used':<20} {'revoked':<20} label")
+    for r in records:
+        print(
+            f"{r.key_id:<16}  {r.tenant:<20} {_when(r.created):<20} {_when(r.last_used):<20} "
+            f"{_when(r.revoked_at):<20} {r.label}"
+        )
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    record = _keys_call(args, lambda store: store.revoke(args.key_id, args.tenant or None))
+    print(f"revoked      API key {record.key_id} of tenant {record.tenant} (since {_when(record.revoked_at)})")
     return 0
 
 
@@ -363,6 +426,28 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def _add_keys_parser(sub: Any) -> None:
+    """``talkmesh keys create|list|revoke``: the style service's API keys (only hashes stored)."""
+    db_help = "service database URL (default: $TALKMESH_SERVICE_DB or sqlite:///<cwd>/outputs/service.db)"
+    keys = sub.add_parser("keys", help="create, list or revoke the style service's API keys")
+    keys = keys.add_subparsers(dest="keys_command", required=True)
+    kc = keys.add_parser("create", help="a new API key for a tenant; its token is printed once")
+    kc.add_argument("--tenant", required=True, help="tenant name: a-z, 0-9, '-', '_' (up to 63, e.g. acme)")
+    kc.add_argument("--label", default="", help="a note on what the key is for (e.g. ci, alice's laptop)")
+    kc.add_argument("--db", default="", help=db_help)
+    kc.set_defaults(func=cmd_keys_create)
+    kl = keys.add_parser("list", help="keys (id, tenant, label, created, last used, revoked); never secrets")
+    kl.add_argument("--tenant", default="", help="only this tenant's keys")
+    kl.add_argument("--db", default="", help=db_help)
+    kl.add_argument("--json", action="store_true", help="machine-readable output")
+    kl.set_defaults(func=cmd_keys_list)
+    kr = keys.add_parser("revoke", help="refuse a key from now on (every replica); revoking twice is harmless")
+    kr.add_argument("key_id", help="the key id (`talkmesh keys list`; the 16 hex digits after tmk_ in a token)")
+    kr.add_argument("--tenant", default="", help="only if the key belongs to this tenant")
+    kr.add_argument("--db", default="", help=db_help)
+    kr.set_defaults(func=cmd_keys_revoke)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from talkmesh.data.corpus import available_formats
     from talkmesh.methods.registry import available_methods
@@ -405,6 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--config", default="serve/config.yaml", help="Serve config file (default: serve/config.yaml)")
     srv.add_argument("overrides", nargs="*", help="application args, e.g. method=faceformer style_dir=/srv/styles")
     srv.set_defaults(func=cmd_serve)
+
+    _add_keys_parser(sub)
 
     imp = sub.add_parser("import", help="load a released reference checkpoint into a method and register it")
     imp.add_argument("method", help="the method the weights belong to (faceformer, mimic)")
