@@ -1,6 +1,6 @@
 """Example client of the talkmesh style service (see serve/README.md).
 
-python serve/client.py --url http://127.0.0.1:8000 info
+python serve/client.py --url http://127.0.0.1:8000 [--key tmk_...] info    # --key default: $TALKMESH_API_KEY
 python serve/client.py style --audio ref.wav --motion ref_vertices.npy [--template template.npy] [--name alice]
 python serve/client.py animate --audio speech.wav --style sty_... --out motion.npz [--preview preview.mp4]
 python serve/client.py animate --audio speech.wav --emotion happy --intensity 0.5 --sample --seed 3   # DEEPTalk
@@ -18,6 +18,7 @@ from talkmesh.serving.client import ServiceError, StyleClient
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--key", default=None, help="API key (default: $TALKMESH_API_KEY; none in development mode)")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="method, model version, fps, training speakers")
     s = sub.add_parser("style", help="adapt to a reference clip (~10 s of a new speaker)")
@@ -44,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
 
-    client = StyleClient(args.url)
+    client = StyleClient(args.url, api_key=args.key)
     try:
         if args.cmd == "info":
             print(json.dumps(client.info(), indent=2))

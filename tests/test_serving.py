@@ -229,6 +229,8 @@ def service(ray_cluster, tmp_path_factory):
         "method": "faceformer",
         "tracking_uri": uri,
         "style_dir": str(root / "styles"),
+        "service_db": f"sqlite:///{root / 'service.db'}",
+        "dev_mode": True,  # keyless from loopback (tests/test_service_tenancy.py uses keys)
         "faces": str(root / "faces.npy"),
         "max_audio_seconds": 12.0,
         "max_reference_seconds": 12.0,
@@ -280,7 +282,10 @@ def test_service_adapts_and_animates(service):
     assert requests.get(f"{url}/docs", timeout=30).status_code == 200
     paths = requests.get(f"{url}/openapi.json", timeout=30).json()["paths"]
     assert {"/v1/styles", "/v1/animate", "/v1/styles/{style_id}", "/healthz"} <= set(paths)
-    info = requests.get(f"{url}/v1/info", timeout=30).json()
+    r = requests.get(f"{url}/v1/info", timeout=30)
+    assert r.headers["X-Talkmesh-Auth"] == "dev-mode"  # keyless from loopback: development mode says so
+    info = r.json()
+    assert info["tenant"] == "dev" and info["limits"]["max_channels"] == 8
     assert info["num_vertices"] == facts.num_vertices and info["train_subjects"] == list(facts.train_subjects)
 
     # Adaptation: FaceFormer picks the training one-hot that reconstructs the reference best.
@@ -360,6 +365,8 @@ def test_service_rejects_bad_input_and_stays_up(service):
     for i, (r, status, needle) in enumerate(cases):
         assert r.status_code == status, (i, r.status_code, r.text[:300])
         assert needle in json.dumps(r.json()), (i, r.text[:300])
+        body = r.json()  # the one error schema
+        assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "field"}, (i, body)
     assert requests.get(f"{url}/healthz", timeout=30).status_code == 200  # still up
 
 

@@ -148,7 +148,8 @@ def apps(ray_cluster, tmp_path_factory):
     torch.manual_seed(0)
     save_method(root / "faceformer", build_method("faceformer", None, DataFacts.from_corpus(vertex), preset="debug"))
     common = {"max_audio_seconds": 12.0, "max_reference_seconds": 12.0, "max_upload_mb": 4.0, "wait_s": 60.0}
-    common |= {"model_num_cpus": 0.0, "torch_threads": 1}
+    common |= {"model_num_cpus": 0.0, "torch_threads": 1, "dev_mode": True}
+    common |= {"service_db": f"sqlite:///{root / 'service.db'}"}
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     for method, extra in (("deeptalk", {"face_model": str(flame.root / "face_model.npz")}), ("faceformer", {})):

@@ -1,6 +1,6 @@
 """A small HTTP client of the style service (``requests`` only; no Ray).
 
-client = StyleClient("http://127.0.0.1:8000")
+client = StyleClient("http://127.0.0.1:8000", api_key="tmk_...")   # api_key default: $TALKMESH_API_KEY
 style = client.create_style("ref.wav", "ref_vertices.npy", template="template.npy")  # waits until ready
 motion = client.animate("speech.wav", style["style_id"])            # {"vertices": (T, V, 3), "fps": ...}
 client.animate("speech.wav", style["style_id"], fmt="mp4", out="preview.mp4")
@@ -13,6 +13,7 @@ client.create_style("ref.wav", "ref_flame.npy", source="expression")
 from __future__ import annotations
 
 import io
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -24,13 +25,29 @@ __all__ = ["ServiceError", "StyleClient"]
 PathOrBytes = str | Path | bytes
 
 
-class ServiceError(RuntimeError):
-    """The service answered with an error status."""
+API_KEY_ENV = "TALKMESH_API_KEY"
+RETRY_STATUSES = (409, 429, 503)  # a style being adapted, a full queue, a busy or restarting service
 
-    def __init__(self, status: int, detail: Any) -> None:
-        super().__init__(f"HTTP {status}: {detail}")
+
+class ServiceError(RuntimeError):
+    """The service answered with an error status: ``status``, and from the error body
+    ``code``, ``detail`` (the message) and ``field`` (the form field at fault, or None)."""
+
+    def __init__(self, status: int, detail: Any, code: str = "", field: str | None = None) -> None:
+        where = f" [{field}]" if field else ""
+        super().__init__(f"HTTP {status}{f' {code}' if code else ''}{where}: {detail}")
         self.status = status
         self.detail = detail
+        self.code = code
+        self.field = field
+
+
+def _retry_after(r: Any, default: float = 1.0) -> float:
+    """The response's ``Retry-After`` in seconds (bounded to 1..60), else ``default``."""
+    try:
+        return min(60.0, max(1.0, float(r.headers.get("Retry-After", default))))
+    except (TypeError, ValueError):
+        return default
 
 
 def _payload(x: PathOrBytes | np.ndarray, name: str) -> tuple[str, bytes]:
@@ -47,20 +64,23 @@ def _payload(x: PathOrBytes | np.ndarray, name: str) -> tuple[str, bytes]:
 class StyleClient:
     """Client of ``talkmesh.serving.app`` (see its module docstring for the routes)."""
 
-    def __init__(self, url: str, timeout: float = 300.0) -> None:
+    def __init__(self, url: str, timeout: float = 300.0, api_key: str | None = None) -> None:
         import requests
 
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.session = requests.Session()
+        key = api_key if api_key is not None else os.environ.get(API_KEY_ENV, "")
+        if key:  # none: development mode (a loopback service that admits keyless requests)
+            self.session.headers["Authorization"] = f"Bearer {key}"
 
     def _check(self, r: Any) -> Any:
         if r.status_code >= 400:
             try:
-                detail = r.json().get("detail", r.text)
-            except ValueError:
-                detail = r.text
-            raise ServiceError(r.status_code, detail)
+                err = r.json().get("error") or {}
+            except (ValueError, AttributeError):
+                err = {}
+            raise ServiceError(r.status_code, err.get("message") or r.text, err.get("code", ""), err.get("field"))
         return r
 
     def health(self) -> dict[str, Any]:
@@ -100,7 +120,7 @@ class StyleClient:
         if template is not None:
             files["template"] = _payload(template, "template")
         data = {"name": name, **({"source": source} if source is not None else {})}
-        r = self.session.post(f"{self.url}/v1/styles", files=files, data=data, timeout=self.timeout)
+        r = self._post("/v1/styles", files, data, retry_s=60.0)
         body = self._check(r).json()
         while wait and body["status"] == "pending":
             time.sleep(poll_s)
@@ -109,8 +129,32 @@ class StyleClient:
             raise ServiceError(422, body.get("error", "adaptation failed"))
         return body
 
+    def _post(self, path: str, files: dict[str, Any], data: dict[str, Any], retry_s: float) -> Any:
+        """POST, retried while the answer is 409/429/503 (after its ``Retry-After``) for up to ``retry_s``."""
+        deadline = time.monotonic() + retry_s
+        while True:
+            r = self.session.post(f"{self.url}{path}", files=files, data=data, timeout=self.timeout)
+            if r.status_code not in RETRY_STATUSES or time.monotonic() > deadline:
+                return r
+            time.sleep(_retry_after(r))
+
     def style(self, style_id: str) -> dict[str, Any]:
         return self._check(self.session.get(f"{self.url}/v1/styles/{style_id}", timeout=self.timeout)).json()
+
+    def styles(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Every style of the caller's tenant (the pages of ``GET /v1/styles`` followed)."""
+        out: list[dict[str, Any]] = []
+        cursor = None
+        while True:
+            params = {"limit": limit, **({"cursor": cursor} if cursor else {})}
+            page = self._check(self.session.get(f"{self.url}/v1/styles", params=params, timeout=self.timeout)).json()
+            out += page["styles"]
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return out
+
+    def delete_style(self, style_id: str) -> None:
+        self._check(self.session.delete(f"{self.url}/v1/styles/{style_id}", timeout=self.timeout))
 
     def animate(
         self,
@@ -131,7 +175,7 @@ class StyleClient:
     ) -> dict[str, Any]:
         """POST /v1/animate. Returns ``{name: array}`` (npz/npy/json) or ``{"mp4": bytes}``;
         with ``out`` the raw response is also written there. A style still being adapted
-        (409) is retried for up to ``retry_s``.
+        (409) or a busy service (429/503) is retried for up to ``retry_s``.
 
         Generate options (sent only when given; for methods that list them, e.g. DEEPTalk;
         others answer 422): ``emotion`` a label such as "happy" with ``intensity`` in [0, 1],
@@ -147,13 +191,7 @@ class StyleClient:
         data.update({k: str(v) for k, v in options.items() if v is not None})
         if sample is not None:
             data["sample"] = str(bool(sample)).lower()
-        deadline = time.monotonic() + retry_s
-        while True:
-            r = self.session.post(f"{self.url}/v1/animate", files=files, data=data, timeout=self.timeout)
-            if r.status_code != 409 or time.monotonic() > deadline:
-                break
-            time.sleep(1.0)
-        self._check(r)
+        r = self._check(self._post("/v1/animate", files, data, retry_s))
         if out is not None:
             Path(out).write_bytes(r.content)
         if fmt == "mp4":

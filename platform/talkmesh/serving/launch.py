@@ -6,12 +6,15 @@ Reads the Serve config (``http_options`` + the first application's ``import_path
 ``args``), applies ``key=value`` overrides to the args (validated as
 :class:`talkmesh.serving.app.ServeConfig`), attaches to ``RAY_ADDRESS`` or starts a local
 Ray bound to 127.0.0.1, starts Serve's HTTP proxy on the configured host/port and deploys
-the application; it runs until interrupted, then shuts Serve (and the Ray it started) down.
+the application; it runs until interrupted (Ctrl-C or SIGTERM), then shuts Serve (and the
+Ray it started) down: the model replicas hand their running adaptation jobs back to the queue.
 """
 
 from __future__ import annotations
 
 import importlib
+import signal
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -78,6 +81,7 @@ def run_serve(path: str | Path, overrides: Sequence[str] = (), *, blocking: bool
         print(f"talkmesh serve: {name} at {url}  (docs {url}/docs; Ctrl-C stops)", flush=True)
         if not blocking:
             return {"url": url, "name": name}
+        _stop_on_sigterm()
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -89,3 +93,13 @@ def run_serve(path: str | Path, overrides: Sequence[str] = (), *, blocking: bool
                 import ray
 
                 ray.shutdown()
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a process manager stopping the service) shuts down like Ctrl-C does."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
