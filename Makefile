@@ -28,10 +28,11 @@ demo: setup
 	$(PY) -m talkmesh.dev.demo
 
 # Tests run on $(WORKERS) pytest-xdist workers, a test file per worker (its module-scoped
-# trainings run once), the files that start Ray all on one worker (tests/conftest.py).
+# trainings run once), the files that start Ray all on one worker, the longest files first
+# (tests/conftest.py).
 # pytest exits 5 when it collected nothing; that is reported, not treated as a failure.
 WORKERS ?= 2
-XDIST   := -n $(WORKERS) --dist loadfile
+XDIST   := -n $(WORKERS) --dist loadfile --no-loadscope-reorder
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not learning" $(XDIST); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
