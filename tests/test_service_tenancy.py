@@ -7,13 +7,13 @@ method directory on 127.0.0.1 (slow), on the session's local Ray."""
 from __future__ import annotations
 
 import io
-import socket
 
 import numpy as np
 import pytest
 import torch
 
 from talkmesh.config import DataConfig
+from talkmesh.dev.localstack import free_ports
 from talkmesh.serving.jobs import QueueFull, TenantQuotaExceeded
 
 ERROR_KEYS = {"code", "message", "field"}
@@ -31,12 +31,6 @@ def _wav(audio: np.ndarray, rate: int = 16000) -> bytes:
     buf = io.BytesIO()
     sf.write(buf, audio.astype(np.float32), rate, format="WAV", subtype="FLOAT")
     return buf.getvalue()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _error(r, status: int, code: str | None = None) -> dict:
@@ -93,7 +87,7 @@ def keyed(ray_cluster, tmp_path_factory):
         "model_num_cpus": 0.0,
         "torch_threads": 1,
     }
-    port = _free_port()
+    port = free_ports(1)[0]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(args), name="tenancy", route_prefix="/")
     ref = corpus.reference_clip(corpus.subjects("test-B")[0], 4.0)

@@ -350,7 +350,7 @@ def flat_metrics(summary: dict[str, Any], prefix: str) -> dict[str, float]:
     out: dict[str, float] = {}
 
     def put(key: str, value: Any) -> None:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value)):
+        if _finite_number(value):
             out[key] = float(value)
 
     for m, v in summary["metrics"].items():

@@ -59,6 +59,7 @@ __all__ = [
     "child_runs",
     "end_run",
     "find_run",
+    "finite_metrics",
     "get_alias_version",
     "get_run_metrics",
     "git_commit",
@@ -292,6 +293,15 @@ def log_params(run_id: str, params: Mapping[str, Any], uri: str | None = None) -
     return new
 
 
+def finite_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The entries of ``metrics`` that are finite numbers (not bools), as ``{str: float}``."""
+    return {
+        str(k): float(v)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+    }
+
+
 def log_metrics(run_id: str, metrics: Mapping[str, Any], step: int | None = None, uri: str | None = None) -> None:
     """Log numeric, finite metrics (others are skipped) at ``step``."""
     import time
@@ -299,11 +309,7 @@ def log_metrics(run_id: str, metrics: Mapping[str, Any], step: int | None = None
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    items = [
-        Metric(str(k), float(v), now, int(step or 0))
-        for k, v in metrics.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
-    ]
+    items = [Metric(k, v, now, int(step or 0)) for k, v in finite_metrics(metrics).items()]
     if items:
         _client(uri).log_batch(run_id, metrics=items)
 
@@ -444,11 +450,7 @@ def log_model_metrics(
     logged model ``model_id`` (a registered version's ``model_id``: MLflow then records the
     model as an input of the run and shows the metrics on the model) and to ``corpus`` as
     their dataset (see :func:`log_dataset`)."""
-    finite = {
-        str(k): float(v)
-        for k, v in metrics.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
-    }
+    finite = finite_metrics(metrics)
     if not finite:
         return
     dataset = _corpus_dataset(corpus) if corpus is not None else None
@@ -555,9 +557,8 @@ def register_model(
         raise RuntimeError(f"registering {model_name(method_name)} returned no version")
     version = int(out["version"])
     client = _client(uri)
-    for k, v in (metrics or {}).items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
-            client.set_model_version_tag(model_name(method_name), str(version), f"metric.{k}", repr(float(v)))
+    for k, v in finite_metrics(metrics or {}).items():
+        client.set_model_version_tag(model_name(method_name), str(version), f"metric.{k}", repr(v))
     return version
 
 
