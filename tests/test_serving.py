@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import pickle
-import socket
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 from talkmesh.config import ConfigError, DataConfig
+from talkmesh.dev.localstack import free_ports
 from talkmesh.methods.base import make_style_state
 from talkmesh.methods.registry import available_methods
 from talkmesh.serving.inputs import (
@@ -192,12 +192,6 @@ def test_serve_config_is_strict():
 # ------------------------------------------------------------------------------ the service
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def service(ray_cluster, tmp_path_factory):
     """A debug FaceFormer registered as talkmesh-faceformer@champion in a real MLflow
@@ -240,7 +234,7 @@ def service(ray_cluster, tmp_path_factory):
         "torch_threads": 1,
         "preview_size": 96,
     }
-    port = _free_port()
+    port = free_ports(1)[0]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(args), name="talkmesh", route_prefix="/")
     ref = corpus.reference_clip(corpus.subjects("test-B")[0], 6.0)
