@@ -28,7 +28,7 @@ demo: setup
 	$(PY) -m talkmesh.dev.demo
 
 # Tests run on $(WORKERS) pytest-xdist workers, a test file per worker (its module-scoped
-# trainings run once), the files that start Ray all on one worker, the longest files first
+# trainings run once), the files that use the session's Ray all on one worker, the longest files first
 # (tests/conftest.py).
 # pytest exits 5 when it collected nothing; that is reported, not treated as a failure.
 WORKERS ?= 2

@@ -44,6 +44,22 @@ def ray_cluster():
         ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def serve_url(ray_cluster):
+    """Ray Serve's HTTP proxy on a free loopback port, started once per session. Each test
+    module deploys its applications (``serve.run``, distinct names) and deletes them when it
+    is done (``serve.delete``): restarting Serve for every module raced the old proxy's
+    shutdown on a busy machine and left the new proxy dead."""
+    from ray import serve
+
+    from talkmesh.dev.localstack import free_ports
+
+    port = free_ports(1)[0]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
 @pytest.fixture(scope="module")
 def one_intra_op_thread():
     """Tiny models run fastest on one thread, and a busy 2-CPU machine makes two threads
@@ -57,16 +73,22 @@ def one_intra_op_thread():
     torch.set_num_threads(before)
 
 
-# Test files that start Ray (the session's ``ray_cluster`` or a head of their own).
-RAY_FILES = frozenset({"test_job_submit.py", "test_service_tenancy.py", "test_serving.py", "test_serving_options.py",
-                       "test_sweep.py", "test_train_ray.py"})
+# Test files that use the session's ``ray_cluster`` (one worker runs them all, one after the
+# other). test_job_submit.py starts a head of its own (own ports, own temp dir) and runs on the
+# other worker meanwhile: the Ray group alone takes longer than all the other files together.
+RAY_FILES = frozenset({
+    "test_service_failover.py", "test_service_fuzz.py", "test_service_load.py",
+    "test_service_observe.py", "test_service_tenancy.py",
+    "test_serving.py", "test_serving_options.py", "test_sweep.py", "test_train_ray.py"
+})
 
 
 # Files that take longest start first (the Makefile passes --no-loadscope-reorder, so xdist
-# keeps this order; each worker also takes a second file up front): the Ray group in
-# ``make test``; in ``make test-learning`` the two long learning files, then the short ones.
-LONG_FIRST = ("ray", "test_dualtalker.py", "test_deeptalk_learning.py", "test_adamesh_learning.py",
-              "test_faceformer_learning.py")
+# keeps this order; each worker also takes a second file up front): the Ray group and the
+# job-submission test (its own head) in ``make test``; in ``make test-learning`` the two long
+# learning files, then the short ones.
+LONG_FIRST = ("ray", "test_job_submit.py", "test_dualtalker.py", "test_deeptalk_learning.py",
+              "test_adamesh_learning.py", "test_faceformer_learning.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -82,8 +104,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
     """``-n N --dist loadfile`` (the Makefile's targets) with the Ray files as one file: each
-    test file runs on one worker (its module-scoped trainings run once), and all the Ray
-    files run on the same worker, so at most one local Ray runs at a time."""
+    test file runs on one worker (its module-scoped trainings run once), and all the files
+    that use the session's Ray run on the same worker, so that Ray starts once."""
     if config.getvalue("dist") != "loadfile":
         return None
     from xdist.scheduler import LoadFileScheduling

@@ -136,6 +136,15 @@ def test_listing_is_paginated_per_tenant(tmp_path):
         store.list_page(tenant="a", cursor="not-a-cursor!")
 
 
+def test_a_page_of_one_methods_styles_is_full_while_more_follow(tmp_path):
+    store = StyleStore(tmp_path)
+    mixed = [store.put_reference("mimic" if i % 2 else "faceformer", _ref(i), tenant="a")[0] for i in range(6)]
+    page = store.list_page(tenant="a", limit=2, method="faceformer")
+    assert [m["style_id"] for m in page.items] == mixed[0:3:2] and page.next_cursor is not None
+    rest = store.list_page(tenant="a", limit=2, cursor=page.next_cursor, method="faceformer")
+    assert [m["style_id"] for m in rest.items] == [mixed[4]] and rest.next_cursor is None
+
+
 def test_a_delete_is_seen_by_another_replica(tmp_path):
     one, two = StyleStore(tmp_path / "shared"), StyleStore(tmp_path / "shared")
     sid, _ = one.put_reference("faceformer", _ref(), tenant="a")
@@ -199,3 +208,21 @@ def test_local_backend_refuses_relative_roots_and_odd_keys(tmp_path):
     assert backend.read("a/b.bin") == b"1" and backend.children() == ["a"] and backend.children("a") == ["b.bin"]
     backend.remove("a")
     assert backend.children() == [] and not backend.exists("a/b.bin")
+
+
+def test_a_status_read_racing_a_delete_answers_absent_or_not_found(tmp_path):
+    """The job is forgotten by a DELETE between finding it and reading it (fuzz, DELETE racing
+    POST): the style reads as absent while it is stored, as not found once it is deleted."""
+    from talkmesh.serving.adapt_worker import adaptation_status, submit_adaptation
+    from talkmesh.serving.jobs import JobQueue
+
+    store, queue = StyleStore(tmp_path / "styles"), JobQueue(f"sqlite:///{tmp_path / 'service.db'}")
+    sid, _ = store.put_reference("faceformer", _ref(), tenant="a")
+    submit_adaptation(store, queue, sid, "m", "a", {})
+    read = queue.status
+    queue.status = lambda job: (queue.forget(sid), read(job))[1]
+    assert adaptation_status(store, queue, sid, "m", "a") == {"status": "absent"}
+    submit_adaptation(store, queue, sid, "m", "a", {})
+    queue.status = lambda job: (store.delete(sid, "a"), queue.forget(sid), read(job))[2]
+    with pytest.raises(StyleNotFound):
+        adaptation_status(store, queue, sid, "m", "a")

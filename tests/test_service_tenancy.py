@@ -6,31 +6,10 @@ method directory on 127.0.0.1 (slow), on the session's local Ray."""
 
 from __future__ import annotations
 
-import io
-
-import numpy as np
 import pytest
-import torch
 
-from talkmesh.config import DataConfig
-from talkmesh.dev.localstack import free_ports
+from service_helpers import ERROR_KEYS, npy, wav
 from talkmesh.serving.jobs import QueueFull, TenantQuotaExceeded
-
-ERROR_KEYS = {"code", "message", "field"}
-
-
-def _npy(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, arr)
-    return buf.getvalue()
-
-
-def _wav(audio: np.ndarray, rate: int = 16000) -> bytes:
-    import soundfile as sf
-
-    buf = io.BytesIO()
-    sf.write(buf, audio.astype(np.float32), rate, format="WAV", subtype="FLOAT")
-    return buf.getvalue()
 
 
 def _error(r, status: int, code: str | None = None) -> dict:
@@ -44,7 +23,7 @@ def _error(r, status: int, code: str | None = None) -> dict:
 
 
 def test_a_full_queue_is_503_and_a_tenant_over_its_quota_429_with_retry_after():
-    from talkmesh.serving.app import _queue_error
+    from talkmesh.serving.settings import queue_error as _queue_error
 
     full = _queue_error(QueueFull("the adaptation queue is full", 12))
     assert (full.status, full.code, full.headers) == (503, "queue_full", {"Retry-After": "12"})
@@ -54,45 +33,17 @@ def test_a_full_queue_is_503_and_a_tenant_over_its_quota_429_with_retry_after():
 
 
 @pytest.fixture(scope="module")
-def keyed(ray_cluster, tmp_path_factory):
+def keyed(serve_url, tmp_path_factory):
     """A debug FaceFormer (local method directory) served with keys required (no dev mode),
     and keys for tenants alice (two) and bob in the service database."""
     from ray import serve
 
-    from talkmesh.data import open_corpus
-    from talkmesh.data.synthetic import generate_corpus
-    from talkmesh.methods.base import DataFacts
-    from talkmesh.methods.registry import build_method
-    from talkmesh.serving.app import build_app
-    from talkmesh.serving.tenants import KeyStore
-    from talkmesh.train.checkpoint import save_method
+    from service_helpers import start_service
 
-    root = tmp_path_factory.mktemp("tenancy")
-    corpus = open_corpus(DataConfig(format="synthetic", root=str(generate_corpus(root / "synth", "small"))))
-    torch.manual_seed(0)
-    save_method(root / "model", build_method("faceformer", None, DataFacts.from_corpus(corpus), preset="debug"))
-    db = f"sqlite:///{root / 'service.db'}"
-    keys = KeyStore(db)
-    tokens = {"alice": keys.create("alice", "test")[1], "alice2": keys.create("alice")[1], "bob": keys.create("bob")[1]}
-    args = {
-        "method": "faceformer",
-        "model": str(root / "model"),
-        "style_dir": str(root / "styles"),
-        "service_db": db,
-        "dev_mode": False,
-        "max_audio_seconds": 12.0,
-        "max_reference_seconds": 12.0,
-        "max_upload_mb": 4.0,
-        "wait_s": 60.0,
-        "model_num_cpus": 0.0,
-        "torch_threads": 1,
-    }
-    port = free_ports(1)[0]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(args), name="tenancy", route_prefix="/")
-    ref = corpus.reference_clip(corpus.subjects("test-B")[0], 4.0)
-    yield {"url": f"http://127.0.0.1:{port}", "keys": keys, "tokens": tokens, "reference": ref}
-    serve.shutdown()
+    svc = start_service(serve_url, tmp_path_factory.mktemp("tenancy"), "tenancy", ("alice", "bob"))
+    tokens = {**svc.tokens, "alice2": svc.keys.create("alice")[1]}
+    yield {"url": svc.url, "keys": svc.keys, "tokens": tokens, "reference": svc.reference}
+    serve.delete("tenancy")
 
 
 @pytest.mark.slow
@@ -116,8 +67,8 @@ def test_tenants_cannot_see_use_or_delete_each_others_styles(keyed):
     big = {"audio": ("a.wav", b"\0" * (14 * 2**20))}  # over the body limit: 3 files x 4 MiB + 1 MiB
     assert _error(call("POST", "/v1/animate", "bob", files=big), 413, "too_large")["field"] == "body"
 
-    files = {"audio": ("r.wav", _wav(ref.audio)), "motion": ("m.npy", _npy(ref.vertices))}
-    files["template"] = ("t.npy", _npy(ref.template))
+    files = {"audio": ("r.wav", wav(ref.audio)), "motion": ("m.npy", npy(ref.vertices))}
+    files["template"] = ("t.npy", npy(ref.template))
     r = call("POST", "/v1/styles", "alice", files=files, data={"name": "alice's voice"})
     assert r.status_code == 201, r.text
     sid = r.json()["style_id"]
@@ -136,7 +87,7 @@ def test_tenants_cannot_see_use_or_delete_each_others_styles(keyed):
             _error(call(method, f"/v1/styles/{missing}", "bob"), 404),
         )
         assert theirs == {**absent, "message": absent["message"].replace(missing, sid)}
-    audio = {"audio": ("a.wav", _wav(ref.audio[:32000]))}
+    audio = {"audio": ("a.wav", wav(ref.audio[:32000]))}
     used = _error(call("POST", "/v1/animate", "bob", files=audio, data={"style_id": sid}), 404)
     unknown = _error(call("POST", "/v1/animate", "bob", files=audio, data={"style_id": missing}), 404)
     assert used == {**unknown, "message": unknown["message"].replace(missing, sid)}
@@ -144,6 +95,11 @@ def test_tenants_cannot_see_use_or_delete_each_others_styles(keyed):
     mine = call("POST", "/v1/styles", "bob", files=files)
     assert mine.status_code == 201 and mine.json()["style_id"] != sid, mine.text
     assert call("POST", "/v1/animate", "alice", files=audio, data={"style_id": sid}).status_code == 200
+    # This model directory carries no templates: audio alone is a 422 that says to send one.
+    info = call("GET", "/v1/info", "bob").json()
+    assert info["templates"] == [] and info["default_template"] is False
+    bare = _error(call("POST", "/v1/animate", "bob", files=audio), 422, "cannot_animate")
+    assert "carries no templates" in bare["message"]
 
     # A revoked key is refused at once; the tenant's other key still works (and deletes).
     keyed["keys"].revoke(tokens["alice"].split("_")[1])

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from talkmesh.config import ConfigError, DataConfig
-from talkmesh.dev.localstack import free_ports
 from talkmesh.methods.base import make_style_state
 from talkmesh.methods.registry import available_methods
 from talkmesh.serving.inputs import (
@@ -193,7 +192,7 @@ def test_serve_config_is_strict():
 
 
 @pytest.fixture(scope="module")
-def service(ray_cluster, tmp_path_factory):
+def service(serve_url, tmp_path_factory):
     """A debug FaceFormer registered as talkmesh-faceformer@champion in a real MLflow
     SQLite store, served by the real Serve app on 127.0.0.1."""
     from ray import serve
@@ -210,6 +209,7 @@ def service(ray_cluster, tmp_path_factory):
     facts = DataFacts.from_corpus(corpus)
     torch.manual_seed(0)
     method = build_method("faceformer", None, facts, preset="debug")
+    method.set_templates({s: corpus.template(s) for s in facts.train_subjects})  # as a trained model carries them
     uri = f"sqlite:///{root / 'mlflow.db'}"
     run_id = tracking.start_run("talkmesh-faceformer", "serve-test", uri=uri)
     version = tracking.register_model("faceformer", run_id, method, metrics={"val/lve": 1.0}, uri=uri)
@@ -234,12 +234,10 @@ def service(ray_cluster, tmp_path_factory):
         "torch_threads": 1,
         "preview_size": 96,
     }
-    port = free_ports(1)[0]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(args), name="talkmesh", route_prefix="/")
     ref = corpus.reference_clip(corpus.subjects("test-B")[0], 6.0)
     yield {
-        "url": f"http://127.0.0.1:{port}",
+        "url": serve_url,
         "corpus": corpus,
         "facts": facts,
         "reference": ref,
@@ -248,7 +246,7 @@ def service(ray_cluster, tmp_path_factory):
         "root": root,
         "method": method,
     }
-    serve.shutdown()
+    serve.delete("talkmesh")
 
 
 def _post_style(url, ref, *, template=True, rate=44100, **extra):
@@ -281,6 +279,14 @@ def test_service_adapts_and_animates(service):
     info = r.json()
     assert info["tenant"] == "dev" and info["limits"]["max_channels"] == 8
     assert info["num_vertices"] == facts.num_vertices and info["train_subjects"] == list(facts.train_subjects)
+    assert info["templates"] == list(facts.train_subjects) and info["default_template"] is True
+    assert info["default_style"] == facts.train_subjects[0]  # FaceFormer's default one-hot
+
+    # Audio alone: the default speaker's style on its own face, which the registered model carries.
+    alone = requests.post(f"{url}/v1/animate", files={"audio": ("a.wav", _wav(2.0))}, timeout=120)
+    assert alone.status_code == 200, alone.text
+    default_face = service["corpus"].template(facts.train_subjects[0])
+    np.testing.assert_allclose(np.load(io.BytesIO(alone.content))["vertices"][0], default_face, atol=0.05)
 
     # Adaptation: FaceFormer picks the training one-hot that reconstructs the reference best.
     r = _post_style(url, ref, data={"name": "new speaker"})
@@ -339,7 +345,6 @@ def test_service_rejects_bad_input_and_stays_up(service):
         (animate({"audio": wav}, {"style_id": "sty_a:1,sty_b:1"}), 422, "mixing"),
         (animate({"audio": wav}, {"format": "gif"}), 422, "format"),
         (animate({"audio": wav, "template": ("t.npy", _npy(np.zeros((7, 3))))}), 422, "template"),
-        (animate({"audio": wav}, {"style_id": service["facts"].train_subjects[0]}), 422, "template"),
         (animate({}, {"style_id": "x"}), 422, "audio"),
         (requests.post(f"{url}/v1/animate", data=b"\x00" * 100, timeout=60), 422, ""),
         (requests.get(f"{url}/v1/styles/sty_unknown", timeout=60), 404, "not found"),
@@ -407,6 +412,29 @@ def test_serve_config_file_loads_with_overrides():
         read_serve_file(path, ["wiat_s=2"])
 
 
+def test_serve_config_file_sets_backpressure_autoscaling_and_health_checks(tmp_path):
+    """serve/config.yaml is a valid Serve deploy config (Ray's own schema), and its deployments
+    section (bounded queues, autoscaling, health checks) is what ``talkmesh serve`` applies."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from talkmesh.config import yaml_load
+    from talkmesh.serving.launch import deployment_sections, read_serve_file
+
+    path = Path(__file__).resolve().parents[1] / "serve" / "config.yaml"
+    ServeDeploySchema.model_validate(yaml_load(path.read_text()))
+    opts = deployment_sections(read_serve_file(path)["applications"][0])
+    assert set(opts) == {"StyleModel", "Ingress"}
+    for name in opts:
+        assert opts[name]["max_queued_requests"] >= 1 and opts[name]["health_check_period_s"] > 0
+    scaling = opts["StyleModel"]["autoscaling_config"]
+    assert scaling["max_replicas"] > scaling["min_replicas"] >= 1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(path.read_text().replace("max_queued_requests: 64", "max_queue_requests: 64"))
+    match = r"bad.yaml: applications\[0\].deployments.StyleModel: unknown option.*max_queue_requests"
+    with pytest.raises(ConfigError, match=match):
+        read_serve_file(bad)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", [m for m in available_methods() if m != "faceformer"])
 def test_service_serves_every_method(service, method):
@@ -433,6 +461,8 @@ def test_service_serves_every_method(service, method):
     facts = DataFacts.from_corpus(corpus)
     torch.manual_seed(0)
     model = build_method(method, None, facts, preset="debug")
+    if not flame:  # a trained vertex model carries its training speakers' templates
+        model.set_templates({s: corpus.template(s) for s in facts.train_subjects})
     run_id = tracking.start_run(f"talkmesh-{method}", f"serve-test-{method}", uri=uri)
     version = tracking.register_model(method, run_id, model, uri=uri)
     tracking.set_alias(method, "champion", version, uri=uri)
@@ -472,6 +502,10 @@ def test_service_serves_every_method(service, method):
     z = np.load(io.BytesIO(r.content))
     frames = model.frames_for_audio(32000)
     assert z["vertices"].shape == (frames, facts.num_vertices, 3)
+    alone = requests.post(f"{url}/v1/animate", files=files, timeout=120)  # no style, no template
+    assert alone.status_code == 200, alone.text
+    assert np.load(io.BytesIO(alone.content))["vertices"].shape == z["vertices"].shape
+    assert requests.get(f"{url}/v1/info", timeout=30).json()["default_template"] is True
     if flame:
         assert z["params"].shape == (frames, 53)
         assert method == "deeptalk" or z["head_pose"].shape == (frames, 3)  # DEEPTalk predicts no head pose

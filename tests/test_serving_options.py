@@ -7,7 +7,6 @@ FaceFormer (which lists no generate options) on 127.0.0.1 (slow)."""
 from __future__ import annotations
 
 import io
-import socket
 
 import numpy as np
 import pytest
@@ -107,12 +106,6 @@ def test_style_id_covers_the_adapt_options(tmp_path):
 # ------------------------------------------------------------------------------ the service
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _deeptalk(corpus) -> torch.nn.Module:
     """A debug DEEPTalk whose emotion prototypes are set as if stage1 had fitted them."""
     from talkmesh.methods.base import DataFacts
@@ -128,7 +121,7 @@ def _deeptalk(corpus) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def apps(ray_cluster, tmp_path_factory):
+def apps(serve_url, tmp_path_factory):
     """DEEPTalk (FLAME synthetic corpus) at /deeptalk and FaceFormer (vertex corpus) at
     /faceformer, both loaded from local method directories, on one Serve HTTP proxy."""
     from ray import serve
@@ -150,19 +143,18 @@ def apps(ray_cluster, tmp_path_factory):
     common = {"max_audio_seconds": 12.0, "max_reference_seconds": 12.0, "max_upload_mb": 4.0, "wait_s": 60.0}
     common |= {"model_num_cpus": 0.0, "torch_threads": 1, "dev_mode": True}
     common |= {"service_db": f"sqlite:///{root / 'service.db'}"}
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     for method, extra in (("deeptalk", {"face_model": str(flame.root / "face_model.npz")}), ("faceformer", {})):
         args = {**common, **extra, "method": method, "model": str(root / method)}
         args["style_dir"] = str(root / f"styles-{method}")
         serve.run(build_app(args), name=f"options-{method}", route_prefix=f"/{method}")
     yield {
-        "url": f"http://127.0.0.1:{port}",
+        "url": serve_url,
         "flame": flame,
         "facts": DataFacts.from_corpus(flame),
         "vertex_facts": DataFacts.from_corpus(vertex),
     }
-    serve.shutdown()
+    for method in ("deeptalk", "faceformer"):
+        serve.delete(f"options-{method}")
 
 
 def _animate(url: str, data: dict | None = None, files: dict | None = None, seconds: float = 2.0):

@@ -109,8 +109,9 @@ def test_labels_and_urls_are_validated(store, tmp_path):
 
 def test_default_db_url(monkeypatch, tmp_path):
     monkeypatch.delenv(SERVICE_DB_ENV, raising=False)
-    monkeypatch.chdir(tmp_path)
-    assert default_db_url() == f"sqlite:///{tmp_path.resolve() / 'outputs' / 'service.db'}"
+    monkeypatch.setenv("TALKMESH_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)  # not the working directory: a Ray process building the app has another
+    assert default_db_url() == f"sqlite:///{(tmp_path / 'home').resolve() / 'service.db'}"
     monkeypatch.setenv(SERVICE_DB_ENV, "postgresql+psycopg://svc@db.internal/talkmesh")
     assert default_db_url() == "postgresql+psycopg://svc@db.internal/talkmesh"
 

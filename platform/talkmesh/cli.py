@@ -206,11 +206,14 @@ def cmd_import(args: argparse.Namespace) -> int:
         tracking_uri=args.tracking_uri or None,
         register=not args.no_register,
         alias=args.alias or None,
+        templates=args.templates or None,
     )
     imp = report.imported
     print(f"imported     {imp.source} (sha256 {imp.sha256}) as {args.method}, preset {imp.preset}")
     unused = unused_summary(get_importer(args.method).key_map, imp.unused)
     print(f"tensors      {len(imp.names)} mapped; not loaded: {unused}")
+    carried = len(imp.method.templates)
+    print(f"templates    {carried} training speakers' carried" if carried else "templates    none (no --templates)")
     if report.version is not None:
         name = f"talkmesh-{args.method}"
         print(f"mlflow       run {report.run_id} in {report.tracking_uri}")
@@ -428,7 +431,7 @@ def _json_default(obj: Any) -> Any:
 
 def _add_keys_parser(sub: Any) -> None:
     """``talkmesh keys create|list|revoke``: the style service's API keys (only hashes stored)."""
-    db_help = "service database URL (default: $TALKMESH_SERVICE_DB or sqlite:///<cwd>/outputs/service.db)"
+    db_help = "service database URL (default: $TALKMESH_SERVICE_DB, else sqlite:///<$TALKMESH_HOME>/service.db)"
     keys = sub.add_parser("keys", help="create, list or revoke the style service's API keys")
     keys = keys.add_subparsers(dest="keys_command", required=True)
     kc = keys.add_parser("create", help="a new API key for a tenant; its token is printed once")
@@ -500,6 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--tracking-uri", default="", help="MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
     imp.add_argument("--alias", default="", help="also point talkmesh-<method>@ALIAS at the new version")
     imp.add_argument("--no-register", action="store_true", help="only map and check the weights")
+    imp.add_argument("--templates", default="",
+                     help="the dataset's templates.pkl (or a templates.npz): the model carries its training "
+                     "speakers' templates and animates audio alone")
     imp.set_defaults(func=cmd_import)
 
     ev = sub.add_parser("evaluate", help="score a registered (or saved) model on your copy of a corpus")

@@ -48,7 +48,7 @@ def _echo_job(line: str) -> None:
 
 
 def _serve_file(stack: LocalStack, work: Path, port: int, faces: Path) -> Path:
-    """serve/config.yaml with this stack's MLflow, the demo's style dir, faces and port."""
+    """serve/config.yaml with this stack's MLflow, the demo's style dir and database, faces and port."""
     from talkmesh.serving.launch import read_serve_file
 
     doc = read_serve_file(
@@ -56,6 +56,7 @@ def _serve_file(stack: LocalStack, work: Path, port: int, faces: Path) -> Path:
         [
             f"tracking_uri={stack.mlflow_uri}",
             f"style_dir={work / 'styles'}",
+            f"service_db=sqlite:///{work / 'service.db'}",
             f"faces={faces}",
             "model_num_cpus=1",
             "torch_threads=1",

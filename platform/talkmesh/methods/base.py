@@ -32,6 +32,7 @@ import io
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar, Union
 
 import numpy as np
@@ -460,6 +461,8 @@ class MotionMethod(nn.Module, abc.ABC):
         self.config = config
         self.facts = facts
         self.stage: str = self.stages[0]
+        self._templates: dict[str, np.ndarray] = {}  # name -> (V, 3) float32, read-only
+        self._default_template: np.ndarray | None = None  # (V, 3): the mean of _templates
 
     # ---- training -----------------------------------------------------------------------
     def set_stage(self, stage: str) -> None:
@@ -594,7 +597,10 @@ class MotionMethod(nn.Module, abc.ABC):
 
     def as_audio(self, audio: torch.Tensor | np.ndarray | Sequence[float]) -> torch.Tensor:
         """(S,) or (1, S) audio -> (1, S) float32 on this model's device."""
-        a = torch.as_tensor(np.asarray(audio) if not isinstance(audio, torch.Tensor) else audio)
+        if not isinstance(audio, torch.Tensor):
+            audio = np.asarray(audio)
+            audio = audio if audio.flags.writeable else audio.copy()  # e.g. from Ray's object store
+        a = torch.as_tensor(audio)
         if a.ndim == 2 and a.shape[0] == 1:
             a = a[0]
         if a.ndim != 1:
@@ -603,10 +609,82 @@ class MotionMethod(nn.Module, abc.ABC):
             raise ValueError("audio holds non-finite samples")
         return a.to(device=self.device, dtype=torch.float32)[None]  # (1, S)
 
-    def as_template(self, template: torch.Tensor | np.ndarray | None) -> torch.Tensor:
-        """(V, 3) or flat (3V,) template -> (V, 3) float32 on this model's device (checked against the facts)."""
+    # ---- carried templates ------------------------------------------------------------------
+    # A model carries the neutral (V, 3) templates of its training speakers so that a client with
+    # nothing but audio gets motion (issue 13). They live outside the state_dict (the method
+    # directory's templates.npz, talkmesh.train.checkpoint), so strict state_dict loads of
+    # imported weights and checkpoints saved before templates existed keep working.
+    def set_templates(self, templates: Mapping[str, torch.Tensor | np.ndarray]) -> None:
+        """Carry ``templates`` (speaker name -> (V, 3) or flat (3V,) neutral mesh), replacing
+        any carried before (an empty mapping carries none). Names must be training subjects
+        of the facts (when the facts list any); meshes are stored as read-only float32 copies.
+        The training loop sets them from the corpus, :func:`talkmesh.train.checkpoint.load_method`
+        from the method directory."""
+        v = self.facts.num_vertices
+        known = self.facts.train_subjects
+        stored: dict[str, np.ndarray] = {}
+        for name, mesh in templates.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"template names must be non-empty strings, got {name!r}")
+            if known and name not in known:
+                raise ValueError(f"template {name!r} is not a training subject; training subjects: {list(known)}")
+            arr = np.array(mesh.detach().cpu() if isinstance(mesh, torch.Tensor) else mesh, dtype=np.float32)
+            if v and arr.ndim == 1 and arr.size == v * 3:
+                arr = arr.reshape(v, 3)
+            if v <= 0 or arr.shape != (v, 3):
+                raise ValueError(f"template {name!r} must be ({v}, 3), got shape {tuple(arr.shape)}")
+            if not np.isfinite(arr).all():
+                raise ValueError(f"template {name!r} holds non-finite values")
+            arr.flags.writeable = False
+            stored[name] = arr
+        order = {s: i for i, s in enumerate(known)}
+        self._templates = dict(sorted(stored.items(), key=lambda kv: order.get(kv[0], len(order))))
+        self._default_template = None
+        if stored:
+            mean = np.mean(np.stack(list(self._templates.values())), axis=0, dtype=np.float64)  # (V, 3)
+            self._default_template = mean.astype(np.float32)
+            self._default_template.flags.writeable = False
+
+    @property
+    def templates(self) -> Mapping[str, np.ndarray]:
+        """The carried templates, read-only: name -> (V, 3) float32, in training-subject order."""
+        return MappingProxyType(self._templates)
+
+    @property
+    def default_style(self) -> str:
+        """What ``generate(style=None)`` animates with, for clients (``GET /v1/info``): a
+        training speaker's name, or ``"mean"`` (a mean over the training speakers, this
+        default). Methods whose default is one speaker override it."""
+        return "mean"
+
+    def template_for(self, style: StyleState | int | str | None = None) -> np.ndarray | None:
+        """The template to animate ``style`` on when the request sends none: a training speaker
+        (name or one-hot index) whose template is carried -> that template; None -> that of
+        :attr:`default_style` (the speaker ``generate(style=None)`` animates) when it is one;
+        anything else (a StyleState, another speaker, a "mean" default) -> the mean of the
+        carried templates. Project decision: the average training face is a neutral face of the
+        model's own topology for a client that owns no mesh. None when the model carries none."""
+        name = self.default_style if style is None else style
+        if isinstance(style, (int, np.integer)) and not isinstance(style, bool):
+            k = int(style)
+            name = self.facts.train_subjects[k] if 0 <= k < self.facts.num_train_subjects else None
+        if isinstance(name, str) and name in self._templates:
+            return self._templates[name]
+        return self._default_template
+
+    def as_template(
+        self, template: torch.Tensor | np.ndarray | None, style: StyleState | int | str | None = None
+    ) -> torch.Tensor:
+        """(V, 3) or flat (3V,) template -> (V, 3) float32 on this model's device (checked against
+        the facts). None -> :meth:`template_for` (``style``): the training speaker's carried
+        template, else the mean one; a ValueError when the model carries none."""
         if template is None:
-            raise ValueError(f"{self.name} needs a (V, 3) template")
+            carried = self.template_for(style)
+            if carried is None:
+                raise ValueError(f"this {self.name} model carries no templates; send a (V, 3) template")
+            template = carried
+        if not isinstance(template, torch.Tensor) and not np.asarray(template).flags.writeable:
+            template = np.array(template)  # e.g. a carried template: torch needs a writable array
         t = torch.as_tensor(np.asarray(template) if not isinstance(template, torch.Tensor) else template)
         v = self.facts.num_vertices
         if t.ndim == 1 and t.numel() == v * 3:

@@ -557,7 +557,7 @@ class FaceFormer(MotionMethod):
         Returns {"vertices": (T, V, 3)} (template + predicted offsets) on this model's
         device, T = :meth:`frames_for_audio` (S). Deterministic (eval mode, no sampling)."""
         a = self.as_audio(audio)  # (1, S)
-        tmpl = self.as_template(template)  # (V, 3)
+        tmpl = self.as_template(template, style)  # (V, 3); None: the carried one (MotionMethod.template_for)
         vec = self.resolve_style(style)[None]  # (1, d)
         with self.eval_mode():
             memory, frames = self.encode_audio(a)  # (1, S_mem, d)
@@ -595,6 +595,11 @@ class FaceFormer(MotionMethod):
 
     # ------------------------------------------------------------------ style interface
     @property
+    def default_style(self) -> str:
+        """The one-hot ``default_subject``'s name (what ``generate(style=None)`` uses)."""
+        return self.facts.train_subjects[self.config.default_subject]
+
+    @property
     def reference_seconds(self) -> float:
         """``adapt_seconds``: the reference length :meth:`encode_style` / :meth:`adapt` use."""
         return self.config.adapt_seconds
@@ -605,8 +610,10 @@ class FaceFormer(MotionMethod):
         audio = reference_field(reference, "audio")
         verts = reference_field(reference, "vertices")
         template = reference_field(reference, "template")
-        if audio is None or verts is None:
-            raise ValueError("a FaceFormer style reference needs 'audio' (S,) and 'vertices' (T, V, 3)")
+        if audio is None or verts is None or template is None:  # its own template: offsets are its motion
+            raise ValueError(
+                "a FaceFormer style reference needs 'audio' (S,), 'vertices' (T, V, 3) and 'template' (V, 3)"
+            )
         tmpl = self.as_template(template)  # (V, 3)
         v = torch.as_tensor(np.asarray(verts) if not isinstance(verts, torch.Tensor) else verts)
         v = v.to(self.device, torch.float32)

@@ -1012,7 +1012,7 @@ class Mimic(MotionMethod):
         Returns {"vertices": (T, V, 3)}, T = :meth:`frames_for_audio` (S), decoded in
         windows of ``infer_window`` frames overlapping by ``infer_overlap``."""
         a = self.as_audio(audio)[0]  # (S,)
-        tmpl = self.as_template(template)  # (V, 3)
+        tmpl = self.as_template(template, style)  # (V, 3); None: the carried one (MotionMethod.template_for)
         code = self.resolve_style(style)  # (d,)
         total = self.frames_for_audio(a.shape[0])
         if total < 1:
@@ -1059,6 +1059,8 @@ class Mimic(MotionMethod):
         """(T, V, 3) or (T, 3V) vertices minus a (V, 3) template -> offsets (T, 3V)."""
         if vertices is None:
             raise ValueError(f"{what}: missing; expected (T, {self.facts.num_vertices}, 3)")
+        if template is None:  # offsets need the motion's own template, never a carried one
+            raise ValueError(f"{what}: needs its own ({self.facts.num_vertices}, 3) template")
         tmpl = self.as_template(template)
         v = torch.as_tensor(np.asarray(vertices) if not isinstance(vertices, torch.Tensor) else vertices)
         v = v.to(self.device, torch.float32)

@@ -480,7 +480,7 @@ def _signature(num_vertices: int) -> Any:
 
 def _method_artifact(tmp: Path, method: MotionMethod | None, method_dir: str | Path | None, extra: Any) -> Path:
     """The method directory to log: ``method`` saved, or the method files of ``method_dir`` copied."""
-    from talkmesh.train.checkpoint import METHOD_FILE, MODEL_FILE, save_method
+    from talkmesh.train.checkpoint import METHOD_FILE, MODEL_FILE, TEMPLATES_FILE, save_method
 
     if (method is None) == (method_dir is None):
         raise ValueError("pass exactly one of method= or method_dir=")
@@ -493,6 +493,9 @@ def _method_artifact(tmp: Path, method: MotionMethod | None, method_dir: str | P
         if not src.is_file():
             raise FileNotFoundError(f"{method_dir}: no {f}")
         (art / f).write_bytes(src.read_bytes())
+    templates = Path(method_dir) / TEMPLATES_FILE  # type: ignore[arg-type]
+    if templates.is_file():  # optional: a model without carried templates has none
+        (art / TEMPLATES_FILE).write_bytes(templates.read_bytes())
     return art
 
 

@@ -14,10 +14,15 @@
 * :mod:`talkmesh.serving.jobs` - durable adaptation jobs with leases, a bounded queue, and a
   runner whose per-job timeout kills the work; :mod:`talkmesh.serving.adapt_worker` is the
   job function (no Ray) and the status a style reads as.
-* :mod:`talkmesh.serving.app` - the Serve application: a FastAPI ingress and the model
-  deployment that loads ``models:/talkmesh-<method>@champion``, runs adaptation jobs and
-  loads styles per request with model multiplexing. ``build_app`` is the import path used by
-  ``serve/config.yaml`` and ``talkmesh serve``.
+* :mod:`talkmesh.serving.settings` - :class:`~talkmesh.serving.settings.ServeConfig` (the
+  application's ``args``) and what both deployments share.
+* :mod:`talkmesh.serving.model` - the model deployment: loads
+  ``models:/talkmesh-<method>@champion``, runs adaptation jobs and loads styles per request
+  with model multiplexing.
+* :mod:`talkmesh.serving.ingress` - the FastAPI ingress: keys, bounded decoding, routes.
+* :mod:`talkmesh.serving.app` - the Serve application; ``build_app`` is the import path used
+  by ``serve/config.yaml`` and ``talkmesh serve``.
 
-Ray is imported by :mod:`talkmesh.serving.app` only.
+Ray is imported by :mod:`talkmesh.serving.model`, :mod:`talkmesh.serving.ingress` and
+:mod:`talkmesh.serving.app` only.
 """

@@ -1,7 +1,7 @@
 """Adaptation as a durable job: the function a :class:`~talkmesh.serving.jobs.JobRunner` runs
 in its child process, and the status a style reads as while its job waits or runs.
 
-The model replica (``talkmesh.serving.app.StyleModel``) saves the model it serves to a
+The model replica (``talkmesh.serving.model.StyleModel``) saves the model it serves to a
 method directory once and hands :func:`adapt_job` an :class:`AdaptSpec` naming it; the
 child process loads the model from there on its first job and keeps it for the next ones
 (one load per child, not per job), adapts to the style's stored reference clip and writes
@@ -22,7 +22,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from talkmesh.serving.jobs import FAILED, SUCCEEDED, Job, JobQueue
+from talkmesh.serving.jobs import FAILED, SUCCEEDED, Job, JobNotFound, JobQueue
 from talkmesh.serving.store import StyleStore
 
 __all__ = ["AdaptSpec", "adapt_job", "adaptation_status", "scalars", "submit_adaptation"]
@@ -104,7 +104,11 @@ def adaptation_status(
     job = queue.find(style_id, model_key)
     if job is None:
         return {"status": "absent"}
-    js = queue.status(job)
+    try:
+        js = queue.status(job)
+    except JobNotFound:  # a DELETE forgot the job just now: the style is gone, or about to be stored again
+        store.status(style_id, model_key, tenant=tenant)  # StyleNotFound once the delete took effect
+        return {"status": "absent"}
     if js["status"] in ("queued", "running"):
         out = {"status": "pending", "job": js["status"], "attempts": js["attempts"], "queue_s": js["queue_s"]}
         if js["run_s"] is not None:

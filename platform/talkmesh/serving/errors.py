@@ -92,7 +92,7 @@ class ErrorBody(BaseModel):
 # OpenAPI: every route may answer these with ErrorBody (``FastAPI(responses=ERROR_RESPONSES)``).
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": http.HTTPStatus(status).phrase}
-    for status in (400, 404, 413, 422, 429, 500, 503)
+    for status in (400, 401, 404, 409, 413, 422, 429, 500, 503)
 }
 
 

@@ -438,8 +438,18 @@ class JobQueue:
 # --------------------------------------------------------------------------------------
 
 
+def _exit_with_parent(parent: int, period_s: float = 1.0) -> None:
+    """Exit this process as soon as its parent (the runner's replica) is gone: an orphaned
+    worker must not go on adapting, or write a style, after its job was handed to another."""
+    while os.getppid() == parent:
+        time.sleep(period_s)
+    os._exit(1)
+
+
 def _child_main(conn: Any) -> None:
-    """The child process: announce itself, then run ``(fn, job)`` requests until told to stop."""
+    """The child process: announce itself, then run ``(fn, job)`` requests until told to stop
+    (or its parent dies: :func:`_exit_with_parent`)."""
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     conn.send(("ready", os.getpid()))
     while True:
         try:
@@ -496,7 +506,9 @@ class JobRunner:
     ``timeout_s`` seconds per job: past it the child is killed and the job fails
     ("timed out after N s"). ``fn`` raising fails the job with its message; the child dying
     (e.g. out of memory) puts the job back while attempts remain. The child is kept between
-    jobs. Use :meth:`run_once` (one job, blocking) or :meth:`start`/:meth:`stop` (a thread)."""
+    jobs. Use :meth:`run_once` (one job, blocking) or :meth:`start`/:meth:`stop` (a thread).
+    ``on_done(job, seconds)``, when given, is called after each attempt with the job as stored
+    afterwards (succeeded, failed, or queued again) and the attempt's wall time: metrics."""
 
     def __init__(
         self,
@@ -509,6 +521,7 @@ class JobRunner:
         poll_s: float = 1.0,
         start_timeout_s: float = 120.0,
         model_key: str | None = None,
+        on_done: Callable[[Job, float], None] | None = None,
     ) -> None:
         try:
             pickle.dumps(fn)
@@ -521,6 +534,7 @@ class JobRunner:
         self.timeout_s, self.lease_s, self.poll_s = float(timeout_s), float(lease_s), float(poll_s)
         self.start_timeout_s = float(start_timeout_s)
         self.model_key = model_key  # claim only this model version's jobs (None: any)
+        self.on_done = on_done  # (the job as stored after an attempt, the attempt's seconds): metrics
         self._ctx = multiprocessing.get_context("spawn")
         self._child: _Child | None = None
         self._stop = threading.Event()
@@ -546,18 +560,30 @@ class JobRunner:
         job = self.queue.claim(self.worker_id, self.lease_s, self.model_key)
         if job is None:
             return None
+        started = time.monotonic()
         try:
             child = self._ensure_child()
             child.conn.send((self.fn, job))
         except Exception as e:  # noqa: BLE001 - the worker process could not be started or reached
             self._kill_child()
             self.queue.fail(job.job_id, self.worker_id, f"adaptation worker unavailable: {e}", retry=True)
-            return self.queue.get(job.job_id)
-        self._supervise(job, child)
+        else:
+            self._supervise(job, child)
         try:
-            return self.queue.get(job.job_id)
+            done = self.queue.get(job.job_id)
         except JobNotFound:  # forgotten meanwhile (its style was deleted)
             return None
+        self._report(done, time.monotonic() - started)
+        return done
+
+    def _report(self, job: Job, seconds: float) -> None:
+        """Hand the attempt's end to ``on_done``; a failing callback never stops the runner."""
+        if self.on_done is None:
+            return
+        try:
+            self.on_done(job, seconds)
+        except Exception:  # noqa: BLE001 - observers must not break job processing
+            log.exception("adaptation runner %s: on_done failed for job %s", self.worker_id, job.job_id)
 
     def _supervise(self, job: Job, child: _Child) -> None:
         """Wait for the child's answer, heartbeating; kill it at the deadline, on stop or
@@ -620,6 +646,11 @@ class JobRunner:
                 job = None
             if job is None:
                 self._stop.wait(self.poll_s)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the runner's thread runs (the model replica's health check asks)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop the thread: a running job's child is killed and the job handed back to the

@@ -4,7 +4,7 @@
 
 Reads the Serve config (``http_options`` + the first application's ``import_path`` and
 ``args``), applies ``key=value`` overrides to the args (validated as
-:class:`talkmesh.serving.app.ServeConfig`), attaches to ``RAY_ADDRESS`` or starts a local
+:class:`talkmesh.serving.settings.ServeConfig`), attaches to ``RAY_ADDRESS`` or starts a local
 Ray bound to 127.0.0.1, starts Serve's HTTP proxy on the configured host/port and deploys
 the application; it runs until interrupted (Ctrl-C or SIGTERM), then shuts Serve (and the
 Ray it started) down: the model replicas hand their running adaptation jobs back to the queue.
@@ -22,13 +22,13 @@ from typing import Any
 
 from talkmesh.config import ConfigError, parse_override, yaml_load
 
-__all__ = ["read_serve_file", "run_serve"]
+__all__ = ["deployment_sections", "read_serve_file", "run_serve"]
 
 
 def read_serve_file(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """The Serve config file as a dict, with ``key=value`` overrides applied to the first
     application's ``args`` and the args validated (errors name the file and key)."""
-    from talkmesh.serving.app import load_serve_config
+    from talkmesh.serving.settings import load_serve_config
 
     p = Path(path)
     if not p.is_file():
@@ -49,8 +49,23 @@ def read_serve_file(path: str | Path, overrides: Sequence[str] = ()) -> dict[str
     except ConfigError as e:
         raise ConfigError(f"{p}: applications[0].args: {e}") from None
     app["args"] = args
+    try:
+        deployment_sections(app)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: applications[0].{e}") from None
     doc["applications"] = [app, *apps[1:]]
     return doc
+
+
+def deployment_sections(app: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """An application's ``deployments`` list (Serve config file format: ``- name: StyleModel``
+    plus options) as checked options per deployment name (:func:`deployment_options`)."""
+    from talkmesh.serving.settings import deployment_options
+
+    sections = app.get("deployments") or []
+    if not isinstance(sections, list) or not all(isinstance(d, Mapping) and "name" in d for d in sections):
+        raise ConfigError("deployments: must be a list of {name: StyleModel|Ingress, <option>: ...}")
+    return deployment_options({str(d["name"]): {k: v for k, v in d.items() if k != "name"} for d in sections})
 
 
 def run_serve(path: str | Path, overrides: Sequence[str] = (), *, blocking: bool = True) -> dict[str, Any]:
@@ -76,7 +91,8 @@ def run_serve(path: str | Path, overrides: Sequence[str] = (), *, blocking: bool
         module, _, attr = str(app["import_path"]).partition(":")
         builder = getattr(importlib.import_module(module), attr)
         name = str(app.get("name", "talkmesh"))
-        serve.run(builder(app["args"]), name=name, route_prefix=str(app.get("route_prefix", "/")))
+        built = builder(app["args"], deployment_sections(app)) if app.get("deployments") else builder(app["args"])
+        serve.run(built, name=name, route_prefix=str(app.get("route_prefix", "/")))
         url = f"http://{host}:{port}"
         print(f"talkmesh serve: {name} at {url}  (docs {url}/docs; Ctrl-C stops)", flush=True)
         if not blocking:

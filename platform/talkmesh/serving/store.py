@@ -84,6 +84,7 @@ _META = "meta.json"
 _MODEL_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")
 MAX_PAGE = 1000
+_PUT_ATTEMPTS = 3  # put_reference tries while a racing delete keeps removing the directory
 
 
 class StyleNotFound(KeyError):
@@ -217,6 +218,8 @@ def _write_durable(path: Path, data: bytes, replace: bool) -> bool:
                 os.link(tmp, path)  # atomic create-if-absent
             except FileExistsError:
                 return False
+            except FileNotFoundError:  # the directory went away (a racing delete): not a link problem
+                raise
             except OSError:  # a filesystem without hard links: check, then rename
                 if path.exists():
                     return False
@@ -446,11 +449,30 @@ class StyleStore:
         """Store a reference clip (write-once) for ``tenant`` with the JSON-able
         ``adapt_options`` its adaptation uses (kept in ``meta.json``, part of the id). Returns
         (style_id, created): ``created`` is False when the same clip and options are already
-        stored for this tenant (untouched)."""
+        stored for this tenant (untouched). A DELETE of the same style racing this call may
+        remove its directory mid-write: the clip is then stored afresh (StyleNotFound if that
+        keeps happening)."""
         arrays = {k: np.asarray(v) for k, v in reference.items() if v is not None}
         sid = style_id_for(method, arrays, adapt_options, tenant)
+        for _ in range(_PUT_ATTEMPTS):
+            try:
+                return sid, self._put_reference(sid, method, arrays, meta, adapt_options, tenant)
+            except FileNotFoundError:  # a racing delete removed the style's directory under us
+                continue
+        raise StyleNotFound(f"style {sid!r} was deleted while being stored {_PUT_ATTEMPTS} times; post it again")
+
+    def _put_reference(
+        self,
+        sid: str,
+        method: str,
+        arrays: Mapping[str, np.ndarray],
+        meta: Mapping[str, Any] | None,
+        adapt_options: Mapping[str, Any] | None,
+        tenant: str | None,
+    ) -> bool:
+        """One try of :meth:`put_reference`; returns ``created``."""
         if self._read_meta(sid) is not None:
-            return sid, False
+            return False
         ref_key = f"{sid}/{_REFERENCE}"
         buf = _npz_bytes(arrays)
         if not self.backend.create(ref_key, buf):  # left by a racing writer or a crashed one
@@ -469,7 +491,7 @@ class StyleStore:
         created = self.backend.create(f"{sid}/{_META}", json.dumps(record, indent=2, sort_keys=True).encode())
         if created and not self.backend.exists(ref_key):  # a racing delete took the reference with it
             self.backend.write(ref_key, buf)
-        return sid, created
+        return created
 
     def meta(self, style_id: str, tenant: str | None = None) -> dict[str, Any]:
         return self._owned(style_id, tenant)
@@ -497,13 +519,20 @@ class StyleStore:
         """Metadata of every stored style of ``tenant`` (None: of every tenant), oldest first."""
         return self._all_meta(tenant)
 
-    def list_page(self, tenant: str | None = None, limit: int = 50, cursor: str | None = None) -> StylePage:
+    def list_page(
+        self, tenant: str | None = None, limit: int = 50, cursor: str | None = None, method: str | None = None
+    ) -> StylePage:
         """One page of :meth:`list`: at most ``limit`` (1..1000) styles after ``cursor`` (the
-        previous page's ``next_cursor``; None: the first page). Stable while styles are added."""
+        previous page's ``next_cursor``; None: the first page), only ``method``'s when given
+        (so a page is full while more follow). Stable while styles are added."""
         if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_PAGE:
             raise ValueError(f"limit: expected an integer from 1 to {MAX_PAGE}, got {limit!r}")
         after = _decode_cursor(cursor) if cursor else None
-        metas = [m for m in self._all_meta(tenant) if after is None or _order(m) > after]
+        metas = [
+            m
+            for m in self._all_meta(tenant)
+            if (after is None or _order(m) > after) and (method is None or m.get("method") == method)
+        ]
         items = metas[:limit]
         more = len(metas) > limit
         return StylePage(items, _encode_cursor(items[-1]) if more else None)

@@ -38,7 +38,6 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from talkmesh.serving.db import engine_for
@@ -129,10 +128,14 @@ class KeyRecord:
 
 def default_db_url() -> str:
     """The service database the CLI and the service share: ``$TALKMESH_SERVICE_DB`` if set,
-    else the SQLite file ``outputs/service.db`` under the current directory (absolute, so
-    that the URL names one file whatever directory a process later moves to)."""
+    else the SQLite file ``service.db`` under :func:`talkmesh.serving.store.default_base`
+    (``$TALKMESH_HOME``, default ``~/.local/share/talkmesh``, next to the default style
+    store): the same file for ``talkmesh keys`` and for a service deployed with ``serve
+    deploy``, whose application is built in a Ray process with another working directory."""
+    from talkmesh.serving.store import default_base
+
     url = os.environ.get(SERVICE_DB_ENV, "").strip()
-    return url or f"sqlite:///{Path.cwd().resolve() / 'outputs' / 'service.db'}"
+    return url or f"sqlite:///{default_base() / 'service.db'}"
 
 
 def validate_tenant(tenant: Any, *, allow_dev: bool = False) -> str:
@@ -202,6 +205,13 @@ class KeyStore:
         self._lock = threading.Lock()
         # Hashed against when the key id is unknown, so that path costs what a known id costs.
         self._decoy = _hash(TOKEN_PREFIX + secrets.token_urlsafe(32))
+
+    def ping(self) -> None:
+        """Raise when the database does not answer (the ingress's health check)."""
+        import sqlalchemy as sa
+
+        with self._begin() as conn:
+            conn.execute(sa.text("SELECT 1"))
 
     def _begin(self) -> Any:
         """A transaction on the engine, the table created first (once per store)."""

@@ -5,6 +5,11 @@ config files::
 
     method.json   {"format": 1, "method": "faceformer", "config": {...}, "facts": {...}, "stage": "main", ...}
     model.pt      the method's state_dict (torch.save; loaded with weights_only=True)
+    templates.npz the neutral templates the method carries (``MotionMethod.templates``), only
+                  when it carries any: ``names`` (N,) str and ``templates`` (N, V, 3) float32
+                  (np.load with allow_pickle=False). Kept out of model.pt so that strict
+                  state_dict loads (importers, resuming) are unchanged; a directory without it
+                  (saved before templates existed) loads with no templates.
 
 A **training checkpoint** (one per epoch, ``epoch-0003/``) is a method directory plus::
 
@@ -21,11 +26,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from talkmesh.config import to_dict
@@ -37,6 +44,7 @@ __all__ = [
     "METHOD_FILE",
     "METRICS_FILE",
     "MODEL_FILE",
+    "TEMPLATES_FILE",
     "TRAINER_FILE",
     "CheckpointInfo",
     "LoadedMethod",
@@ -45,14 +53,17 @@ __all__ = [
     "load_method",
     "load_trainer_state",
     "read_metrics",
+    "read_templates",
     "save_checkpoint",
     "save_method",
     "select_checkpoint",
+    "write_templates",
 ]
 
 FORMAT_VERSION = 1
 METHOD_FILE = "method.json"
 MODEL_FILE = "model.pt"
+TEMPLATES_FILE = "templates.npz"
 TRAINER_FILE = "trainer.pt"
 METRICS_FILE = "metrics.json"
 _EPOCH_DIR = re.compile(r"^epoch-(\d{4,})$")
@@ -99,7 +110,48 @@ def save_method(directory: str | Path, method: torch.nn.Module, extra: Mapping[s
     (d / METHOD_FILE).write_text(json.dumps(_json_safe(info), indent=2, sort_keys=True))
     state = {k: v.detach().to("cpu") for k, v in m.state_dict().items()}
     torch.save(state, d / MODEL_FILE)
+    write_templates(d, m.templates)
     return d
+
+
+def write_templates(directory: str | Path, templates: Mapping[str, np.ndarray]) -> Path | None:
+    """Write ``templates.npz`` (name -> (V, 3)) into a method directory; with no templates,
+    remove a stale one instead (so the directory never carries another model's). Returns the
+    file, or None when none was written. Written to a temporary name, then renamed."""
+    path = Path(directory) / TEMPLATES_FILE
+    if not templates:
+        path.unlink(missing_ok=True)
+        return None
+    names = np.array(list(templates), dtype=np.str_)  # (N,)
+    meshes = np.stack([np.asarray(t, dtype=np.float32) for t in templates.values()])  # (N, V, 3)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, names=names, templates=meshes)
+    os.replace(tmp, path)
+    return path
+
+
+def read_templates(source: str | Path) -> dict[str, np.ndarray]:
+    """The templates of a method directory, or of a ``templates.npz`` file itself (name ->
+    (V, 3) float32); {} when the directory has no ``templates.npz``. A malformed file is a
+    ValueError naming it and what was expected."""
+    path = Path(source)
+    path = path / TEMPLATES_FILE if path.is_dir() else path
+    if not path.is_file():
+        return {}
+    expected = "'names' (N,) str and 'templates' (N, V, 3) float"
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            names, meshes = z["names"], z["templates"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{path}: cannot read templates ({type(e).__name__}: {e}); expected {expected}") from None
+    if names.ndim != 1 or names.dtype.kind != "U" or meshes.ndim != 3 or meshes.shape[0] != names.shape[0]:
+        raise ValueError(f"{path}: names {names.shape} {names.dtype}, templates {meshes.shape}; expected {expected}")
+    if meshes.dtype.kind != "f" or meshes.shape[2] != 3:
+        raise ValueError(f"{path}: templates {meshes.shape} {meshes.dtype}; expected {expected}")
+    if len(set(names.tolist())) != len(names):
+        raise ValueError(f"{path}: duplicate template names {names.tolist()}")
+    return {str(n): meshes[i].astype(np.float32) for i, n in enumerate(names.tolist())}
 
 
 @dataclasses.dataclass
@@ -131,6 +183,11 @@ def load_method(directory: str | Path, device: str | torch.device = "cpu") -> Lo
         method.set_stage(stage)
     state = torch.load(d / MODEL_FILE, map_location="cpu", weights_only=True)
     method.load_state_dict(state)
+    templates = read_templates(d)
+    try:
+        method.set_templates(templates)
+    except ValueError as e:
+        raise ValueError(f"{d / TEMPLATES_FILE}: {e}") from None
     method.to(device).eval()
     return LoadedMethod(method=method, facts=facts, config=method.config, info=info)
 

@@ -46,6 +46,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from talkmesh.config import from_dict
@@ -290,7 +291,21 @@ def _build_method(exp: ExperimentConfig, corpus: Corpus) -> MotionMethod:
     method = build_method(exp.method, exp.model, facts, preset=exp.preset or None)
     if exp.train.stage:
         method.set_stage(exp.train.stage)
+    if method.template_input == "vertices":  # carried into every checkpoint: audio alone animates
+        method.set_templates(_training_templates(corpus, facts.train_subjects))
     return method
+
+
+def _training_templates(corpus: Corpus, subjects: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The (V, 3) neutral templates of the training ``subjects`` the corpus has (a parameter
+    corpus without a face model has none; FLAME-parameter methods carry their identities'
+    shapes in their own buffers instead)."""
+    out: dict[str, np.ndarray] = {}
+    for subject in subjects:
+        tmpl = corpus.template(subject)
+        if tmpl is not None:
+            out[subject] = np.asarray(tmpl, dtype=np.float32)
+    return out
 
 
 def _resume(method: MotionMethod, local_mode: bool, run_dir: Path) -> dict[str, Any] | None:

@@ -202,6 +202,11 @@ class DEEPTalk(MotionMethod):
         return self
 
     @property
+    def default_style(self) -> str:
+        """The ``default_actor``'s name (what ``generate(style=None)`` uses, D11)."""
+        return self.facts.train_subjects[self.config.default_actor]
+
+    @property
     def content_encoder(self) -> nn.Module:
         """The frozen wav2vec 2.0 of the content path (not a submodule, deviation 9)."""
         return self._content

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from talkmesh.methods.base import DataFacts
@@ -27,7 +28,14 @@ from talkmesh.ops.importers.keymap import (
     map_state_dict,
 )
 
-__all__ = ["HDTF_TRAIN_SUBJECTS", "ImportedModel", "Importer", "build_imported", "published_facts"]
+__all__ = [
+    "HDTF_TRAIN_SUBJECTS",
+    "ImportedModel",
+    "Importer",
+    "build_imported",
+    "published_facts",
+    "read_template_source",
+]
 
 # datasets.md §4.3: 3D-HDTF ids 1..150 train; the reference's one-hot index is id - 1.
 HDTF_TRAIN_SUBJECTS: tuple[str, ...] = tuple(str(i) for i in range(1, 151))
@@ -135,3 +143,31 @@ def build_imported(
     return ImportedModel(
         method=method, preset=preset, source=path, sha256=sha, names=mapped.names, unused=sorted(mapped.unused)
     )
+
+
+def read_template_source(path: str | Path, facts: DataFacts) -> dict[str, np.ndarray]:
+    """The training speakers' neutral templates for an imported model (which has no corpus at
+    hand): the dataset's ``templates.pkl`` (subject -> (V, 3) or (3V,); read with the restricted
+    unpickler, integer 3D-HDTF ids become their names) or a talkmesh ``templates.npz``. Only the
+    training subjects of ``facts`` are kept; a file holding none of them is an error naming both."""
+    from talkmesh.data.safepickle import load_pickle
+    from talkmesh.train.checkpoint import read_templates
+
+    p = Path(path).expanduser()
+    what = "a dataset's templates.pkl (subject -> (V, 3)) or a talkmesh templates.npz"
+    if not p.is_file():
+        raise CheckpointImportError(f"templates {p}: no such file; expected {what}")
+    try:
+        raw = read_templates(p) if p.suffix == ".npz" else load_pickle(p)
+    except ValueError as e:  # DataError too
+        raise CheckpointImportError(f"templates {p}: {e}") from None
+    if not isinstance(raw, Mapping):
+        raise CheckpointImportError(f"templates {p}: holds a {type(raw).__name__}; expected {what}")
+    found = {str(k): np.asarray(v, dtype=np.float32) for k, v in raw.items() if str(k) in facts.train_subjects}
+    if not found:
+        names = sorted(str(k) for k in raw)[:5]
+        raise CheckpointImportError(
+            f"templates {p}: none of the training subjects {list(facts.train_subjects)[:5]}... "
+            f"(names there: {names}); expected {what}"
+        )
+    return found

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from talkmesh.ops.importers.base import ImportedModel, Importer, build_imported
+from talkmesh.ops.importers.base import ImportedModel, Importer, build_imported, read_template_source
 from talkmesh.ops.importers.faceformer import FaceFormerImporter
 from talkmesh.ops.importers.keymap import CheckpointImportError, KeyRule
 from talkmesh.ops.importers.mimic import MimicImporter
@@ -114,15 +114,26 @@ def import_checkpoint(
     alias: str | None = None,
     config: Any | None = None,
     facts: Any | None = None,
+    templates: str | Path | None = None,
 ) -> ImportReport:
     """Import a released checkpoint of ``method`` (see :func:`build_imported`; ``config`` /
     ``facts`` override the preset's, e.g. for a tiny test model) and, with ``register``, log
     an MLflow run (source sha256 as a tag) and register ``talkmesh-<method>`` (``alias``, if
-    given, then points at the new version)."""
+    given, then points at the new version). ``templates`` (the dataset's ``templates.pkl`` or a
+    ``templates.npz``, see :func:`read_template_source`) gives the model its training speakers'
+    templates, so that it animates audio alone; without it the imported model carries none and
+    every request must send a template."""
     from talkmesh.ops import tracking
 
     importer = get_importer(method)
     imp = build_imported(importer, checkpoint, preset, config=config, facts=facts)
+    if templates is not None:
+        try:
+            imp.method.set_templates(read_template_source(templates, imp.method.facts))
+        except CheckpointImportError:
+            raise
+        except ValueError as e:  # a mesh of another topology, non-finite values
+            raise CheckpointImportError(f"templates {templates}: {e}") from None
     if not register:
         return ImportReport(imported=imp, run_id=None, version=None, alias=None, tracking_uri=None)
     uri = tracking_uri or tracking.tracking_uri()
