@@ -360,6 +360,13 @@ class RunLogger:
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
         log_metrics(self.run_id, metrics, step, uri=self.uri)
 
+    def logged_steps(self, key: str) -> set[int]:
+        """The steps at which the run already has metric ``key``."""
+        return {m.step for m in _client(self.uri).get_metric_history(self.run_id, key)}
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        set_tags(self.run_id, tags, uri=self.uri)
+
     def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None:
         log_artifacts(self.run_id, path, artifact_path, uri=self.uri)
 

@@ -16,6 +16,14 @@ A **training checkpoint** (one per epoch, ``epoch-0003/``) is a method directory
     trainer.pt    {"epoch": 3, "optimizer": state_dict, "stage": "main", "global_step": 96}
     metrics.json  the metrics reported with it (train loss, val/lve, ...)
 
+A **run directory** (``<train.storage_path>/<run name>/``) holds the checkpoints and
+``progress.jsonl``: what rank 0 did, one JSON object a line (:func:`append_progress`) -
+``{"event": "start", "start_epoch": 2, "workers": [{"rank", "pid", "node_id"}, ...]}`` each
+time a worker group starts (a fresh run, a resumed one, or a restart after a lost worker),
+``{"event": "epoch_start", "epoch": 2}`` and ``{"event": "epoch_end", "epoch": 2, "step": 96}``
+(after the epoch's checkpoint is persisted). A restarted epoch shows as a second
+``epoch_start`` of the same epoch.
+
 The registered MLflow model (``talkmesh-<method>``) carries a method directory as its
 artifact, so Serve, the job and the tests rebuild the module the same way
 (:func:`load_method`).
@@ -44,15 +52,18 @@ __all__ = [
     "METHOD_FILE",
     "METRICS_FILE",
     "MODEL_FILE",
+    "PROGRESS_FILE",
     "TEMPLATES_FILE",
     "TRAINER_FILE",
     "CheckpointInfo",
     "LoadedMethod",
+    "append_progress",
     "checkpoint_dir_name",
     "list_checkpoints",
     "load_method",
     "load_trainer_state",
     "read_metrics",
+    "read_progress",
     "read_templates",
     "save_checkpoint",
     "save_method",
@@ -66,6 +77,7 @@ MODEL_FILE = "model.pt"
 TEMPLATES_FILE = "templates.npz"
 TRAINER_FILE = "trainer.pt"
 METRICS_FILE = "metrics.json"
+PROGRESS_FILE = "progress.jsonl"
 _EPOCH_DIR = re.compile(r"^epoch-(\d{4,})$")
 
 
@@ -259,3 +271,32 @@ def select_checkpoint(
         return checkpoints[-1]
     best = min(checkpoints, key=lambda c: (_score(c, metric, mode), -c.epoch))
     return best if math.isfinite(_score(best, metric, mode)) else checkpoints[-1]
+
+
+def append_progress(run_dir: str | Path, record: Mapping[str, Any]) -> None:
+    """Append one event (plus its wall-clock ``time``) to the run's ``progress.jsonl``; the
+    line is written with one ``write`` and flushed to disk, so a killed writer leaves whole lines."""
+    import time
+
+    path = Path(run_dir) / PROGRESS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(_json_safe({**dict(record), "time": time.time()}), sort_keys=True) + "\n"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_progress(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The events of the run's ``progress.jsonl`` in order ([] when there is none); a
+    truncated last line (a writer killed mid-line on a filesystem without atomic appends) is skipped."""
+    path = Path(run_dir) / PROGRESS_FILE
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out

@@ -53,6 +53,9 @@ class TrainConfig:
     # ---- resources ----
     num_workers: int = 0  # Ray Train workers; 0 = local mode (in-process, no Ray cluster)
     use_gpu: bool = False
+    # Extra Ray resources each worker holds besides its CPU (or GPU), e.g. a custom resource
+    # that only some nodes offer, to pin or spread the workers: {"trainer_slot": 1}.
+    worker_resources: dict[str, float] = dataclasses.field(default_factory=dict)
     bf16: bool = False  # autocast to bfloat16 (GPU only; ignored on CPU)
     torch_threads: int = 0  # intra-op threads per worker; 0 = leave torch's setting
     loader_workers: int = 0  # DataLoader worker processes per Ray worker
@@ -65,7 +68,9 @@ class TrainConfig:
     select: Literal["best", "last"] = "best"
     # Log the selected checkpoint's files as MLflow artifacts after training.
     log_checkpoint: bool = True
-    max_failures: int = 0  # worker-group restarts from the latest checkpoint
+    # Worker-group restarts from the latest checkpoint after a lost worker or node (or an
+    # error in training: a deterministic one fails again, once more per retry).
+    max_failures: int = 1
     eval_every: int = 1  # validate every N epochs (and always after the last one)
     eval_split: str = "val"
     eval_adapted: bool = False  # validation also decodes unseen subjects with adapt() (``<split>/adapted/*``)
@@ -103,6 +108,9 @@ class TrainConfig:
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}: must be >= 0, got {getattr(self, name)}")
+        bad = {k: v for k, v in self.worker_resources.items() if not v >= 0}
+        if bad:
+            raise ConfigError(f"train.worker_resources: amounts must be >= 0, got {bad}")
         if self.eval_every < 1:
             raise ConfigError(f"train.eval_every: must be >= 1, got {self.eval_every}")
         if not self.storage_path:

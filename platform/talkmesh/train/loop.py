@@ -18,10 +18,21 @@ quick runs). Per worker, in named steps (as torchtitan's trainer reads):
    the training windows;
 3. :func:`validate` - whole sequences of ``train.eval_split`` (sharded over ranks,
    gathered, scored as in :mod:`talkmesh.eval.evaluate`);
-4. :func:`report_epoch` - rank 0 logs the metrics to MLflow (``talkmesh.ops.tracking``,
-   since Ray drops metrics-only reports and keeps no per-epoch history with workers >= 1)
-   and writes the checkpoint; every rank calls ``ray.train.report(metrics, checkpoint,
-   checkpoint_dir_name="epoch-NNNN")`` (a barrier).
+4. :func:`report_epoch` - rank 0 writes the checkpoint; every rank calls
+   ``ray.train.report(metrics, checkpoint, checkpoint_dir_name="epoch-NNNN")`` (a barrier);
+   then rank 0 logs the metrics to MLflow (``talkmesh.ops.tracking``, since Ray drops
+   metrics-only reports and keeps no per-epoch history with workers >= 1).
+
+Faults (``train.max_failures``, default 1): a lost worker makes Ray Train restart the whole
+group, which resumes from the latest persisted checkpoint, so at most the epoch in progress
+is repeated. Its metrics were not logged yet (they are logged only once the checkpoint is
+persisted); a resumed rank 0 logs the resumed checkpoint's metrics if a kill fell between
+the two, and does not log again an epoch MLflow already has (a kill before Ray registered
+its checkpoint): the MLflow epoch series has neither repeats nor gaps. Every epoch reseeds
+torch from (seed, rank, epoch), so a resumed run draws what the uninterrupted one would have.
+Rank 0 records worker-group starts and epochs in ``<run dir>/progress.jsonl``
+(:func:`~talkmesh.train.checkpoint.append_progress`) and tags the MLflow run with
+``talkmesh.worker_nodes`` (Ray node id per rank) and ``talkmesh.worker_starts``.
 
 The method is called only through the :class:`~talkmesh.methods.base.MotionMethod` contract:
 ``fit_stage`` (non-gradient fitting, once on a fresh run, logs reported as
@@ -40,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -52,9 +64,12 @@ import torch
 from talkmesh.config import from_dict
 from talkmesh.train.checkpoint import (
     MODEL_FILE,
+    append_progress,
     checkpoint_dir_name,
     list_checkpoints,
     load_trainer_state,
+    read_metrics,
+    read_progress,
     save_checkpoint,
     select_checkpoint,
 )
@@ -189,6 +204,7 @@ class WorkerState:
     conditions: list[str]  # training subjects that decode unseen subjects in validation
     fit_logs: dict[str, float]  # train/fit/* of fit_stage, reported with the first epoch
     logger: RunLogger | None = None  # rank 0 with an MLflow run
+    logged_epochs: set[int] = dataclasses.field(default_factory=set)  # epochs MLflow had when this group started
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -204,6 +220,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     try:
         state = build_worker(exp, config)
         for epoch in range(state.start_epoch, state.num_epochs):
+            if state.rank == 0:
+                append_progress(state.run_dir, {"event": "epoch_start", "epoch": epoch})
             metrics = train_epoch(state, epoch)
             if (epoch + 1) % t.eval_every == 0 or epoch + 1 == state.num_epochs:
                 metrics.update(validate(state))
@@ -236,14 +254,13 @@ def build_worker(exp: ExperimentConfig, config: dict[str, Any]) -> WorkerState:
     run_dir = Path(config["storage_path"]) / config["run_name"]
     corpus = open_corpus(exp.data)
     method = _build_method(exp, corpus)
-    trainer_state = _resume(method, local_mode, run_dir)
+    trainer_state, resumed_metrics = _resume(method, local_mode, run_dir)
     if trainer_state is None and t.init_from:
         _load_init_weights(method, t.init_from, config.get("tracking_uri"))
     device = ray.train.torch.get_device()
     fit_logs = _fit_stage(method, corpus, t.seed, device) if trainer_state is None else {}
     model, optimizer = _build_optimizer(method, sched, t.weight_decay, device)
     start_epoch, global_step = _restore_trainer(optimizer, trainer_state)
-    torch.manual_seed(t.seed + 7919 * (rank + 1) + start_epoch)  # dropout etc.: per rank, per resume
     train_ds, loader, generator = _build_loader(exp, corpus, method, sched, rank, world)
     state = WorkerState(
         exp=exp,
@@ -268,7 +285,36 @@ def build_worker(exp: ExperimentConfig, config: dict[str, Any]) -> WorkerState:
         fit_logs=fit_logs,
     )
     state.logger = _run_logger(config, t.system_metrics) if rank == 0 else None
+    _record_start(state, resumed_metrics)
     return state
+
+
+def _node_id() -> str:
+    """The Ray node id of this process ("local" outside Ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+
+
+def _record_start(s: WorkerState, resumed_metrics: dict[str, Any] | None) -> None:
+    """Every rank's (pid, Ray node id) gathered; rank 0 appends the group's ``start`` event to
+    ``progress.jsonl``, tags the MLflow run with the node ids and the number of starts, and,
+    on a resume, logs the resumed checkpoint's metrics when MLflow lacks that epoch (a worker
+    lost after the checkpoint was persisted but before its metrics were logged)."""
+    workers = _all_gather({"rank": s.rank, "pid": os.getpid(), "node_id": _node_id()}, s.world)
+    if s.rank != 0:
+        return
+    append_progress(s.run_dir, {"event": "start", "start_epoch": s.start_epoch, "workers": workers})
+    if s.logger is None:
+        return
+    starts = sum(e.get("event") == "start" for e in read_progress(s.run_dir))
+    nodes = ",".join(w["node_id"] for w in workers)
+    s.logger.set_tags({"talkmesh.worker_nodes": nodes, "talkmesh.worker_starts": starts})
+    s.logged_epochs = s.logger.logged_steps("epoch")
+    done = s.start_epoch - 1
+    if resumed_metrics and done >= 0 and done not in s.logged_epochs:
+        s.logger.log_metrics(resumed_metrics, step=done)
+        s.logged_epochs.add(done)
 
 
 def _run_logger(config: dict[str, Any], system_metrics: bool) -> RunLogger | None:
@@ -308,16 +354,20 @@ def _training_templates(corpus: Corpus, subjects: tuple[str, ...]) -> dict[str, 
     return out
 
 
-def _resume(method: MotionMethod, local_mode: bool, run_dir: Path) -> dict[str, Any] | None:
-    """Load the checkpoint to resume from into ``method``; its trainer state (None: a fresh run)."""
+def _resume(
+    method: MotionMethod, local_mode: bool, run_dir: Path
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """Load the checkpoint to resume from into ``method``; (its trainer state, its metrics),
+    (None, None) for a fresh run."""
     with _resume_source(local_mode, run_dir) as resume_dir:
         if resume_dir is None:
-            return None
+            return None, None
         method.load_state_dict(torch.load(resume_dir / MODEL_FILE, map_location="cpu", weights_only=True))
         trainer_state = load_trainer_state(resume_dir)
+        metrics = read_metrics(resume_dir)
     if trainer_state.get("stage"):
         method.set_stage(trainer_state["stage"])
-    return trainer_state
+    return trainer_state, metrics
 
 
 def _restore_trainer(optimizer: torch.optim.Optimizer | None, trainer_state: dict[str, Any] | None) -> tuple[int, int]:
@@ -400,6 +450,7 @@ def train_epoch(s: WorkerState, epoch: int) -> dict[str, Any]:
     from torch.utils.data import DistributedSampler
 
     t0 = time.perf_counter()
+    torch.manual_seed(s.exp.train.seed + 7919 * (s.rank + 1) + 104_729 * epoch)  # dropout etc.: per rank and epoch
     s.train_ds.set_epoch(epoch)
     s.generator.manual_seed(s.exp.train.seed * 1_000_003 + epoch)
     if isinstance(s.loader.sampler, DistributedSampler):
@@ -492,13 +543,12 @@ def validate(s: WorkerState) -> dict[str, float]:
 
 
 def report_epoch(s: WorkerState, epoch: int, metrics: dict[str, Any]) -> None:
-    """Rank 0 logs ``metrics`` to MLflow and writes the epoch's checkpoint; every rank
-    reports (``ray.train.report`` is a barrier)."""
+    """Rank 0 writes the epoch's checkpoint; every rank reports (``ray.train.report`` is a
+    barrier); then rank 0 logs ``metrics`` to MLflow and the epoch's end to ``progress.jsonl``
+    (after the checkpoint is persisted, so a restart never logs an epoch twice)."""
     import ray.train
 
     t = s.exp.train
-    if s.logger is not None:
-        s.logger.log_metrics(metrics, step=epoch)
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
         checkpoint = None
         if s.rank == 0:
@@ -508,6 +558,10 @@ def report_epoch(s: WorkerState, epoch: int, metrics: dict[str, Any]) -> None:
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(epoch))
     if s.local_mode and s.rank == 0:
         _prune_local(s.run_dir, t.checkpoint_num_to_keep, t.checkpoint_metric, t.checkpoint_mode)
+    # Already logged: a restart repeated an epoch whose checkpoint Ray had not registered.
+    if s.logger is not None and epoch not in s.logged_epochs:
+        s.logger.log_metrics(metrics, step=epoch)
     if s.rank == 0:
+        append_progress(s.run_dir, {"event": "epoch_end", "epoch": epoch, "step": s.global_step})
         shown = {k: metrics[k] for k in ("train/loss", t.checkpoint_metric) if k in metrics}
         print(f"[talkmesh] {s.exp.method} epoch {epoch + 1}/{s.num_epochs} {shown}", flush=True)

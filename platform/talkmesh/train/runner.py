@@ -237,6 +237,7 @@ def _make_trainer(
     from talkmesh.train.loop import train_loop_per_worker
 
     t = exp.train
+    resources = {"GPU" if t.use_gpu else "CPU": 1, **t.worker_resources} if t.worker_resources else None
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -247,7 +248,11 @@ def _make_trainer(
             "mlflow_run_id": run_id,
             "tracking_uri": uri,
         },
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu),
+        scaling_config=ScalingConfig(
+            num_workers=t.num_workers,
+            use_gpu=t.use_gpu,
+            resources_per_worker=resources,
+        ),
         run_config=RunConfig(
             name=name,
             storage_path=str(storage),

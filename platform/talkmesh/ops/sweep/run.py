@@ -110,7 +110,8 @@ def tune_domain(dist: Distribution) -> Any:
 
 
 def _tune_config(cfg: SweepConfig) -> Any:
-    """``TuneConfig``: metric/mode, OptunaSearch or seeded random search, ASHA over ``epochs_done``."""
+    """``TuneConfig``: metric/mode, OptunaSearch or seeded random search (both capped at
+    ``max_concurrent_trials``), ASHA over ``epochs_done``."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -119,8 +120,8 @@ def _tune_config(cfg: SweepConfig) -> Any:
         from ray.tune.search.optuna import OptunaSearch
 
         search = OptunaSearch(metric=cfg.metric, mode=cfg.mode, seed=cfg.search.seed)
-    else:
-        search = BasicVariantGenerator(random_state=cfg.search.seed)
+    else:  # a SearchGenerator: Tune ignores TuneConfig.max_concurrent_trials for it, so it limits itself
+        search = BasicVariantGenerator(random_state=cfg.search.seed, max_concurrent=cfg.max_concurrent_trials)
     s = cfg.scheduler
     asha = {"time_attr": EPOCHS_DONE, "max_t": s.max_t, "grace_period": s.grace_period}
     return tune.TuneConfig(
@@ -129,7 +130,7 @@ def _tune_config(cfg: SweepConfig) -> Any:
         search_alg=search,
         scheduler=None if s.type == "fifo" else ASHAScheduler(**asha, reduction_factor=s.reduction_factor),
         num_samples=cfg.num_samples,
-        max_concurrent_trials=cfg.max_concurrent_trials,
+        max_concurrent_trials=cfg.max_concurrent_trials if cfg.search.type == "optuna" else None,
         trial_dirname_creator=trial_dirname,
     )
 
