@@ -59,6 +59,7 @@ __all__ = [
     "LoadedMethod",
     "append_progress",
     "checkpoint_dir_name",
+    "checkpoint_epoch",
     "list_checkpoints",
     "load_method",
     "load_trainer_state",
@@ -84,6 +85,12 @@ _EPOCH_DIR = re.compile(r"^epoch-(\d{4,})$")
 def checkpoint_dir_name(epoch: int) -> str:
     """``epoch-0003``: the directory (and Ray ``checkpoint_dir_name``) of epoch 3 (0-based)."""
     return f"epoch-{epoch:04d}"
+
+
+def checkpoint_epoch(path: str | Path) -> int | None:
+    """The epoch of a checkpoint directory named by :func:`checkpoint_dir_name` (None: another name)."""
+    m = _EPOCH_DIR.match(Path(path).name)
+    return int(m.group(1)) if m else None
 
 
 def _unwrap(module: torch.nn.Module) -> MotionMethod:
@@ -247,9 +254,9 @@ def list_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
         return []
     out = []
     for p in root.iterdir():
-        m = _EPOCH_DIR.match(p.name)
-        if m and p.is_dir() and (p / TRAINER_FILE).is_file() and (p / MODEL_FILE).is_file():
-            out.append(CheckpointInfo(int(m.group(1)), p, read_metrics(p)))
+        epoch = checkpoint_epoch(p)
+        if epoch is not None and p.is_dir() and (p / TRAINER_FILE).is_file() and (p / MODEL_FILE).is_file():
+            out.append(CheckpointInfo(epoch, p, read_metrics(p)))
     return sorted(out, key=lambda c: c.epoch)
 
 

@@ -66,6 +66,7 @@ from talkmesh.train.checkpoint import (
     MODEL_FILE,
     append_progress,
     checkpoint_dir_name,
+    checkpoint_epoch,
     list_checkpoints,
     load_trainer_state,
     read_metrics,
@@ -115,19 +116,29 @@ def _sync_buffers(module: torch.nn.Module, world: int) -> None:
 
 @contextlib.contextmanager
 def _resume_source(local_mode: bool, run_dir: Path) -> Iterator[Path | None]:
-    """Directory of the checkpoint to resume from, or None for a fresh start."""
+    """Directory of the checkpoint to resume from, or None for a fresh start: in local mode
+    the newest complete one under ``run_dir``; on Ray the newer of Ray's latest registered
+    checkpoint and the newest one rank 0 finished reporting (its ``epoch_end`` in
+    ``progress.jsonl``). Ray registers a checkpoint only when its controller next polls the
+    workers' reports, so a worker lost right after an epoch would otherwise repeat two epochs."""
     import ray.train
 
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            yield Path(d)
-        return
+    found = list_checkpoints(run_dir)
     if local_mode:
-        found = list_checkpoints(run_dir)
         yield found[-1].path if found else None
         return
-    yield None
+    ended = {e.get("epoch") for e in read_progress(run_dir) if e.get("event") == "epoch_end"}
+    persisted = [c for c in found if c.epoch in ended]
+    ckpt = ray.train.get_checkpoint()
+    registered = checkpoint_epoch(ckpt.path) if ckpt is not None else None
+    if persisted and (ckpt is None or (registered is not None and persisted[-1].epoch > registered)):
+        yield persisted[-1].path
+        return
+    if ckpt is None:
+        yield None
+        return
+    with ckpt.as_directory() as d:
+        yield Path(d)
 
 
 def _load_init_weights(method: torch.nn.Module, source: str, uri: str | None) -> None:
