@@ -74,8 +74,10 @@ def one_intra_op_thread():
 
 
 # Test files that use the session's ``ray_cluster`` (one worker runs them all, one after the
-# other). test_job_submit.py starts a head of its own (own ports, own temp dir) and runs on the
-# other worker meanwhile: the Ray group alone takes longer than all the other files together.
+# other). The files that start clusters of their own (own ports, own temp dirs) form a second
+# group that runs on the other worker meanwhile: the Ray group alone takes longer than all the
+# other files together, and at most two Rays run at a time.
+OWN_CLUSTER_FILES = frozenset({"test_job_submit.py", "test_multinode.py"})
 RAY_FILES = frozenset({
     "test_service_failover.py", "test_service_fuzz.py", "test_service_load.py",
     "test_service_observe.py", "test_service_tenancy.py",
@@ -83,11 +85,18 @@ RAY_FILES = frozenset({
 })
 
 
+def _group(file_name: str) -> str | None:
+    """The scheduling group of a test file ("ray", "own-cluster"), or None (the file alone)."""
+    if file_name in RAY_FILES:
+        return "ray"
+    return "own-cluster" if file_name in OWN_CLUSTER_FILES else None
+
+
 # Files that take longest start first (the Makefile passes --no-loadscope-reorder, so xdist
 # keeps this order; each worker also takes a second file up front): the Ray group and the
-# job-submission test (its own head) in ``make test``; in ``make test-learning`` the two long
+# files with clusters of their own in ``make test``; in ``make test-learning`` the two long
 # learning files, then the short ones.
-LONG_FIRST = ("ray", "test_job_submit.py", "test_dualtalker.py", "test_deeptalk_learning.py",
+LONG_FIRST = ("ray", "own-cluster", "test_dualtalker.py", "test_deeptalk_learning.py",
               "test_adamesh_learning.py", "test_faceformer_learning.py")
 
 
@@ -95,7 +104,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Stable reorder of the collected tests by :data:`LONG_FIRST` (other files after them)."""
 
     def rank(item: pytest.Item) -> int:
-        name = "ray" if item.path.name in RAY_FILES else item.path.name
+        name = _group(item.path.name) or item.path.name
         return LONG_FIRST.index(name) if name in LONG_FIRST else len(LONG_FIRST)
 
     items.sort(key=rank)
@@ -103,16 +112,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
-    """``-n N --dist loadfile`` (the Makefile's targets) with the Ray files as one file: each
-    test file runs on one worker (its module-scoped trainings run once), and all the files
-    that use the session's Ray run on the same worker, so that Ray starts once."""
+    """``-n N --dist loadfile`` (the Makefile's targets) with each group as one file: each
+    test file runs on one worker (its module-scoped trainings run once), all the files that
+    use the session's Ray run on the same worker (Ray starts once), and so do the files that
+    start clusters of their own."""
     if config.getvalue("dist") != "loadfile":
         return None
     from xdist.scheduler import LoadFileScheduling
 
     class FileOrRayScheduling(LoadFileScheduling):
-        def _split_scope(self, nodeid: str) -> str:  # the scope a test belongs to: its file, or "ray"
+        def _split_scope(self, nodeid: str) -> str:  # the scope a test belongs to: its file, or its group
             path = super()._split_scope(nodeid)
-            return "ray" if Path(path).name in RAY_FILES else path
+            return _group(Path(path).name) or path
 
     return FileOrRayScheduling(config, log)
