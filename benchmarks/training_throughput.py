@@ -2,6 +2,13 @@
 TorchTrainer workers over gloo/NCCL). Prints samples/s (training windows/s), the Ray
 overhead as a ratio to the plain loop, and the 2-vs-1-worker scaling. Not part of the test run.
 
+The plain loop runs twice: before the Ray cluster starts, and again while it is up and idle
+(its raylet, GCS, dashboard and agents share the machine with the training). The second is
+the baseline for Ray Train's own overhead (the train phase in a TorchTrainer worker vs the
+same loop beside the same cluster); the first adds what an idle cluster costs the machine.
+For the TorchTrainer variants the epoch wall rate (``progress.jsonl``: epoch start to end,
+i.e. the train phase plus the report and checkpoint, validation excluded) is printed too.
+
     .venv/bin/python benchmarks/training_throughput.py [--quick] [--gpu] [--batches N] [--epochs E]
                                                         [--preset small] [key=value ...]
 
@@ -35,6 +42,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")  # before ray is imported: the L
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+PLAIN = "plain PyTorch loop (no Ray)"
+PLAIN_UP = "plain PyTorch loop, Ray cluster up (idle)"
 
 
 def load(preset: str, overrides: list[str]):
@@ -98,7 +107,7 @@ def plain_loop(exp, batches: int, epochs: int, device: str) -> dict:
 
 def ray_run(exp, tmp: Path, name: str, epochs: int) -> dict:
     """run_training, then per-epoch samples and time/train_s from the kept checkpoints."""
-    from talkmesh.train.checkpoint import list_checkpoints
+    from talkmesh.train.checkpoint import list_checkpoints, read_progress
     from talkmesh.train.runner import run_training
 
     res = run_training(exp, run_name=name, tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
@@ -106,12 +115,16 @@ def ray_run(exp, tmp: Path, name: str, epochs: int) -> dict:
     if len(cks) < 1 + epochs:
         raise RuntimeError(f"{name}: expected {1 + epochs} checkpoints, found {len(cks)} in {res.run_dir}")
     bs = exp.schedule().batch_size
-    out = []
+    started = {e["epoch"]: e["time"] for e in read_progress(res.run_dir) if e["event"] == "epoch_start"}
+    ended = {e["epoch"]: e["time"] for e in read_progress(res.run_dir) if e["event"] == "epoch_end"}
+    out, walls = [], []
     for prev, cur in zip(cks, cks[1:], strict=False):
         m = cur.metrics
-        steps = int(m["step"]) - int(prev.metrics["step"])
-        out.append((steps * bs * int(m["world_size"]), float(m["time/train_s"])))
-    return {"epochs": out, "world": int(cks[-1].metrics["world_size"]), "wall_s": res.wall_s}
+        samples = (int(m["step"]) - int(prev.metrics["step"])) * bs * int(m["world_size"])
+        out.append((samples, float(m["time/train_s"])))
+        if cur.epoch < epochs:  # the last epoch's wall time includes the validation
+            walls.append((samples, ended[cur.epoch] - started[cur.epoch]))
+    return {"epochs": out, "walls": walls, "world": int(cks[-1].metrics["world_size"]), "wall_s": res.wall_s}
 
 
 def rate(r: dict) -> tuple[float, float, float]:
@@ -139,7 +152,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=None, help="batches per epoch and worker (default 16, quick 6)")
     ap.add_argument("--epochs", type=int, default=None, help="timed epochs after the warm-up one (default 8, quick 2)")
     ap.add_argument("--preset", default="small", help="configs/faceformer/<NAME>.yaml (default small: debug model)")
-    ap.add_argument("--skip", default="", help="comma-separated variants to skip: plain,local,1,2")
+    ap.add_argument("--skip", default="", help="comma-separated variants to skip: plain,plain-up,local,1,2")
     ap.add_argument("overrides", nargs="*", help="dotted overrides for every variant, e.g. model.d_model=64")
     args = ap.parse_args()
     batches = args.batches or (6 if args.quick else 16)
@@ -191,7 +204,7 @@ def main() -> None:
         # variant it is; one untimed pass keeps that out of the comparison.
         plain_loop(base, batches, 1, device)
         if "plain" not in skip:
-            results["plain PyTorch loop (no Ray)"] = plain_loop(base, batches, epochs, device)
+            results[PLAIN] = plain_loop(base, batches, epochs, device)
         if "local" not in skip:
             results["Ray Train local mode (num_workers=0)"] = ray_run(base, tmp, "local", epochs)
         wanted = [n for n in (1, 2) if str(n) not in skip]
@@ -204,6 +217,8 @@ def main() -> None:
                         exp = load(args.preset, [*common, f"train.num_workers={n}"])
                         label = f"TorchTrainer {n} worker{'s' if n > 1 else ''} ({'nccl' if args.gpu else 'gloo'})"
                         results[label] = ray_run(exp, tmp, f"w{n}", epochs)
+                    if "plain-up" not in skip:  # after the Ray runs: the cluster has settled since its start
+                        results[PLAIN_UP] = plain_loop(base, batches, epochs, device)
                 finally:
                     ray.shutdown()
 
@@ -211,15 +226,21 @@ def main() -> None:
             f"\n{'variant':42s} {'best s/s':>9s} {'mean s/s':>9s} {'spread':>7s} {'vs plain':>9s} {'fit wall s':>11s}"
         )
         rates = {k: rate(v) for k, v in results.items()}
-        plain = rates.get("plain PyTorch loop (no Ray)", (None,))[0]
+        plain = rates.get(PLAIN, (None,))[0]
         for k, (r, mean, spread) in rates.items():
             rel = f"{r / plain:.2f}x" if plain else "-"
             wall = results[k]["wall_s"]
             wall_s = "-" if wall is None else f"{wall:.1f}"
             print(f"{k:42s} {r:9.1f} {mean:9.1f} {spread:7.0%} {rel:>9s} {wall_s:>11s}")
+            if results[k].get("walls"):
+                w, w_mean, w_spread = rate({"epochs": results[k]["walls"]})
+                rel_w = f"{w / plain:.2f}x" if plain else "-"
+                label = "  epoch wall (train + report + checkpoint)"
+                print(f"{label:42s} {w:9.1f} {w_mean:9.1f} {w_spread:7.0%} {rel_w:>9s}")
         one = next((v[0] for k, v in rates.items() if k.startswith("TorchTrainer 1 ")), None)
         two = next((v[0] for k, v in rates.items() if k.startswith("TorchTrainer 2 ")), None)
         local = rates.get("Ray Train local mode (num_workers=0)", (None,))[0]
+        plain_up = rates.get(PLAIN_UP, (None,))[0]
         print()
         if plain and local:
             print(f"Ray Train local mode / plain loop:  {local / plain:.2f}x the samples/s")
@@ -228,6 +249,13 @@ def main() -> None:
                 f"TorchTrainer 1 worker / plain loop: {one / plain:.2f}x the samples/s "
                 f"(Ray overhead in the train phase: {1 - one / plain:+.0%} of the plain rate)"
             )
+        if plain_up and one:
+            print(
+                f"TorchTrainer 1 worker / plain loop beside the idle cluster: {one / plain_up:.2f}x the samples/s "
+                f"(Ray Train's own overhead in the train phase: {1 - one / plain_up:+.0%})"
+            )
+        if plain and plain_up:
+            print(f"plain loop beside the idle cluster / plain loop alone: {plain_up / plain:.2f}x the samples/s")
         if one and two:
             print(
                 f"2 workers / 1 worker:               {two / one:.2f}x the samples/s (ideal 2.00x, "

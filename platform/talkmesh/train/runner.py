@@ -33,6 +33,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from talkmesh.data.corpus import Corpus
     from talkmesh.methods.base import MotionMethod
 
+HEALTH_CHECK_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # read by the controller (propagated by Ray)
+
 __all__ = ["RunResult", "default_run_name", "make_preview", "run_training", "submission_id"]
 
 
@@ -237,6 +239,10 @@ def _make_trainer(
     from talkmesh.train.loop import train_loop_per_worker
 
     t = exp.train
+    # Ray Train's controller takes reports when it polls the workers (every 2 s by default) and
+    # a worker's next report waits for the previous one to be taken: epochs shorter than the
+    # interval wait for it. 0.5 s unless set; the poll is one small call per worker.
+    os.environ.setdefault(HEALTH_CHECK_INTERVAL_ENV, "0.5")
     resources = {"GPU" if t.use_gpu else "CPU": 1, **t.worker_resources} if t.worker_resources else None
     return TorchTrainer(
         train_loop_per_worker,
