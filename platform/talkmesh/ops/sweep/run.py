@@ -5,13 +5,14 @@ where used (the Ray callbacks module too), so importing this module starts nothi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,12 @@ from talkmesh.ops.sweep.results import (
 from talkmesh.train.config import ExperimentConfig
 
 __all__ = ["check_cluster", "main", "run_sweep", "tune_domain"]
+
+
+# How often Tune saves the experiment state (trial statuses, searcher) while a sweep runs,
+# unless TUNE_GLOBAL_CHECKPOINT_S is set. Tune's "auto" saves at most every 10 s, so a driver
+# killed within 10 s of a trial's end would restore that trial as unfinished and start it again.
+STATE_SAVE_PERIOD_S = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,10 +263,26 @@ def _log_best(s: _Sweep, parent_id: str, trials: Sequence[TrialSummary], best: T
     tracking.log_metrics(parent_id, {**best.metrics, **counted}, uri=s.uri)
 
 
+@contextlib.contextmanager
+def _state_saved_every(seconds: float) -> Iterator[None]:
+    """``TUNE_GLOBAL_CHECKPOINT_S`` = ``seconds`` (read when ``Tuner.fit`` starts its controller)
+    unless the user set it; the environment is restored afterwards."""
+    key = "TUNE_GLOBAL_CHECKPOINT_S"
+    if key in os.environ:
+        yield
+        return
+    os.environ[key] = str(seconds)
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
+
+
 def _run(s: _Sweep, parent_id: str, register: bool, t0: float) -> SweepResult:
     """Tuner.fit, then close stopped trials' runs, summarise, log to the parent, register."""
     tuner, resumed = _tuner(s, parent_id)
-    grid = tuner.fit()
+    with _state_saved_every(STATE_SAVE_PERIOD_S):
+        grid = tuner.fit()
     trials = _collect(grid, s, parent_id)
     try:
         best = best_trial(grid, trials, s.cfg, s.exp.train.select)
