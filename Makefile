@@ -32,7 +32,7 @@ demo: setup
 # (tests/conftest.py).
 # pytest exits 5 when it collected nothing; that is reported, not treated as a failure.
 WORKERS ?= 2
-XDIST   := -n $(WORKERS) --dist loadfile --no-loadscope-reorder
+XDIST   := -n $(WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not learning" $(XDIST); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc

@@ -12,6 +12,9 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # Serve's proxy is killed after 3 health checks that each time out (10 s by default); on a
 # 2-core machine kept busy by the other test worker a check can take longer than that.
 os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
+# The same for the proxy's readiness check at start (5 s by default): a proxy process that took
+# 16 s to start on a busy machine failed it 3 times, was killed, and took the session's Serve with it.
+os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
 
 import pytest  # noqa: E402
 

@@ -314,9 +314,11 @@ def test_feature_cache_hits_misses_and_identity(tmp_path):
     cache.get_or_compute(audio.astype(np.float64), enc)
     assert cache.hits == 2
 
-    # Changed weights of the "same" encoder -> new fingerprint -> miss.
+    # Changed weights of the "same" encoder -> new fingerprint -> miss. Random, not constant:
+    # a constant added to a projection is a no-op on the layer-normed (zero-mean) inputs.
     with torch.no_grad():
-        next(enc.model.encoder.layers[1].parameters()).add_(0.5)
+        weight = next(enc.model.encoder.layers[1].parameters())
+        weight.add_(0.5 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)))
     changed = cache.get_or_compute(audio, enc)
     assert cache.misses == 6 and not np.allclose(changed, first)
 

@@ -55,6 +55,12 @@ def two_nodes():
             **head_agents,
         },
     )
+    # Cluster writes its address to /tmp/ray/ray_current_cluster (whatever the temp dir), where
+    # every process on this machine that looks for "the" local Ray would find it, processes of
+    # the session's cluster included. Nothing here needs it: the job gets its address from Ray.
+    from ray._common.utils import reset_ray_address
+
+    reset_ray_address()
     try:
         second = cluster.add_node(num_cpus=1, resources={SLOT: 1}, node_ip_address="127.0.0.1", **second_agents)
         cluster.wait_for_nodes()
