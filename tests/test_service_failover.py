@@ -22,7 +22,7 @@ from service_helpers import npy, wav
 from talkmesh.config import DataConfig
 
 SLOW_STEPS = 1000  # optimisation steps of the slow adaptation: ~4 s on one idle core of this machine
-LEASE_S = 2.0
+LEASE_S = 6.0  # a busier machine starved the heartbeats of a 2 s lease three times in a row
 
 
 def _until(predicate, timeout_s: float, what: str, period_s: float = 0.25):

@@ -287,6 +287,7 @@ mode: min
 
 
 @pytest.mark.slow
+@pytest.mark.learning  # ~100 s on the session's Ray: with the long checks (make test-learning)
 def test_sweep_runs_trials_tracks_them_and_promotes_only_a_better_model(ray_cluster, tmp_path):
     from mlflow import MlflowClient
 
