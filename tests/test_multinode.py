@@ -11,6 +11,7 @@ Separate hosts do not share it; jobs/README.md ("On several nodes") has the reci
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -35,39 +36,56 @@ def two_nodes():
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from ray.cluster_utils import Cluster
 
+    from talkmesh.dev.localstack import _refresh_ray_config
+
     temp = tempfile.mkdtemp(prefix="tm2n-", dir="/tmp")  # short: Ray's socket paths live under it
+    # A token of this cluster's own: its nodes, the job driver (which inherits their
+    # environment) and this process's job client read it; ~/.ray/auth_token may belong to
+    # another cluster of the session, and this process may have cached another stack's token.
+    token = Path(temp) / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RAY_AUTH_MODE", "token")
+    mp.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    mp.delenv("RAY_AUTH_TOKEN", raising=False)
+    _refresh_ray_config()
     dash_port, gcs_port, *agent_ports = free_ports(8)
     # Each node's agents on ports of their own: the defaults clash with other Rays on this machine.
     keys = ("dashboard_agent_listen_port", "metrics_export_port", "runtime_env_agent_port")
     head_agents = dict(zip(keys, agent_ports[:3], strict=True))
     second_agents = dict(zip(keys, agent_ports[3:], strict=True))
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 1,
-            "resources": {SLOT: 1},
-            "node_ip_address": "127.0.0.1",
-            "gcs_server_port": gcs_port,
-            "include_dashboard": True,
-            "dashboard_host": "127.0.0.1",
-            "dashboard_port": dash_port,
-            "temp_dir": temp,
-            **head_agents,
-        },
-    )
-    # Cluster writes its address to /tmp/ray/ray_current_cluster (whatever the temp dir), where
-    # every process on this machine that looks for "the" local Ray would find it, processes of
-    # the session's cluster included. Nothing here needs it: the job gets its address from Ray.
-    from ray._common.utils import reset_ray_address
-
-    reset_ray_address()
+    cluster = None
     try:
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={
+                "num_cpus": 1,
+                "resources": {SLOT: 1},
+                "node_ip_address": "127.0.0.1",
+                "gcs_server_port": gcs_port,
+                "include_dashboard": True,
+                "dashboard_host": "127.0.0.1",
+                "dashboard_port": dash_port,
+                "temp_dir": temp,
+                **head_agents,
+            },
+        )
+        # Cluster writes its address to /tmp/ray/ray_current_cluster (whatever the temp dir), where
+        # every process on this machine that looks for "the" local Ray would find it, processes of
+        # the session's cluster included. Nothing here needs it: the job gets its address from Ray.
+        from ray._common.utils import reset_ray_address
+
+        reset_ray_address()
         second = cluster.add_node(num_cpus=1, resources={SLOT: 1}, node_ip_address="127.0.0.1", **second_agents)
         cluster.wait_for_nodes()
         names = {cluster.head_node.node_id: "head", second.node_id: "second"}
         yield f"http://127.0.0.1:{dash_port}", names
     finally:
-        cluster.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
+        mp.undo()
+        _refresh_ray_config()
         shutil.rmtree(temp, ignore_errors=True)
 
 
