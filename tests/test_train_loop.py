@@ -178,12 +178,6 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path):
     a = torch.load(cks[1].path / MODEL_FILE, weights_only=True)
     b = torch.load(list_checkpoints(fresh.run_dir)[0].path / MODEL_FILE, weights_only=True)
     assert any(not torch.equal(a[k], b[k]) for k in a)
-    # Every epoch reseeds from (seed, rank, epoch): the resumed run equals an uninterrupted one, bit for bit.
-    straight_exp = experiment(tmp_path, "train.epochs=2", "train.run_name=straight", *common[1:])
-    straight = run_training(straight_exp, tracking_uri=uri)
-    c = torch.load(list_checkpoints(straight.run_dir)[-1].path / MODEL_FILE, weights_only=True)
-    assert all(torch.equal(a[k], c[k]) for k in a)
-    assert cks[1].metrics["val/lve"] == list_checkpoints(straight.run_dir)[-1].metrics["val/lve"]
     # progress.jsonl: two worker starts (fresh, resumed at epoch 1), each epoch started and ended once.
     events = [(e["event"], e.get("epoch", e.get("start_epoch"))) for e in read_progress(second.run_dir)]
     assert events == [

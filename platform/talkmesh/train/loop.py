@@ -28,8 +28,9 @@ group, which resumes from the latest persisted checkpoint, so at most the epoch 
 is repeated. Its metrics were not logged yet (they are logged only once the checkpoint is
 persisted); a resumed rank 0 logs the resumed checkpoint's metrics if a kill fell between
 the two, and does not log again an epoch MLflow already has (a kill before Ray registered
-its checkpoint): the MLflow epoch series has neither repeats nor gaps. Every epoch reseeds
-torch from (seed, rank, epoch), so a resumed run draws what the uninterrupted one would have.
+its checkpoint): the MLflow epoch series has neither repeats nor gaps. A resumed group
+reseeds torch from (seed, rank, first epoch), so its dropout draws differ from an
+uninterrupted run's from there on.
 Rank 0 records worker-group starts and epochs in ``<run dir>/progress.jsonl``
 (:func:`~talkmesh.train.checkpoint.append_progress`) and tags the MLflow run with
 ``talkmesh.worker_nodes`` (Ray node id per rank) and ``talkmesh.worker_starts``.
@@ -272,6 +273,7 @@ def build_worker(exp: ExperimentConfig, config: dict[str, Any]) -> WorkerState:
     fit_logs = _fit_stage(method, corpus, t.seed, device) if trainer_state is None else {}
     model, optimizer = _build_optimizer(method, sched, t.weight_decay, device)
     start_epoch, global_step = _restore_trainer(optimizer, trainer_state)
+    torch.manual_seed(t.seed + 7919 * (rank + 1) + start_epoch)  # dropout etc.: per rank, per resume
     train_ds, loader, generator = _build_loader(exp, corpus, method, sched, rank, world)
     state = WorkerState(
         exp=exp,
@@ -461,7 +463,6 @@ def train_epoch(s: WorkerState, epoch: int) -> dict[str, Any]:
     from torch.utils.data import DistributedSampler
 
     t0 = time.perf_counter()
-    torch.manual_seed(s.exp.train.seed + 7919 * (s.rank + 1) + 104_729 * epoch)  # dropout etc.: per rank and epoch
     s.train_ds.set_epoch(epoch)
     s.generator.manual_seed(s.exp.train.seed * 1_000_003 + epoch)
     if isinstance(s.loader.sampler, DistributedSampler):
