@@ -1,7 +1,8 @@
 """Shared pieces of the style service's fuzz and load tests (tests/test_service_fuzz.py,
 tests/test_service_load.py): a keyed service of a tiny debug FaceFormer on the session's
 loopback Ray, upload builders, the error-schema check, and two watchers that run beside a
-test: a ``/healthz`` poller and an RSS sampler of the ingress replica's process.
+test: a ``/healthz`` poller and an RSS sampler of the ingress replica's process; and
+``wait_for``, the polling wait of the fault tests (tests/test_train_ray.py, tests/test_sweep_resume.py).
 
 Not a test module (no ``test_`` prefix); the test files import it by name (pytest puts
 ``tests/`` on ``sys.path``, as it has no ``__init__.py``)."""
@@ -14,10 +15,12 @@ import io
 import struct
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 ERROR_KEYS = frozenset({"code", "message", "field"})
 MiB = 2**20
@@ -222,3 +225,18 @@ class HealthPoller(threading.Thread):
         self._halt.set()
         self.join(timeout=self.timeout_s + 5)
         return {"statuses": dict(self.statuses), "slowest_s": round(self.slowest_s, 3)}
+
+
+def wait_for(
+    what: str, probe: Callable[[], Any], timeout_s: float, every_s: float = 0.1, show: Callable[[], Any] | None = None
+) -> Any:
+    """Poll ``probe`` until it returns something truthy (returned); fail after ``timeout_s``
+    (with what ``show`` returns then)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = probe()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}" + (f": {show()}" if show else ""))
+        time.sleep(every_s)

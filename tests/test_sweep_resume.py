@@ -19,11 +19,12 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from service_helpers import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.learning]  # ~100 s: with the long checks (make test-learning)
 
@@ -55,21 +56,6 @@ search: {{type: random, seed: 0}}
 space:
   train.lr: {{type: loguniform, low: 1.0e-4, high: 1.0e-3}}
 """
-
-
-def wait_for(
-    what: str, probe: Callable[[], Any], timeout_s: float, every_s: float = 0.1, show: Callable[[], Any] | None = None
-) -> Any:
-    """Poll ``probe`` until it returns something truthy (returned); fail after ``timeout_s``
-    (with what ``show`` returns then)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        got = probe()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}" + (f": {show()}" if show else ""))
-        time.sleep(every_s)
 
 
 def latest_checkpoint(run_dir: Path) -> int | None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from service_helpers import wait_for
 from talkmesh.ops import tracking
 from talkmesh.train.checkpoint import list_checkpoints, load_method, load_trainer_state, read_progress
 from talkmesh.train.config import load_experiment
@@ -104,16 +105,6 @@ def test_two_worker_ddp_training_tracks_and_resumes(reference):
     assert tracking.find_run("talkmesh-faceformer", "ddp", uri=uri) == result.mlflow_run_id
 
 
-def _wait_for(condition, what: str, timeout_s: float = 300.0, poll_s: float = 0.05):
-    """Poll ``condition()`` until it returns something truthy (returned) or fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-
-
 def test_a_worker_killed_mid_run_restarts_from_the_latest_checkpoint(reference):
     """max_failures (default 1): a training worker SIGKILLed at a random point of a random
     middle epoch; the run completes, at most one epoch runs twice, the MLflow run continues
@@ -141,9 +132,11 @@ def test_a_worker_killed_mid_run_restarts_from_the_latest_checkpoint(reference):
     t1 = time.perf_counter()
     thread = threading.Thread(target=train, daemon=True)
     thread.start()
-    _wait_for(
-        lambda: [e for e in read_progress(run_dir) if e["event"] == "epoch_start" and e["epoch"] == kill_epoch],
+    wait_for(
         f"epoch {kill_epoch} to start",
+        lambda: [e for e in read_progress(run_dir) if e["event"] == "epoch_start" and e["epoch"] == kill_epoch],
+        300.0,
+        0.05,
     )
     time.sleep(delay)  # the random point of the epoch at which the worker dies
     starts = [e for e in read_progress(run_dir) if e["event"] == "start"]
