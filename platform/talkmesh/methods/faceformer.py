@@ -69,6 +69,7 @@ __all__ = [
     "FaceFormerConfig",
     "EncodedBatch",
     "FaceFormerLossWeights",
+    "IncrementalDecoder",
     "PeriodicPositionalEncoding",
     "alibi_slopes",
     "alignment_mask",
@@ -408,6 +409,8 @@ class FaceFormer(MotionMethod):
         style: torch.Tensor,
         num_frames: int,
         targets: torch.Tensor | None = None,
+        *,
+        incremental: bool = True,
     ) -> torch.Tensor:
         """Predict vertex offsets (B, T, 3V).
 
@@ -416,6 +419,12 @@ class FaceFormer(MotionMethod):
         with the model's own predictions y. targets (B, T, 3V) ground-truth offsets:
         teacher forcing, inputs [s, E(m_1) + s, ..., E(m_{T-1}) + s] (first token E(0) + s
         with ``reference_tf_start_quirk``).
+
+        Autoregressive decoding outside training steps one frame at a time with cached
+        keys and values (:class:`IncrementalDecoder`, cost linear in T); ``incremental=False``
+        (or a module in training mode, where dropout makes each step's prefix differ) re-runs
+        the decoder over the whole prefix for every frame as the reference code does (cost
+        quadratic in T) and is the reference the incremental path is tested against.
         """
         b, t = memory.shape[0], int(num_frames)
         h = self.config.n_heads
@@ -431,6 +440,9 @@ class FaceFormer(MotionMethod):
             tokens = torch.cat([first, rest], dim=1)  # (B, T, d)
             hidden = self.decoder(self.ppe(tokens), memory, tgt_mask=self_bias, memory_mask=cross_mask)  # (B, T, d)
             return self.motion_decoder(hidden)  # (B, T, 3V)
+        if incremental and not self.training:
+            state = IncrementalDecoder(self, memory, style, t)
+            return torch.cat([state.step() for _ in range(t)], dim=1)  # (B, T, 3V)
         tokens = s  # (B, 1, d)
         hidden = memory.new_zeros(b, 0, self.config.d_model)
         for k in range(t):
@@ -721,3 +733,140 @@ class FaceFormer(MotionMethod):
             final_loss=final,
             **fields,
         )
+
+
+# --------------------------------------------------------------------------------------
+# Incremental decoding (issue 15)
+# --------------------------------------------------------------------------------------
+
+
+def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """(B, L, d) -> (B, H, L, d / H)."""
+    b, length, d = x.shape
+    return x.view(b, length, n_heads, d // n_heads).transpose(1, 2)
+
+
+def _attend(
+    mha: nn.MultiheadAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
+) -> torch.Tensor:
+    """One query per batch row against cached heads: q (B, 1, d) already projected, k and v
+    (B, H, L, d / H), additive bias broadcastable to (B, H, 1, L) -> (B, 1, d) after the
+    output projection (as :class:`torch.nn.MultiheadAttention` in eval mode)."""
+    out = F.scaled_dot_product_attention(_heads(q, mha.num_heads), k, v, attn_mask=bias)  # (B, H, 1, d/H)
+    return mha.out_proj(out.transpose(1, 2).reshape(q.shape[0], 1, -1))  # (B, 1, d)
+
+
+class IncrementalDecoder:
+    """FaceFormer's autoregressive decoder stepped one frame at a time (§3.2) with each
+    layer's self-attention keys and values cached, so frame k costs O(k) instead of the full
+    prefix's O(k^2). Each step adds the frame's periodic positional encoding, uses row k of
+    the periodic ALiBi bias (:func:`biased_causal_mask`) and of the alignment mask
+    (:func:`alignment_mask`) against the audio tokens given so far, and feeds E(y_k) + s
+    back as the next input. Equal to ``FaceFormer.decode(..., incremental=False)`` in eval
+    mode up to float rounding (tests/test_faceformer_incremental.py).
+
+    Audio tokens may arrive in pieces (:meth:`append_memory`, for streaming): frame k needs
+    token k ("interp") or tokens 2k and 2k + 1 ("double"); :attr:`ready` says whether the
+    next frame's tokens are there. Use under ``torch.no_grad()`` on a model in eval mode.
+    """
+
+    def __init__(self, model: FaceFormer, memory: torch.Tensor, style: torch.Tensor, max_frames: int | None = None):
+        """model in eval mode; memory (B, S, d) audio tokens so far (S may be 0); style (B, d)."""
+        if model.training:
+            raise RuntimeError("IncrementalDecoder needs the model in eval mode (dropout would differ per step)")
+        self.model = model
+        cfg = model.config
+        self.n_heads, self.period, self.alignment = cfg.n_heads, cfg.period, cfg.alignment
+        self.layers: list[nn.TransformerDecoderLayer] = list(model.decoder.layers)  # type: ignore[arg-type]
+        for layer in self.layers:
+            for mha in (layer.self_attn, layer.multihead_attn):
+                if mha.in_proj_weight is None or mha.bias_k is not None or mha.add_zero_attn:
+                    raise ValueError("IncrementalDecoder supports packed in-projections without bias_k/zero attention")
+        self.style = style[:, None, :]  # (B, 1, d)
+        self.slopes = alibi_slopes(cfg.n_heads).to(memory.device, memory.dtype)  # (H,)
+        self.pe = periodic_positional_encoding(cfg.period, cfg.d_model, cfg.period).to(memory)  # (p, d): one period
+        self.max_frames = max_frames
+        self.frame = 0  # frames decoded so far
+        self.next_input = self.style  # (B, 1, d): s, then E(y_k) + s
+        b, d = memory.shape[0], cfg.d_model
+        empty = memory.new_zeros(b, cfg.n_heads, 0, d // cfg.n_heads)  # (B, H, 0, d/H)
+        self.self_kv: list[tuple[torch.Tensor, torch.Tensor]] = [(empty, empty) for _ in self.layers]
+        self.cross_kv: list[tuple[torch.Tensor, torch.Tensor]] = [(empty, empty) for _ in self.layers]
+        self.num_tokens = 0
+        self.append_memory(memory)
+
+    def append_memory(self, memory: torch.Tensor) -> None:
+        """Add audio tokens (B, S_new, d): each layer's cross-attention keys and values are
+        projected once here, never again per frame."""
+        d = memory.shape[-1]
+        for i, layer in enumerate(self.layers):
+            mha = layer.multihead_attn
+            w, bias = mha.in_proj_weight, mha.in_proj_bias
+            k = _heads(F.linear(memory, w[d : 2 * d], None if bias is None else bias[d : 2 * d]), self.n_heads)
+            v = _heads(F.linear(memory, w[2 * d :], None if bias is None else bias[2 * d :]), self.n_heads)
+            old_k, old_v = self.cross_kv[i]
+            self.cross_kv[i] = (torch.cat([old_k, k], dim=2), torch.cat([old_v, v], dim=2))  # (B, H, S, d/H)
+        self.num_tokens += memory.shape[1]
+
+    @property
+    def tokens_needed(self) -> int:
+        """Audio tokens the next frame needs in total (its own included)."""
+        return self.frame + 1 if self.alignment == "interp" else 2 * self.frame + 2
+
+    @property
+    def ready(self) -> bool:
+        """Whether the next frame can be decoded (its audio tokens are there, frames left)."""
+        more = self.max_frames is None or self.frame < self.max_frames
+        return more and self.num_tokens >= self.tokens_needed
+
+    def step(self) -> torch.Tensor:
+        """Decode the next frame: vertex offsets (B, 1, 3V)."""
+        if self.max_frames is not None and self.frame >= self.max_frames:
+            raise RuntimeError(f"all {self.max_frames} frames are decoded")
+        k, dev, dtype = self.frame, self.next_input.device, self.next_input.dtype
+        j = torch.arange(k + 1, device=dev)
+        steps = torch.div(k - j, self.period, rounding_mode="floor").to(torch.float32)  # (k+1,)
+        self_bias = (-self.slopes[:, None] * steps[None]).to(dtype)[None, :, None, :]  # (1, H, 1, k+1)
+        blocked = alignment_mask(k + 1, self.num_tokens, self.alignment, dev)[k]  # (S,)
+        cross_bias = torch.zeros(blocked.shape, device=dev, dtype=dtype).masked_fill(blocked, float("-inf"))
+        x = self.next_input + self.pe[k % self.period]  # (B, 1, d)
+        for i, layer in enumerate(self.layers):
+            x = self._layer(i, layer, x, self_bias, cross_bias[None, None, None, :])
+        if self.model.decoder.norm is not None:
+            x = self.model.decoder.norm(x)
+        y = self.model.motion_decoder(x)  # (B, 1, 3V)
+        self.next_input = self.model.motion_encoder(y) + self.style  # (B, 1, d)
+        self.frame += 1
+        return y
+
+    def _layer(
+        self, i: int, layer: nn.TransformerDecoderLayer, x: torch.Tensor, self_bias: torch.Tensor,
+        cross_bias: torch.Tensor,
+    ) -> torch.Tensor:
+        """One decoder layer for the newest position x (B, 1, d), post- or pre-norm as the layer is."""
+
+        def self_attention(h: torch.Tensor) -> torch.Tensor:
+            mha = layer.self_attn
+            q, k, v = F.linear(h, mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1)  # 3 x (B, 1, d)
+            old_k, old_v = self.self_kv[i]
+            keys = torch.cat([old_k, _heads(k, self.n_heads)], dim=2)  # (B, H, k+1, d/H)
+            values = torch.cat([old_v, _heads(v, self.n_heads)], dim=2)
+            self.self_kv[i] = (keys, values)
+            return _attend(mha, q, keys, values, self_bias)
+
+        def cross_attention(h: torch.Tensor) -> torch.Tensor:
+            mha, d = layer.multihead_attn, h.shape[-1]
+            bias = mha.in_proj_bias
+            q = F.linear(h, mha.in_proj_weight[:d], None if bias is None else bias[:d])  # (B, 1, d)
+            return _attend(mha, q, *self.cross_kv[i], cross_bias)
+
+        def feed_forward(h: torch.Tensor) -> torch.Tensor:
+            return layer.linear2(layer.dropout(layer.activation(layer.linear1(h))))
+
+        if layer.norm_first:
+            x = x + self_attention(layer.norm1(x))
+            x = x + cross_attention(layer.norm2(x))
+            return x + feed_forward(layer.norm3(x))
+        x = layer.norm1(x + self_attention(x))
+        x = layer.norm2(x + cross_attention(x))
+        return layer.norm3(x + feed_forward(x))
