@@ -282,6 +282,18 @@ class _CausalBlock(nn.Module):
         x = x + self.dropout(self.proj(a.transpose(1, 2).reshape(b, n, d)))
         return x + self.dropout(self.ff(self.norm2(x)))
 
+    def step(self, x: torch.Tensor, cache: list[torch.Tensor]) -> torch.Tensor:
+        """The newest position x (B, 1, d) against the cached keys and values of the earlier
+        ones (``cache`` = [k, v], each (B, H, n, d/H), extended in place); eval mode."""
+        b, _, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, 1, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        if cache:
+            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)  # (B, H, n+1, d/H)
+        cache[:] = [k, v]
+        a = F.scaled_dot_product_attention(q, k, v)  # the newest position sees all earlier ones
+        x = x + self.proj(a.transpose(1, 2).reshape(b, 1, d))
+        return x + self.ff(self.norm2(x))
+
 
 class PoseGPT(nn.Module):
     """Autoregressive pose-code model with per-layer identity-style injection (§7.3)."""
@@ -331,18 +343,34 @@ class PoseGPT(nn.Module):
         temperature: float = 1.0,
         top_k: int = 0,
         context: int | None = None,
+        incremental: bool = True,
     ) -> torch.Tensor:
         """Codes (B, L) decoded autoregressively. Step j sees the last ``context`` steps
         (default ``max_steps``) as a training window does: positions 0..C-1, BOS first, then
-        the codes sampled for the earlier steps of the window (deviation 12)."""
+        the codes sampled for the earlier steps of the window (deviation 12).
+
+        ``incremental`` (in eval mode): while the window still starts at step 0 (j < C) each
+        step runs the newest position only, against cached keys and values; once it slides,
+        every position of the window changes (BOS first, positions from 0), so each later step
+        runs its whole window of C positions, as ``incremental=False`` does for every step.
+        Either way a step costs at most a window's worth, so sampling is linear in L."""
         b, total, _ = audio_tokens.shape
         c = min(context or self.max_steps, self.max_steps)
         codes = torch.empty(b, 0, dtype=torch.long, device=audio_tokens.device)
         bos = torch.full((b, 1), self.bos, dtype=torch.long, device=audio_tokens.device)
+        cache: list[list[torch.Tensor]] = [[] for _ in self.blocks]
+        e = self.style(identity)  # (B, d)
         for j in range(total):
             start = max(0, j - c + 1)
-            codes_in = torch.cat([bos, codes[:, start:j]], dim=1)  # (B, j - start + 1)
-            logits = self(audio_tokens[:, start : j + 1], codes_in, identity)[:, -1]  # (B, K)
+            if incremental and not self.training and start == 0:
+                prev = bos if j == 0 else codes[:, j - 1 : j]  # (B, 1)
+                x = self.token(prev) + audio_tokens[:, j : j + 1] + self.position.weight[j]  # (B, 1, d)
+                for inject, block, kv in zip(self.inject, self.blocks, cache, strict=True):
+                    x = block.step(x + inject(e)[:, None], kv)
+                logits = self.head(self.norm(x))[:, -1]  # (B, K)
+            else:
+                codes_in = torch.cat([bos, codes[:, start:j]], dim=1)  # (B, j - start + 1)
+                logits = self(audio_tokens[:, start : j + 1], codes_in, identity)[:, -1]  # (B, K)
             if mode == "greedy":
                 nxt = logits.argmax(-1)
             else:

@@ -1,6 +1,7 @@
-"""FaceFormer's incremental (key/value cached) decoding against the full-prefix reference
-decode (issue 15): equal outputs within 1e-5 for both alignments, several layers and heads,
-a batch of styles, sequences longer than the period, and audio tokens given in pieces."""
+"""Incremental (key/value cached) decoding against the full-prefix reference decode (issue 15):
+FaceFormer (and DualTalker, whose generator it is) equal within 1e-5 for both alignments,
+several layers and heads, a batch of styles, sequences longer than the period and audio
+tokens given in pieces; AdaMesh's PoseGPT sampling gives the same codes."""
 
 from __future__ import annotations
 
@@ -95,3 +96,47 @@ def test_training_mode_keeps_the_full_prefix_path_and_the_state_refuses_it():
     torch.manual_seed(0)
     b = m.decode(memory, style, 8, incremental=False)
     assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------
+# DualTalker's generator is FaceFormer's (inherited), PoseGPT's sampling (AdaMesh)
+# --------------------------------------------------------------------------------------
+
+
+def test_dualtalker_generate_uses_the_cache_and_matches_the_reference():
+    from test_dualtalker import model as dualtalker_model
+
+    m = dualtalker_model().eval()
+    randomise_output_layer(m, scale=0.3)
+    audio = make_clip("S1", 2.0, 25.0, 5).audio
+    template = torch.randn(m.facts.num_vertices, 3, generator=torch.Generator().manual_seed(2))  # (V, 3)
+    with torch.no_grad():
+        memory, frames = m.encode_audio(torch.from_numpy(audio)[None])
+        reference = m.decode(memory, m.resolve_style(1)[None], int(frames[0]), incremental=False)
+    out = m.generate(audio, template, style=1)["vertices"]
+    expected = reference[0].reshape(-1, m.facts.num_vertices, 3) + template
+    assert float(reference.abs().max()) > 0.1
+    assert float((out - expected).abs().max()) <= TOL
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sample"])
+def test_posegpt_sampling_with_the_cache_equals_the_full_window_sampling(mode):
+    """40 codes with a 16-code context: cached steps inside the first window, whole-window
+    steps after it slides; the same codes as the reference for both identities."""
+    from test_adamesh import model as adamesh_model
+    from test_adamesh import perturb
+
+    m = adamesh_model()
+    perturb(m, scale=0.2)
+    gpt = m.posegpt.eval()
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randn(2, 40, m.config.posegpt.d, generator=g)
+    identity = torch.tensor([0, 2])
+    with torch.no_grad():
+        logits = gpt(tokens[:, :16], torch.zeros(2, 16, dtype=torch.long), identity)
+        assert float(logits.std()) > 0.1  # the codes are not all one tie
+        ref = gpt.sample(tokens, identity, torch.Generator().manual_seed(7), mode, 1.0, 0, 16, incremental=False)
+        fast = gpt.sample(tokens, identity, torch.Generator().manual_seed(7), mode, 1.0, 0, 16)
+    assert ref.shape == (2, 40)
+    assert len(torch.unique(ref)) > 3
+    assert torch.equal(fast, ref)
