@@ -3,7 +3,14 @@ registered method's ``debug`` preset, FaceFormer's small job model and paper-siz
 FaceFormer and DualTalker (VOCASET and BIWI presets), plus the MP4 preview render time.
 Median of N runs. Not part of the test run.
 
+Then the autoregressive decoders alone, incremental (cached keys/values, the default) against
+the full-prefix reference decode at 5, 10, 20 and 40 s (``--lengths``): FaceFormer and
+DualTalker at VOCASET paper size and AdaMesh's PoseGPT at paper size (MEAD preset), on random audio tokens
+(the audio encoder is not timed). Printed: seconds per path, their ratio, and the growth
+exponent between consecutive lengths (cost ~ length^k: k near 1 linear, near 2 quadratic).
+
     .venv/bin/python benchmarks/animation_rtf.py [--quick] [--runs N] [--threads T] [--seconds S]
+                                                 [--lengths 5,10,20,40] [--decode-only]
 
 RTF < 1 is faster than real time. The minimum over the runs is printed next to the
 median: on a shared machine it is the better estimate of the uncontended cost.
@@ -106,16 +113,85 @@ def paper_facts(kind: str):
                      lip_indices=tuple(range(4996)))  # fmt: skip
 
 
+def decoder_scaling(lengths: list[float], runs: int) -> None:
+    """Incremental vs full-prefix decoding of the autoregressive decoders (module docstring)."""
+    import math
+
+    from talkmesh.methods.base import DataFacts
+    from talkmesh.methods.registry import build_method
+
+    print(f"\nautoregressive decoders alone: incremental vs full-prefix, min of {runs} run(s)")
+    print(f"{'decoder':44s} {'audio s':>7s} {'steps':>6s} {'cached s':>9s} {'full s':>9s} {'ratio':>7s} "
+          f"{'k cached':>8s} {'k full':>7s}")  # fmt: skip
+    facts = paper_facts("vocaset")
+    ada_facts = DataFacts(fps=25.0, num_vertices=5023, train_subjects=tuple(f"S{i}" for i in range(8)),
+                          motion="params", param_dim=53, has_head_pose=True)  # fmt: skip
+    cases = []
+    for name, f in (("faceformer", facts), ("dualtalker", facts)):
+        torch.manual_seed(0)
+        m = build_method(name, {"audio_encoder": {"tiny": True}}, f, preset="vocaset").eval()
+        per = 1 if m.config.alignment == "interp" else 2
+
+        def run(seconds: float, incremental: bool, m=m, per=per, fps=f.fps) -> int:
+            t = int(seconds * fps)
+            memory = torch.randn(1, per * t, m.config.d_model, generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                m.decode(memory, m.style_vectors(torch.tensor([0])), t, incremental=incremental)
+            return t
+
+        cases.append((f"{name} vocaset decoder (d {m.config.d_model}, {f.fps:g} fps)", run))
+    torch.manual_seed(0)
+    ada = build_method("adamesh", {"audio_encoder": {"tiny": True}}, ada_facts, preset="mead").eval()
+    gpt, vq = ada.posegpt, ada.config.pose_vq
+    window = vq.window // vq.downsample
+
+    def run_gpt(seconds: float, incremental: bool) -> int:
+        steps = int(seconds * ada_facts.fps) // vq.downsample
+        tokens = torch.randn(1, steps, ada.config.posegpt.d, generator=torch.Generator().manual_seed(0))
+        gpt.sample(tokens, torch.tensor([0]), torch.Generator().manual_seed(0), "sample", 1.0, 0, window,
+                   incremental=incremental)  # fmt: skip
+        return steps
+
+    cases.append((f"adamesh mead PoseGPT (context {window} codes)", run_gpt))
+    for label, fn in cases:
+        fn(lengths[0], True)  # warm-up
+        prev = None
+        for secs in lengths:
+            steps, cached = 0, []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                steps = fn(secs, True)
+                cached.append(time.perf_counter() - t0)
+            full = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                fn(secs, False)
+                full.append(time.perf_counter() - t0)
+            c, f_ = min(cached), min(full)
+            ks = ("-", "-")
+            if prev is not None:
+                grow = math.log(secs / prev[0])
+                ks = (f"{math.log(c / prev[1]) / grow:.2f}", f"{math.log(f_ / prev[2]) / grow:.2f}")
+            print(f"{label:44s} {secs:7g} {steps:6d} {c:9.3f} {f_:9.3f} {f_ / c:6.1f}x {ks[0]:>8s} {ks[1]:>7s}",
+                  flush=True)  # fmt: skip
+            prev = (secs, c, f_)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 run each, no base-size encoder rows")
     ap.add_argument("--runs", type=int, default=None, help="runs per row (median; default 5, quick 1)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     ap.add_argument("--seconds", type=float, default=10.0, help="audio length (default 10 s)")
+    ap.add_argument("--lengths", default="5,10,20,40", help="audio seconds for the decoder scaling rows")
+    ap.add_argument("--decode-only", action="store_true", help="only the decoder scaling rows")
     args = ap.parse_args()
     runs = args.runs or (1 if args.quick else 5)
     torch.set_num_threads(args.threads)
     secs = args.seconds
+    if args.decode_only:
+        decoder_scaling([float(x) for x in args.lengths.split(",")], runs)
+        return
 
     from talkmesh.config import DataConfig
     from talkmesh.data import open_corpus
@@ -236,6 +312,7 @@ def main() -> None:
                     f"  prediction | ground truth + lip heat map   {r2:7.2f} s   RTF {r2 / secs:6.3f}  "
                     "(MLflow preview artifact)"
                 )
+        decoder_scaling([float(x) for x in args.lengths.split(",")], runs)
         la = os.getloadavg()
         print(f"\nload average after: {la[0]:.1f} / {la[1]:.1f} / {la[2]:.1f} on {os.cpu_count()} CPUs")
 

@@ -747,10 +747,10 @@ def _heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def _attend(
-    mha: nn.MultiheadAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
+    mha: nn.MultiheadAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """One query per batch row against cached heads: q (B, 1, d) already projected, k and v
-    (B, H, L, d / H), additive bias broadcastable to (B, H, 1, L) -> (B, 1, d) after the
+    (B, H, L, d / H), additive bias broadcastable to (B, H, 1, L) or None -> (B, 1, d) after the
     output projection (as :class:`torch.nn.MultiheadAttention` in eval mode)."""
     out = F.scaled_dot_product_attention(_heads(q, mha.num_heads), k, v, attn_mask=bias)  # (B, H, 1, d/H)
     return mha.out_proj(out.transpose(1, 2).reshape(q.shape[0], 1, -1))  # (B, 1, d)
@@ -783,9 +783,11 @@ class IncrementalDecoder:
                 if mha.in_proj_weight is None or mha.bias_k is not None or mha.add_zero_attn:
                     raise ValueError("IncrementalDecoder supports packed in-projections without bias_k/zero attention")
         self.style = style[:, None, :]  # (B, 1, d)
-        self.slopes = alibi_slopes(cfg.n_heads).to(memory.device, memory.dtype)  # (H,)
+        self.slopes = alibi_slopes(cfg.n_heads).to(memory.device)  # (H,)
         self.pe = periodic_positional_encoding(cfg.period, cfg.d_model, cfg.period).to(memory)  # (p, d): one period
         self.max_frames = max_frames
+        self._bias_rev = memory.new_zeros(1, cfg.n_heads, 1, 0)
+        self._grow_bias(max_frames or 256)
         self.frame = 0  # frames decoded so far
         self.next_input = self.style  # (B, 1, d): s, then E(y_k) + s
         b, d = memory.shape[0], cfg.d_model
@@ -794,6 +796,15 @@ class IncrementalDecoder:
         self.cross_kv: list[tuple[torch.Tensor, torch.Tensor]] = [(empty, empty) for _ in self.layers]
         self.num_tokens = 0
         self.append_memory(memory)
+
+    def _grow_bias(self, length: int) -> None:
+        """Precompute ``length`` bias columns in reverse order: column i holds the bias at
+        distance length - 1 - i, -slope_h * floor(distance / p), so row k of the causal bias
+        is the last k + 1 columns (a view, no work per step)."""
+        dist = torch.arange(length - 1, -1, -1, device=self.slopes.device)  # (M,) M-1 .. 0
+        steps = torch.div(dist, self.period, rounding_mode="floor").to(torch.float32)  # (M,)
+        bias = -self.slopes[:, None].to(torch.float32) * steps[None]  # (H, M)
+        self._bias_rev = bias.to(self._bias_rev.dtype)[None, :, None, :]  # (1, H, 1, M)
 
     def append_memory(self, memory: torch.Tensor) -> None:
         """Add audio tokens (B, S_new, d): each layer's cross-attention keys and values are
@@ -823,15 +834,17 @@ class IncrementalDecoder:
         """Decode the next frame: vertex offsets (B, 1, 3V)."""
         if self.max_frames is not None and self.frame >= self.max_frames:
             raise RuntimeError(f"all {self.max_frames} frames are decoded")
-        k, dev, dtype = self.frame, self.next_input.device, self.next_input.dtype
-        j = torch.arange(k + 1, device=dev)
-        steps = torch.div(k - j, self.period, rounding_mode="floor").to(torch.float32)  # (k+1,)
-        self_bias = (-self.slopes[:, None] * steps[None]).to(dtype)[None, :, None, :]  # (1, H, 1, k+1)
-        blocked = alignment_mask(k + 1, self.num_tokens, self.alignment, dev)[k]  # (S,)
-        cross_bias = torch.zeros(blocked.shape, device=dev, dtype=dtype).masked_fill(blocked, float("-inf"))
+        k = self.frame
+        if k >= self._bias_rev.shape[-1]:
+            self._grow_bias(max(2 * self._bias_rev.shape[-1], k + 1))
+        self_bias = self._bias_rev[:, :, :, -(k + 1) :]  # (1, H, 1, k+1): row k of biased_causal_mask
+        # The alignment mask's row k allows token k ("interp") or tokens 2k, 2k + 1 ("double")
+        # and blocks the rest, whose softmax weights are exactly 0: attend to the allowed ones only.
+        allowed = (k, k + 1) if self.alignment == "interp" else (2 * k, 2 * k + 2)
+        allowed = (min(allowed[0], self.num_tokens), min(allowed[1], self.num_tokens))
         x = self.next_input + self.pe[k % self.period]  # (B, 1, d)
         for i, layer in enumerate(self.layers):
-            x = self._layer(i, layer, x, self_bias, cross_bias[None, None, None, :])
+            x = self._layer(i, layer, x, self_bias, allowed)
         if self.model.decoder.norm is not None:
             x = self.model.decoder.norm(x)
         y = self.model.motion_decoder(x)  # (B, 1, 3V)
@@ -841,7 +854,7 @@ class IncrementalDecoder:
 
     def _layer(
         self, i: int, layer: nn.TransformerDecoderLayer, x: torch.Tensor, self_bias: torch.Tensor,
-        cross_bias: torch.Tensor,
+        allowed: tuple[int, int],
     ) -> torch.Tensor:
         """One decoder layer for the newest position x (B, 1, d), post- or pre-norm as the layer is."""
 
@@ -858,7 +871,8 @@ class IncrementalDecoder:
             mha, d = layer.multihead_attn, h.shape[-1]
             bias = mha.in_proj_bias
             q = F.linear(h, mha.in_proj_weight[:d], None if bias is None else bias[:d])  # (B, 1, d)
-            return _attend(mha, q, *self.cross_kv[i], cross_bias)
+            keys, values = (kv[:, :, allowed[0] : allowed[1]] for kv in self.cross_kv[i])  # (B, H, 1 or 2, d/H)
+            return _attend(mha, q, keys, values, None)
 
         def feed_forward(h: torch.Tensor) -> torch.Tensor:
             return layer.linear2(layer.dropout(layer.activation(layer.linear1(h))))
