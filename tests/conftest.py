@@ -96,10 +96,12 @@ def _group(file_name: str) -> str | None:
 
 
 # Files that take longest start first (the Makefile passes --no-loadscope-reorder, so xdist
-# keeps this order; each worker also takes a second file up front): the Ray group and the
-# files with clusters of their own in ``make test``; in ``make test-learning`` the two long
-# learning files, then the short ones.
-LONG_FIRST = ("ray", "own-cluster", "test_dualtalker.py", "test_deeptalk_learning.py",
+# keeps this order; a worker takes its next file once at most 2 of its tests are pending). In
+# ``make test-learning`` the two long learning files start on the two workers (each takes
+# 15-20 min), the Ray group (the sweep tests, a few minutes) and the short files follow. In
+# ``make test`` those two files hold a few quick tests or none, so the Ray group and the files
+# with clusters of their own still start at once, one on each worker.
+LONG_FIRST = ("test_dualtalker.py", "test_deeptalk_learning.py", "ray", "own-cluster",
               "test_adamesh_learning.py", "test_faceformer_learning.py")
 
 
