@@ -441,8 +441,7 @@ class FaceFormer(MotionMethod):
             hidden = self.decoder(self.ppe(tokens), memory, tgt_mask=self_bias, memory_mask=cross_mask)  # (B, T, d)
             return self.motion_decoder(hidden)  # (B, T, 3V)
         if incremental and not self.training:
-            state = IncrementalDecoder(self, memory, style, t)
-            return torch.cat([state.step() for _ in range(t)], dim=1)  # (B, T, 3V)
+            return IncrementalDecoder(self, memory, style, t).run(t)  # (B, T, 3V)
         tokens = s  # (B, 1, d)
         hidden = memory.new_zeros(b, 0, self.config.d_model)
         for k in range(t):
@@ -785,6 +784,10 @@ class IncrementalDecoder:
         self.style = style[:, None, :]  # (B, 1, d)
         self.slopes = alibi_slopes(cfg.n_heads).to(memory.device)  # (H,)
         self.pe = periodic_positional_encoding(cfg.period, cfg.d_model, cfg.period).to(memory)  # (p, d): one period
+        dec, enc = model.motion_decoder, model.motion_encoder  # y = W_d x + b_d, E(y) = W_e y + b_e
+        w_e = enc.weight.double()  # (d, 3V)
+        self._feedback_w = (w_e @ dec.weight.double()).to(memory.dtype)  # (d, d)
+        self._feedback_b = (w_e @ dec.bias.double() + enc.bias.double()).to(memory.dtype)  # (d,)
         self.max_frames = max_frames
         self._bias_rev = memory.new_zeros(1, cfg.n_heads, 1, 0)
         self._grow_bias(max_frames or 256)
@@ -793,7 +796,8 @@ class IncrementalDecoder:
         b, d = memory.shape[0], cfg.d_model
         empty = memory.new_zeros(b, cfg.n_heads, 0, d // cfg.n_heads)  # (B, H, 0, d/H)
         self.self_kv: list[tuple[torch.Tensor, torch.Tensor]] = [(empty, empty) for _ in self.layers]
-        self.cross_kv: list[tuple[torch.Tensor, torch.Tensor]] = [(empty, empty) for _ in self.layers]
+        self.cross_kv: list[tuple[torch.Tensor, torch.Tensor]] = [(empty, empty) for _ in self.layers]  # "double"
+        self.cross_out: list[torch.Tensor] = [memory.new_zeros(b, 0, d) for _ in self.layers]  # "interp"
         self.num_tokens = 0
         self.append_memory(memory)
 
@@ -813,10 +817,15 @@ class IncrementalDecoder:
         for i, layer in enumerate(self.layers):
             mha = layer.multihead_attn
             w, bias = mha.in_proj_weight, mha.in_proj_bias
+            v = F.linear(memory, w[2 * d :], None if bias is None else bias[2 * d :])  # (B, S_new, d)
+            if self.alignment == "interp":
+                # One allowed token per frame: its softmax weight is exactly 1, so the attention
+                # output is that token's projected value, computed here once for every frame.
+                self.cross_out[i] = torch.cat([self.cross_out[i], mha.out_proj(v)], dim=1)  # (B, S, d)
+                continue
             k = _heads(F.linear(memory, w[d : 2 * d], None if bias is None else bias[d : 2 * d]), self.n_heads)
-            v = _heads(F.linear(memory, w[2 * d :], None if bias is None else bias[2 * d :]), self.n_heads)
             old_k, old_v = self.cross_kv[i]
-            self.cross_kv[i] = (torch.cat([old_k, k], dim=2), torch.cat([old_v, v], dim=2))  # (B, H, S, d/H)
+            self.cross_kv[i] = (torch.cat([old_k, k], dim=2), torch.cat([old_v, _heads(v, self.n_heads)], dim=2))
         self.num_tokens += memory.shape[1]
 
     @property
@@ -830,8 +839,8 @@ class IncrementalDecoder:
         more = self.max_frames is None or self.frame < self.max_frames
         return more and self.num_tokens >= self.tokens_needed
 
-    def step(self) -> torch.Tensor:
-        """Decode the next frame: vertex offsets (B, 1, 3V)."""
+    def step_hidden(self) -> torch.Tensor:
+        """Decode the next frame up to the decoder's output (B, 1, d), before the output layer."""
         if self.max_frames is not None and self.frame >= self.max_frames:
             raise RuntimeError(f"all {self.max_frames} frames are decoded")
         k = self.frame
@@ -847,10 +856,21 @@ class IncrementalDecoder:
             x = self._layer(i, layer, x, self_bias, allowed)
         if self.model.decoder.norm is not None:
             x = self.model.decoder.norm(x)
-        y = self.model.motion_decoder(x)  # (B, 1, 3V)
-        self.next_input = self.model.motion_encoder(y) + self.style  # (B, 1, d)
+        # E(y_k) + s with y_k = W_d x + b_d folded into one (d, d) map: the (3V)-wide output
+        # layer is then needed for the returned frames only (decode maps them all at once).
+        self.next_input = F.linear(x, self._feedback_w, self._feedback_b) + self.style  # (B, 1, d)
         self.frame += 1
-        return y
+        return x
+
+    def step(self) -> torch.Tensor:
+        """Decode the next frame: vertex offsets (B, 1, 3V)."""
+        return self.model.motion_decoder(self.step_hidden())  # (B, 1, 3V)
+
+    def run(self, frames: int) -> torch.Tensor:
+        """Decode the next ``frames`` frames: vertex offsets (B, frames, 3V), the output layer
+        applied once to all of them."""
+        hidden = torch.cat([self.step_hidden() for _ in range(frames)], dim=1)  # (B, frames, d)
+        return self.model.motion_decoder(hidden)  # (B, frames, 3V)
 
     def _layer(
         self, i: int, layer: nn.TransformerDecoderLayer, x: torch.Tensor, self_bias: torch.Tensor,
@@ -868,6 +888,8 @@ class IncrementalDecoder:
             return _attend(mha, q, keys, values, self_bias)
 
         def cross_attention(h: torch.Tensor) -> torch.Tensor:
+            if self.alignment == "interp":
+                return self.cross_out[i][:, allowed[0] : allowed[1]]  # (B, 1, d), see append_memory
             mha, d = layer.multihead_attn, h.shape[-1]
             bias = mha.in_proj_bias
             q = F.linear(h, mha.in_proj_weight[:d], None if bias is None else bias[:d])  # (B, 1, d)
@@ -875,7 +897,8 @@ class IncrementalDecoder:
             return _attend(mha, q, keys, values, None)
 
         def feed_forward(h: torch.Tensor) -> torch.Tensor:
-            return layer.linear2(layer.dropout(layer.activation(layer.linear1(h))))
+            hidden = layer.activation(F.linear(h, layer.linear1.weight, layer.linear1.bias))  # eval: no dropout
+            return F.linear(hidden, layer.linear2.weight, layer.linear2.bias)
 
         if layer.norm_first:
             x = x + self_attention(layer.norm1(x))
