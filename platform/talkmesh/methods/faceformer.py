@@ -34,6 +34,10 @@ Deviations from the reference code (all spec DECISIONS unless noted):
      one-hot ``default_subject``.
   8. The ``debug`` preset turns SpecAugment off (tiny clips would be mostly masked with
      the checkpoint's minimum of 2 masks of 10 frames); the paper presets keep it (Q4).
+  9. Inference decodes incrementally (:class:`IncrementalDecoder`, issue 15): cached keys
+     and values per layer instead of re-running the decoder over the whole prefix for every
+     frame as the reference does; equal up to float rounding (the reference path stays as
+     ``decode(..., incremental=False)`` and in training mode).
 """
 
 from __future__ import annotations
