@@ -763,10 +763,10 @@ class IncrementalDecoder:
     """FaceFormer's autoregressive decoder stepped one frame at a time (§3.2) with each
     layer's self-attention keys and values cached, so frame k costs O(k) instead of the full
     prefix's O(k^2). Each step adds the frame's periodic positional encoding, uses row k of
-    the periodic ALiBi bias (:func:`biased_causal_mask`) and of the alignment mask
-    (:func:`alignment_mask`) against the audio tokens given so far, and feeds E(y_k) + s
-    back as the next input. Equal to ``FaceFormer.decode(..., incremental=False)`` in eval
-    mode up to float rounding (tests/test_faceformer_incremental.py).
+    the periodic ALiBi bias (:func:`biased_causal_mask`), attends to the audio tokens row k
+    of the alignment mask (:func:`alignment_mask`) allows, and feeds E(y_k) + s back as the
+    next input. Equal to ``FaceFormer.decode(..., incremental=False)`` in eval mode up to
+    float rounding (tests/test_incremental_decoding.py).
 
     Audio tokens may arrive in pieces (:meth:`append_memory`, for streaming): frame k needs
     token k ("interp") or tokens 2k and 2k + 1 ("double"); :attr:`ready` says whether the
