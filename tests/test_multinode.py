@@ -73,10 +73,16 @@ def two_nodes():
         )
         # Cluster writes its address to /tmp/ray/ray_current_cluster (whatever the temp dir), where
         # every process on this machine that looks for "the" local Ray would find it, processes of
-        # the session's cluster included. Nothing here needs it: the job gets its address from Ray.
+        # the session's cluster included: removed. The job supervisor finds the address it hands
+        # the driver (RAY_ADDRESS) in <its node's temp dir>/ray_current_cluster, and with no file
+        # there it takes any GCS process it finds on the machine; with other clusters running
+        # (the other test worker's) that was sometimes another cluster, whose token the driver
+        # lacks ("InvalidAuthToken"). So the address goes into this cluster's temp dir.
         from ray._common.utils import reset_ray_address
+        from ray._private.utils import write_ray_address
 
         reset_ray_address()
+        write_ray_address(cluster.gcs_address, temp)
         second = cluster.add_node(num_cpus=1, resources={SLOT: 1}, node_ip_address="127.0.0.1", **second_agents)
         cluster.wait_for_nodes()
         names = {cluster.head_node.node_id: "head", second.node_id: "second"}
