@@ -118,6 +118,7 @@ def decoder_scaling(lengths: list[float], runs: int) -> None:
     import math
 
     from talkmesh.methods.base import DataFacts
+    from talkmesh.methods.faceformer import tokens_per_frame
     from talkmesh.methods.registry import build_method
 
     print(f"\nautoregressive decoders alone: incremental vs full-prefix, min of {runs} run(s)")
@@ -130,7 +131,7 @@ def decoder_scaling(lengths: list[float], runs: int) -> None:
     for name, f in (("faceformer", facts), ("dualtalker", facts)):
         torch.manual_seed(0)
         m = build_method(name, {"audio_encoder": {"tiny": True}}, f, preset="vocaset").eval()
-        per = 1 if m.config.alignment == "interp" else 2
+        per = tokens_per_frame(m.config.alignment)
 
         def run(seconds: float, incremental: bool, m=m, per=per, fps=f.fps) -> int:
             t = int(seconds * fps)

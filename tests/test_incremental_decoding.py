@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from talkmesh.methods.faceformer import FaceFormer, IncrementalDecoder
+from talkmesh.methods.faceformer import FaceFormer, IncrementalDecoder, tokens_per_frame
 from test_faceformer import model, randomise_output_layer
 from test_methods_contract import V, make_clip
 
@@ -26,7 +26,7 @@ def eval_model(**overrides: object) -> FaceFormer:
 def inputs(m: FaceFormer, frames: int, batch: int = 1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Random audio tokens (B, S_mem, d) for ``frames`` frames and the style embeddings of
     training subjects 0..B-1 (B, d)."""
-    per = 1 if m.config.alignment == "interp" else 2
+    per = tokens_per_frame(m.config.alignment)
     g = torch.Generator().manual_seed(seed)
     memory = torch.randn(batch, per * frames, m.config.d_model, generator=g)
     return memory, m.style_vectors(torch.arange(batch) % m.num_subjects)

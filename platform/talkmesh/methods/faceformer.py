@@ -79,7 +79,9 @@ __all__ = [
     "alignment_mask",
     "biased_causal_mask",
     "condition_filename",
+    "periodic_alibi_bias",
     "periodic_positional_encoding",
+    "tokens_per_frame",
 ]
 
 Alignment = Literal["interp", "double"]
@@ -218,10 +220,21 @@ def biased_causal_mask(
     for j <= i, -inf for j > i (future frames are never seen)."""
     pos = torch.arange(length, device=device)
     dist = pos[:, None] - pos[None, :]  # (L, L) i - j
-    steps = torch.div(dist.clamp_min(0), period, rounding_mode="floor").to(torch.float32)  # (L, L)
-    slopes = alibi_slopes(n_heads).to(device)  # (H,)
-    bias = -slopes[:, None, None] * steps[None]  # (H, L, L)
+    bias = periodic_alibi_bias(alibi_slopes(n_heads).to(device), dist.clamp_min(0), period)  # (H, L, L)
     return bias.masked_fill((dist < 0)[None], float("-inf"))
+
+
+def periodic_alibi_bias(slopes: torch.Tensor, distance: torch.Tensor, period: int) -> torch.Tensor:
+    """slopes (H,), non-negative frame distances (...) -> bias (H, ...) = -slope_h * floor(distance / p)."""
+    steps = torch.div(distance, period, rounding_mode="floor").to(torch.float32)  # (...)
+    return -slopes.reshape(-1, *([1] * distance.ndim)) * steps[None]  # (H, ...)
+
+
+def tokens_per_frame(mode: Alignment) -> int:
+    """Audio tokens each motion frame attends to: 1 ("interp") or 2 ("double")."""
+    if mode not in ("interp", "double"):
+        raise ValueError(f"alignment must be 'interp' or 'double', got {mode!r}")
+    return 1 if mode == "interp" else 2
 
 
 def alignment_mask(
@@ -231,15 +244,10 @@ def alignment_mask(
 
     "interp": frame t sees audio token t. "double": frame t sees tokens 2t and 2t + 1.
     """
+    per = tokens_per_frame(mode)
     t = torch.arange(num_frames, device=device)[:, None]  # (T, 1)
     s = torch.arange(num_tokens, device=device)[None, :]  # (1, S)
-    if mode == "interp":
-        allowed = s == t
-    elif mode == "double":
-        allowed = (s == 2 * t) | (s == 2 * t + 1)
-    else:
-        raise ValueError(f"alignment must be 'interp' or 'double', got {mode!r}")
-    return ~allowed
+    return (s < per * t) | (s >= per * (t + 1))  # allowed: per * t <= s < per * (t + 1)
 
 
 def periodic_positional_encoding(length: int, d_model: int, period: int) -> torch.Tensor:
@@ -780,6 +788,7 @@ class IncrementalDecoder:
         self.model = model
         cfg = model.config
         self.n_heads, self.period, self.alignment = cfg.n_heads, cfg.period, cfg.alignment
+        self.per = tokens_per_frame(cfg.alignment)  # audio tokens per frame
         self.layers: list[nn.TransformerDecoderLayer] = list(model.decoder.layers)  # type: ignore[arg-type]
         for layer in self.layers:
             for mha in (layer.self_attn, layer.multihead_attn):
@@ -810,8 +819,7 @@ class IncrementalDecoder:
         distance length - 1 - i, -slope_h * floor(distance / p), so row k of the causal bias
         is the last k + 1 columns (a view, no work per step)."""
         dist = torch.arange(length - 1, -1, -1, device=self.slopes.device)  # (M,) M-1 .. 0
-        steps = torch.div(dist, self.period, rounding_mode="floor").to(torch.float32)  # (M,)
-        bias = -self.slopes[:, None].to(torch.float32) * steps[None]  # (H, M)
+        bias = periodic_alibi_bias(self.slopes, dist, self.period)  # (H, M)
         self._bias_rev = bias.to(self._bias_rev.dtype)[None, :, None, :]  # (1, H, 1, M)
 
     def append_memory(self, memory: torch.Tensor) -> None:
@@ -835,7 +843,7 @@ class IncrementalDecoder:
     @property
     def tokens_needed(self) -> int:
         """Audio tokens the next frame needs in total (its own included)."""
-        return self.frame + 1 if self.alignment == "interp" else 2 * self.frame + 2
+        return self.per * (self.frame + 1)
 
     @property
     def ready(self) -> bool:
@@ -853,8 +861,7 @@ class IncrementalDecoder:
         self_bias = self._bias_rev[:, :, :, -(k + 1) :]  # (1, H, 1, k+1): row k of biased_causal_mask
         # The alignment mask's row k allows token k ("interp") or tokens 2k, 2k + 1 ("double")
         # and blocks the rest, whose softmax weights are exactly 0: attend to the allowed ones only.
-        allowed = (k, k + 1) if self.alignment == "interp" else (2 * k, 2 * k + 2)
-        allowed = (min(allowed[0], self.num_tokens), min(allowed[1], self.num_tokens))
+        allowed = (min(self.per * k, self.num_tokens), min(self.per * (k + 1), self.num_tokens))
         x = self.next_input + self.pe[k % self.period]  # (B, 1, d)
         for i, layer in enumerate(self.layers):
             x = self._layer(i, layer, x, self_bias, allowed)
