@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-learning test-fast lint clean
+.PHONY: setup demo test test-learning test-fast lint clean test-ablations
 
 # The CPU build of torch is installed first when no CUDA GPU is visible, so that the
 # project's own `torch` requirement is already satisfied and pip never pulls the CUDA wheels.
@@ -40,7 +40,13 @@ test: setup
 # The learning checks that need longer (minutes of training on the synthetic corpus); CI runs
 # them after `make test`, grouped by file in the same way (each file trains its own models).
 test-learning: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m learning $(XDIST); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "learning and not ablation" $(XDIST); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+# The spec ablations that are not reliably met on the synthetic corpus (non-strict xfails that
+# print their figures; README "Known gaps"). Not in CI: they cannot fail it, and they would
+# take CI past its time budget.
+test-ablations: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -s -m ablation; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 test-fast: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow and not learning"

@@ -337,6 +337,7 @@ def emotion_ablation(corpus, priors) -> dict[str, list[tuple[float, float]]]:
     return out
 
 
+@pytest.mark.ablation
 @pytest.mark.xfail(
     strict=False,
     raises=AssertionError,
@@ -352,6 +353,7 @@ def test_ablation_emotion_term_raises_emo_acc_without_hurting_lve(emotion_ablati
     assert on[1] <= 1.05 * off[1], (on, off)
 
 
+@pytest.mark.ablation
 @pytest.mark.xfail(
     strict=False,
     raises=AssertionError,
