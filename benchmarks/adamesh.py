@@ -2,7 +2,7 @@
 real-time factor (``generate`` wall time / audio duration) for 10 s of audio.
 Not part of the test run.
 
-    .venv/bin/python benchmarks/adamesh.py [--quick] [--runs N] [--threads T] [--steps S] [--paper]
+    .venv/bin/python benchmarks/adamesh.py [--quick] [--runs N] [--threads T] [--steps S] [--paper] [--d6]
 
 Rows: the ``debug`` preset (tiny random HuBERT) and, with ``--paper``, the paper sizes
 (``mead`` preset: Conformer d 256, MoLoRA ranks 1/2/4/8, 6-layer PoseGPT, 512 clusters)
@@ -11,13 +11,16 @@ saved to a temp dir and loaded like the real checkpoint; compute does not depend
 weights' values, and no pretrained weights are available offline). Models are untrained
 (speed only); the pose index is filled with random tables so retrieval runs its full path.
 Adaptation runs ``--steps`` steps (default: the preset's ``adaptation.steps``) and reports the
-per-step time too. Median and minimum over ``--runs``; the minimum is the better estimate
+per-step time too; ``--d6`` also times D6's adaptation (4 random 4 s crops a step for 300
+steps, what the presets used before deviation 16) with the same code and prints the ratio.
+Median and minimum over ``--runs``; the minimum is the better estimate
 of the uncontended cost on a shared machine. ``--threads`` is torch's intra-op thread count.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import tempfile
@@ -75,7 +78,10 @@ def fill_index(m) -> None:
         m.fitted.fill_(True)
 
 
-def bench(name: str, preset: str, overrides: dict, runs: int, steps: int | None, seconds: float) -> None:
+D6 = {"adaptation.batch": 4, "adaptation.crop_s": 4.0, "adaptation.steps": 300}
+
+
+def bench(name: str, preset: str, overrides: dict, runs: int, steps: int | None, seconds: float, d6: bool) -> None:
     from talkmesh.face.flame import FlameLayer, make_surrogate_flame
     from talkmesh.methods import build_method
     from talkmesh.methods.base import DataFacts
@@ -107,6 +113,16 @@ def bench(name: str, preset: str, overrides: dict, runs: int, steps: int | None,
         t0 = time.perf_counter()
         state = m.adapt(ref, steps=steps, seed=r)
         adapt_t.append(time.perf_counter() - t0)
+    if d6:
+        cfg = m.config
+        d6_cfg = {k.split(".", 1)[1]: v for k, v in D6.items()}
+        m.config = dataclasses.replace(cfg, adaptation=dataclasses.replace(cfg.adaptation, **d6_cfg))
+        d6_t = []
+        for r in range(runs):
+            t0 = time.perf_counter()
+            m.adapt(ref, seed=r)
+            d6_t.append(time.perf_counter() - t0)
+        m.config = cfg
     enc_t = []
     for _ in range(runs):
         t0 = time.perf_counter()
@@ -123,6 +139,11 @@ def bench(name: str, preset: str, overrides: dict, runs: int, steps: int | None,
         f"adapt    {seconds:g} s reference, {steps} steps: median {statistics.median(adapt_t):.2f} s, "
         f"min {min(adapt_t):.2f} s ({min(adapt_t) / max(steps, 1) * 1000:.0f} ms/step incl. retrieval)"
     )
+    if d6:
+        print(
+            f"adapt    D6 (4 x 4 s crops, 300 steps): median {statistics.median(d6_t):.2f} s, min {min(d6_t):.2f} s; "
+            f"the preset's adaptation takes {min(adapt_t) / min(d6_t):.2f}x of it (minimums)"
+        )
     print(f"encode_style (no optimisation):        median {statistics.median(enc_t):.3f} s, min {min(enc_t):.3f} s")
     print(
         f"generate {seconds:g} s audio -> {t_frames} frames + vertices: median {statistics.median(gen_t):.3f} s, "
@@ -140,16 +161,18 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--paper", action="store_true", help="also the paper sizes with a random HuBERT-large")
     p.add_argument("--quick", action="store_true", help="1 run")
+    p.add_argument("--d6", action="store_true", help="also time D6's adaptation (4 x 4 s crops, 300 steps)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     runs = 1 if args.quick else args.runs
     print(f"torch {torch.__version__}, {args.threads} thread(s), device cpu")
-    bench("debug preset (tiny random HuBERT)", "debug", {}, runs, args.steps, args.seconds)
+    bench("debug preset (tiny random HuBERT)", "debug", {}, runs, args.steps, args.seconds, args.d6)
     if args.paper:
         with tempfile.TemporaryDirectory() as tmp:
             path = hubert_large_dir(Path(tmp))
             overrides = {"audio_encoder.name_or_path": str(path), "pose_index.cache_features": False}
-            bench("paper sizes (mead preset, random HuBERT-large)", "mead", overrides, runs, args.steps, args.seconds)
+            name = "paper sizes (mead preset, random HuBERT-large)"
+            bench(name, "mead", overrides, runs, args.steps, args.seconds, args.d6)
 
 
 if __name__ == "__main__":

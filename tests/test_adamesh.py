@@ -143,6 +143,9 @@ def test_config_validation_and_stage_schedules():
         ("pose_vq", {"window": 10}, "window"),
         ("expression", {"heads": 3}, "heads"),
         ("adaptation", {"steps": -1}, "steps"),
+        ("adaptation", {"schedule": "linear"}, "schedule"),
+        ("adaptation", {"holdout_s": -1.0}, "holdout_s"),
+        ("adaptation", {"patience": 0}, "patience"),
         ("posegpt", {"dropout": 1.0}, "dropout"),
         ("pose_index", {"kmeans_k": 0}, "kmeans_k"),
     ):
@@ -196,8 +199,13 @@ def test_checkpoints_saved_with_the_flat_config_of_stop_7_still_load(tmp_path):
 
     legacy = json.loads((Path(__file__).parent / "data" / "adamesh_config_stop7_debug.json").read_text())
     assert "pose_vq_epochs" in legacy and "pose_vq" not in legacy  # really the old, flat form
-    # Fields added since (e.g. hubert_chunk_*) take their defaults.
-    assert from_dict(AdaMeshConfig, AdaMeshConfig.upgrade(legacy)) == AdaMeshConfig.debug()
+    # Fields added since (e.g. hubert_chunk_*) take their defaults; the adaptation keeps the
+    # crops it was saved with (deviation 16 changed the preset's).
+    then = dataclasses.replace(
+        AdaMeshConfig.debug(),
+        adaptation=dataclasses.replace(AdaMeshConfig.debug().adaptation, batch=4, crop_s=4.0, steps=150),
+    )
+    assert from_dict(AdaMeshConfig, AdaMeshConfig.upgrade(legacy)) == then
     assert AdaMeshConfig.upgrade(to_dict(AdaMeshConfig.debug())) == to_dict(AdaMeshConfig.debug())
 
     m = model(face=False)
@@ -205,7 +213,7 @@ def test_checkpoints_saved_with_the_flat_config_of_stop_7_still_load(tmp_path):
     info = json.loads((tmp_path / METHOD_FILE).read_text())
     (tmp_path / METHOD_FILE).write_text(json.dumps({**info, "config": legacy}))
     loaded = load_method(tmp_path)
-    assert loaded.config == m.config
+    assert loaded.config == then
     for k, v in m.state_dict().items():
         assert torch.equal(loaded.method.state_dict()[k], v), k
 
@@ -335,6 +343,50 @@ def test_adapt_is_seeded_deterministic_and_bounded():
     assert bounded["adapt_seconds"] < 5.0
     with pytest.raises(ValueError, match="max_seconds"):
         m.adapt(ref, max_seconds=0)
+
+
+def test_adapt_runs_hubert_once_on_the_reference(monkeypatch):
+    """The optimisation's audio inputs and the pose retrieval share one HuBERT pass."""
+    m = model()
+    perturb(m)
+    with torch.no_grad():  # a filled pose index, so retrieval runs its full path
+        g = torch.Generator().manual_seed(0)
+        m.cluster_centroids.copy_(torch.randn(m.cluster_centroids.shape, generator=g))
+        m.pose_style_matrix.copy_(torch.randn(m.pose_style_matrix.shape, generator=g))
+        m.pose_style_counts.fill_(1.0)
+        m.fitted.fill_(True)
+    calls = []
+    forward = type(m._hubert).forward
+    monkeypatch.setattr(type(m._hubert), "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+    state = m.adapt(serve_reference(), steps=2)
+    assert state["pose_selection"] == "masked cluster distance"
+    assert len(calls) == 1
+    m.encode_style(serve_reference())
+    assert len(calls) == 2
+
+
+def test_adapt_stops_early_on_the_held_out_tail_and_keeps_the_best_parameters():
+    """A learning rate large enough to overfit 2 s of reference: the held-out L1 stops falling,
+    adaptation ends ``patience`` measurements later and returns the parameters of its lowest
+    held-out L1, the same as a run stopped at that step; without a tail, every step runs."""
+    over = {"adaptation.holdout_s": 0.6, "adaptation.eval_every": 2, "adaptation.patience": 2, "adaptation.lr": 0.05}
+    m = model(**over, **{"adaptation.crop_s": 0.5})
+    perturb(m)
+    ref = serve_reference(seconds=2.4)
+    state = m.adapt(ref, steps=80, seed=1)
+    steps, best = state["adapt_steps"], state["adapt_best_step"]
+    assert steps < 80 and steps - best == 2 * 2, (steps, best)  # patience x eval_every after the best
+    assert best > 0 and state["adapt_holdout_l1"] > 0
+    again = m.adapt(ref, steps=best, seed=1)  # the same crops and steps up to the best one
+    assert again["adapt_best_step"] == best
+    for k in (k for k in state if k.startswith("molora/")):
+        assert torch.equal(state[k], again[k]), k
+    plain = model(**{**over, "adaptation.holdout_s": 0.0}, **{"adaptation.crop_s": 0.5})
+    perturb(plain)
+    full = plain.adapt(ref, steps=12, seed=1)
+    assert full["adapt_steps"] == full["adapt_best_step"] == 12 and "adapt_holdout_l1" not in full
+    short = m.adapt(serve_reference(seconds=1.0), steps=3)  # shorter than twice the tail: no tail
+    assert "adapt_holdout_l1" not in short and short["adapt_steps"] == 3
 
 
 def test_style_states_round_trip_through_weights_only_load():

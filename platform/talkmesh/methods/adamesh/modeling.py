@@ -158,11 +158,19 @@ class ExpressionAdapter(nn.Module):
                 raise ValueError("ExpressionAdapter needs a shape or an identity vector")
             frames = ref_mask if ref_mask is not None else mask
             identity = self.encode_identity(shape, frames)
-        a = self.subsample(audio)[:, : mask.shape[1]]  # (B, T, d)
-        a = self.audio_encoder(a, mask)
+        mid, post = self.decode(self.subsample(audio)[:, : mask.shape[1]], mask, style, identity)
+        return mid, post, style, identity
+
+    def decode(
+        self, subsampled: torch.Tensor, mask: torch.Tensor, style: torch.Tensor, identity: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The part of :meth:`forward` after the subsampling (which MoLoRA does not adapt):
+        subsampled audio (B, T, d), mask (B, T), style and identity vectors (B, d) ->
+        (y_mid, y), (B, T, 53) twice (normalised)."""
+        a = self.audio_encoder(subsampled, mask)
         h = self.decoder(self.decoder_in(a + style[:, None] + identity[:, None]), mask)  # (B, T, d)
         mid = self.out(h)  # (B, T, 53)
-        return mid, self.postnet(mid, mask), style, identity
+        return mid, self.postnet(mid, mask)
 
 
 # --------------------------------------------------------------------------------------
