@@ -662,6 +662,12 @@ def test_encode_style_uses_the_last_style_ref_frames(trained):
         trained.encode_style({"template": ref.template})
     with pytest.raises(ValueError, match="non-finite"):
         trained.encode_style({"vertices": np.full_like(ref.vertices, np.nan), "template": ref.template})
+    inf_late = ref.vertices.copy()
+    inf_late[-1, 0, 0] = np.inf
+    with pytest.raises(ValueError, match="non-finite"):
+        trained.encode_style({"vertices": inf_late, "template": ref.template})
+    huge = np.full_like(ref.vertices, 3e38)  # finite, but their sum overflows: the exact check passes it
+    assert trained._offsets(huge, ref.template, "reference vertices", last=5).shape == (5, trained.output_dim)
 
 
 def test_style_codes_of_different_speakers_drive_different_motion(trained):
