@@ -118,8 +118,8 @@ Deviations (spec DECISIONs unless noted):
      parts run once per reference: HuBERT (shared with the pose retrieval) and the
      subsampling before the first adapted layer (so a crop's first frame sees its real left
      neighbour instead of zero padding, as in ``generate``). At paper sizes a step costs
-     about 0.6x D6's (250 frames instead of 400) and the whole adaptation fits in a minute
-     on 2 CPU cores (benchmarks/adamesh.py). On the synthetic unseen speakers (debug
+     about 0.4 s with 2 CPU threads and the whole adaptation about a minute (62.7 s;
+     D6 with HuBERT run twice: about 335 s; benchmarks/adamesh.py --paper). On the synthetic unseen speakers (debug
      preset, test_adamesh_learning) the adapted/unadapted LVE ratio is 0.721 (D6 crops for
      150 steps: 0.737; for 300 steps: 0.702; whole reference for 300 steps: 0.689). An
      optional held-out tail of the reference stops adaptation early
