@@ -970,7 +970,9 @@ class AdaMesh(MotionMethod):
                 shape = ref["shape"][None]
                 return float(self._adaptation_loss(lora, sub[:, fit:], y[:, fit:], ref_expression, shape))
 
-        run = _AdaptRun({k: v.detach().clone() for k, v in lora.items()}, [], 0, holdout_l1() if hold else None)
+        # With a tail, the unadapted parameters are the best until a step lowers its L1.
+        best = {k: v.detach().clone() for k, v in lora.items()} if hold else {}
+        run = _AdaptRun(best, [], 0, holdout_l1() if hold else None)
         stale = 0
         with torch.enable_grad():
             for step in range(steps):
