@@ -72,6 +72,51 @@ def test_child_runs_and_the_dataset_input(corpus, tmp_path):
     assert {t.key: t.value for t in inp.tags}["mlflow.data.context"] == "training"
 
 
+def test_a_dataset_input_that_loses_the_insert_race_is_added_to_the_winners_row(corpus, tmp_path, monkeypatch):
+    """Two trials log the same corpus at once: both find no dataset row, the first inserts it
+    and the second's insert breaks the unique key. The second run still gets its input, on the
+    one row; an error of another kind is not retried."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.tracking.dbmodels.models import SqlDataset
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    uri = store(tmp_path)
+    winner, loser = (tracking.start_run("talkmesh-faceformer", f"trial-{i}", uri=uri) for i in range(2))
+    real = SqlAlchemyStore._log_inputs_impl
+    calls = []
+
+    def race_once(self, experiment_id, run_id, dataset_inputs=None, models=None):  # noqa: ANN001, ANN202
+        calls.append(run_id)
+        if len(calls) == 1:  # the winner inserts between the loser's lookup and its insert
+            real(self, experiment_id, winner, dataset_inputs, models)
+            d = dataset_inputs[0].dataset
+            with self.ManagedSessionMaker(read_only=False) as session:
+                session.add(SqlDataset(dataset_uuid="0" * 32, experiment_id=int(experiment_id), name=d.name,
+                                       digest=d.digest, dataset_source_type=d.source_type, dataset_source=d.source))
+        return real(self, experiment_id, run_id, dataset_inputs, models)
+
+    monkeypatch.setattr(SqlAlchemyStore, "_log_inputs_impl", race_once)
+    fingerprint = tracking.log_dataset(loser, corpus, uri=uri)
+    assert calls == [loser, loser], "the lost race is retried once"
+    client = MlflowClient(tracking_uri=uri)
+    (won,), (lost,) = (client.get_run(r).inputs.dataset_inputs for r in (winner, loser))
+    assert won.dataset.digest == lost.dataset.digest == fingerprint
+    experiment = client.get_experiment_by_name("talkmesh-faceformer").experiment_id
+    with SqlAlchemyStore(uri, str(tmp_path / "artifacts")).ManagedSessionMaker() as session:
+        assert session.query(SqlDataset).filter(SqlDataset.experiment_id == int(experiment)).count() == 1
+
+    def refuse(self, experiment_id, run_id, dataset_inputs=None, models=None):  # noqa: ANN001, ANN202
+        calls.append(run_id)
+        raise MlflowException("the store is read-only")
+
+    monkeypatch.setattr(SqlAlchemyStore, "_log_inputs_impl", refuse)
+    calls.clear()
+    with pytest.raises(MlflowException, match="read-only"):
+        tracking.log_dataset(winner, corpus, uri=uri)
+    assert calls == [winner], "other errors are not retried"
+
+
 def test_registered_pyfunc_is_logged_from_code_and_unwraps_to_the_method(registered, corpus):
     import mlflow.pyfunc
     from mlflow import MlflowClient

@@ -426,12 +426,35 @@ def log_dataset(run_id: str, corpus: Corpus, context: str = "training", uri: str
     """Log ``corpus`` as an input of run ``run_id`` (``mlflow.log_input``): a metadata-only
     dataset named after the corpus format, with its root as the source and
     :func:`dataset_fingerprint` as the digest. Logging it again is a no-op. Returns the fingerprint."""
+    from mlflow.exceptions import MlflowException
+
     info = corpus.info
     dataset = _corpus_dataset(corpus)
     tags = {"fps": str(float(info.fps)), "motion": info.motion}
     with _in_run(run_id, uri) as fluent:
-        fluent.log_input(dataset, context=context, tags=tags)
+        for attempt in range(_INPUT_ATTEMPTS):
+            try:
+                fluent.log_input(dataset, context=context, tags=tags)
+                break
+            except MlflowException as exc:
+                # The store looks the dataset up, then inserts it: concurrent trials logging the
+                # same corpus race between the two, and the loser's insert breaks the unique key.
+                # Again, the lookup finds the winner's row and only the run's input is added.
+                if attempt == _INPUT_ATTEMPTS - 1 or not _lost_insert_race(exc):
+                    raise
     return dataset.digest
+
+
+_INPUT_ATTEMPTS = 3
+
+
+def _lost_insert_race(exc: BaseException) -> bool:
+    """Whether an MLflow store error is a unique-key violation (an insert that lost a race):
+    the SQLAlchemy error itself for a database store, its text for a tracking server."""
+    from sqlalchemy.exc import IntegrityError
+
+    text = str(exc)
+    return isinstance(exc.__cause__, IntegrityError) or "IntegrityError" in text or "UNIQUE constraint" in text
 
 
 def _corpus_dataset(corpus: Corpus) -> Any:
