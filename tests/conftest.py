@@ -97,12 +97,13 @@ def _group(file_name: str) -> str | None:
 
 # Files that take longest start first (the Makefile passes --no-loadscope-reorder, so xdist
 # keeps this order; a worker takes its next file once at most 2 of its tests are pending). In
-# ``make test-learning`` the two long learning files start on the two workers (each takes
-# 15-20 min), the Ray group (the sweep tests, a few minutes) and the short files follow. In
-# ``make test`` those two files hold a few quick tests or none, so the Ray group and the files
-# with clusters of their own still start at once, one on each worker.
-LONG_FIRST = ("test_dualtalker.py", "test_deeptalk_learning.py", "ray", "own-cluster",
-              "test_adamesh_learning.py", "test_faceformer_learning.py")
+# ``make test-learning`` (idle 2-core figures) DualTalker's reader checks (about 15 min) and
+# its ablation (about 12 min) start on the two workers, then DEEPTalk (11 min), the Ray group
+# (the sweep tests, 6 min) and the shorter files. In ``make test`` the learning files hold a
+# few quick tests or none, so the Ray group and the files with clusters of their own still
+# start at once, one on each worker.
+LONG_FIRST = ("test_dualtalker.py", "test_dualtalker_ablation.py", "test_deeptalk_learning.py", "ray", "own-cluster",
+              "test_mimic_learning.py", "test_adamesh_learning.py", "test_faceformer_learning.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
