@@ -78,7 +78,7 @@ def fill_index(m) -> None:
         m.fitted.fill_(True)
 
 
-D6 = {"adaptation.batch": 4, "adaptation.crop_s": 4.0, "adaptation.steps": 300}
+D6 = {"batch": 4, "crop_s": 4.0, "steps": 300}  # AdaptationConfig fields
 
 
 def bench(name: str, preset: str, overrides: dict, runs: int, steps: int | None, seconds: float, d6: bool) -> None:
@@ -115,8 +115,7 @@ def bench(name: str, preset: str, overrides: dict, runs: int, steps: int | None,
         adapt_t.append(time.perf_counter() - t0)
     if d6:
         cfg = m.config
-        d6_cfg = {k.split(".", 1)[1]: v for k, v in D6.items()}
-        m.config = dataclasses.replace(cfg, adaptation=dataclasses.replace(cfg.adaptation, **d6_cfg))
+        m.config = dataclasses.replace(cfg, adaptation=dataclasses.replace(cfg.adaptation, **D6))
         d6_t = []
         for r in range(runs):
             t0 = time.perf_counter()

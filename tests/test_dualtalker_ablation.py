@@ -47,10 +47,14 @@ def score_arm(m: DualTalker, clips: list) -> tuple[float, float]:
     return float(np.mean(ratios)), metrics.lve(preds, gts, lips)
 
 
-def train_arm(arm: str, overrides: dict) -> tuple[float, float]:
-    """One arm: the mean over the seeds of (lip-dynamics ratio, LVE) on test-A (printed)."""
+@pytest.fixture(scope="module")
+def corpus_and_test_a() -> tuple:
     corpus = _synthetic_corpus()
-    clips = [corpus.load(s) for s in corpus.sequences("test-A")]
+    return corpus, [corpus.load(s) for s in corpus.sequences("test-A")]
+
+
+def train_arm(arm: str, overrides: dict, corpus, clips: list) -> tuple[float, float]:
+    """One arm: the mean over the seeds of (lip-dynamics ratio, LVE) on the test-A ``clips`` (printed)."""
     # 16 sequences in batches of 8: 2 steps an epoch, so ABLATION_STEPS is 200 epochs; the
     # _pred ramp covers the first 10 % of them, the paper's 10 of 100 epochs.
     epochs = ABLATION_STEPS // 2
@@ -64,9 +68,9 @@ def train_arm(arm: str, overrides: dict) -> tuple[float, float]:
 
 
 @pytest.fixture(scope="module")
-def ablation() -> dict[str, tuple[float, float]]:
+def ablation(corpus_and_test_a) -> dict[str, tuple[float, float]]:
     """§11.7: arm -> (mean lip-dynamics ratio, mean LVE) of autoregressive generation on test-A."""
-    table = {arm: train_arm(arm, overrides) for arm, overrides in ABLATION_ARMS.items()}
+    table = {arm: train_arm(arm, overrides, *corpus_and_test_a) for arm, overrides in ABLATION_ARMS.items()}
     if table["full"][1] >= table["rec-only"][1]:
         print("expected direction not reached: full lve >= rec-only lve (data-efficiency claim, not blocking)")
     return table
@@ -94,10 +98,10 @@ def test_ablation_full_model_is_livelier_and_as_accurate_as_rec_only(ablation):
 
 @pytest.mark.ablation(reason="the spec logs U6's arm without a stated direction; this checks the complement of §11.7's "
                       "consistency claim: the lip dynamics follow the consistency terms, not the regulariser")
-def test_ablation_dropping_only_the_dual_regulariser_keeps_the_full_models_lip_dynamics(ablation):
+def test_ablation_dropping_only_the_dual_regulariser_keeps_the_full_models_lip_dynamics(ablation, corpus_and_test_a):
     """§11.7's U6 arm (feat_pred and ctc_pred off, the reader still trained on ground truth),
     logged beside the others: its lip-dynamics ratio stays nearer the full model's than the
     rec-only model's."""
-    no_dual = train_arm("no-dual-regulariser", DUAL_REGULARISER_ARM)
+    no_dual = train_arm("no-dual-regulariser", DUAL_REGULARISER_ARM, *corpus_and_test_a)
     full, rec = ablation["full"], ablation["rec-only"]
     assert abs(no_dual[0] - full[0]) < abs(no_dual[0] - rec[0]), (no_dual, ablation)

@@ -970,9 +970,11 @@ class AdaMesh(MotionMethod):
                 shape = ref["shape"][None]
                 return float(self._adaptation_loss(lora, sub[:, fit:], y[:, fit:], ref_expression, shape))
 
+        def snapshot() -> dict[str, torch.Tensor]:
+            return {k: v.detach().clone() for k, v in lora.items()}
+
         # With a tail, the unadapted parameters are the best until a step lowers its L1.
-        best = {k: v.detach().clone() for k, v in lora.items()} if hold else {}
-        run = _AdaptRun(best, [], 0, holdout_l1() if hold else None)
+        run = _AdaptRun(snapshot() if hold else {}, [], 0, holdout_l1() if hold else None)
         stale = 0
         with torch.enable_grad():
             for step in range(steps):
@@ -995,7 +997,7 @@ class AdaMesh(MotionMethod):
                 if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
                     l1 = holdout_l1()
                     if run.holdout_l1 is not None and l1 < run.holdout_l1:
-                        run.lora = {k: v.detach().clone() for k, v in lora.items()}
+                        run.lora = snapshot()
                         run.best_step, run.holdout_l1, stale = step + 1, l1, 0
                     else:
                         stale += 1
