@@ -20,7 +20,7 @@ every method alike:
   The platform calls these through this type and never probes a method for attributes;
   ``methods/README.md`` lists them and walks through adding a method.
 
-Only torch and numpy are imported here.
+Only torch, numpy and :mod:`talkmesh.methods.streaming` (torch only) are imported here.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar, Union
 import numpy as np
 import torch
 from torch import nn
+
+from talkmesh.methods.streaming import MotionStream, StreamContext, WindowedStream
 
 if TYPE_CHECKING:  # pragma: no cover
     from talkmesh.data.clip import Clip
@@ -531,6 +533,39 @@ class MotionMethod(nn.Module, abc.ABC):
         training subject's condition (how the evaluator scores unseen subjects, metrics.md
         §6.1). Default: one :meth:`generate` per subject; override to batch them."""
         return {s: self.generate(audio, template, s)["vertices"] for s in subjects}
+
+    # ---- streaming ----------------------------------------------------------------------
+    @property
+    def stream_context(self) -> StreamContext:
+        """The default encoder window of :meth:`open_stream`: left context and look-ahead in
+        seconds. Default: 2 s and 0.5 s."""
+        return StreamContext()
+
+    def open_stream(
+        self,
+        template: torch.Tensor | np.ndarray | None = None,
+        style: StyleState | int | str | None = None,
+        *,
+        left_s: float | None = None,
+        right_s: float | None = None,
+        **options: Any,
+    ) -> MotionStream:
+        """A :class:`~talkmesh.methods.streaming.MotionStream` animating audio as it arrives,
+        with ``generate``'s template, style and ``options`` (each listed in
+        ``generate_options``); ``left_s`` / ``right_s`` override :attr:`stream_context`.
+        Default: :class:`~talkmesh.methods.streaming.WindowedStream` (``generate`` on a
+        sliding window); methods that decode autoregressively with a cache override it."""
+        unknown = sorted(set(options) - set(self.generate_options))
+        if unknown:
+            raise TypeError(f"{self.name}.open_stream: unknown generate option(s) {unknown}")
+        return WindowedStream(self, template, style, self.stream_window(left_s, right_s), options)
+
+    def stream_window(self, left_s: float | None = None, right_s: float | None = None) -> StreamContext:
+        """:attr:`stream_context` with ``left_s`` / ``right_s`` replaced where given."""
+        ctx = self.stream_context
+        return StreamContext(
+            ctx.left_s if left_s is None else float(left_s), ctx.right_s if right_s is None else float(right_s)
+        )
 
     # ---- style --------------------------------------------------------------------------
     @abc.abstractmethod

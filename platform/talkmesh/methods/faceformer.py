@@ -67,6 +67,7 @@ from talkmesh.methods.base import (
     reference_field,
     weighted_loss,
 )
+from talkmesh.methods.streaming import MotionStream, StreamContext
 
 __all__ = [
     "FaceFormer",
@@ -587,6 +588,21 @@ class FaceFormer(MotionMethod):
             offsets = self.decode(memory, vec, int(frames[0]))  # (1, T, 3V)
         return {"vertices": offsets[0].reshape(-1, self.facts.num_vertices, 3) + tmpl}  # (T, V, 3)
 
+    def open_stream(
+        self,
+        template: torch.Tensor | np.ndarray | None = None,
+        style: StyleState | int | str | None = None,
+        *,
+        left_s: float | None = None,
+        right_s: float | None = None,
+        **options: Any,
+    ) -> MotionStream:
+        """Streaming with one cached decoder for the whole utterance (:class:`CachedDecoderStream`):
+        the audio encoder runs on a sliding window, the decoder steps as tokens arrive."""
+        if options:
+            raise TypeError(f"{self.name}.open_stream: unknown generate option(s) {sorted(options)}")
+        return CachedDecoderStream(self, template, style, self.stream_window(left_s, right_s))
+
     @torch.no_grad()
     def generate_conditions(
         self,
@@ -918,3 +934,50 @@ class IncrementalDecoder:
         x = layer.norm1(x + self_attention(x))
         x = layer.norm2(x + cross_attention(x))
         return layer.norm3(x + feed_forward(x))
+
+
+class CachedDecoderStream(MotionStream):
+    """FaceFormer's stream (and DualTalker's, which inherits the generator): the
+    bidirectional audio encoder runs on the sliding window of :class:`StreamContext`, and the
+    frames' audio tokens are appended to one :class:`IncrementalDecoder` kept for the whole
+    utterance, which decodes each frame as soon as its tokens are there, with its cached
+    keys and values (so the autoregression is the offline one; only the audio tokens see
+    less context). Look-ahead: ``right_s`` of audio after a frame."""
+
+    def __init__(
+        self, model: FaceFormer, template: Any, style: StyleState | int | str | None, context: StreamContext
+    ) -> None:
+        super().__init__(model, context)
+        self.model = model
+        self.template = model.as_template(template, style)  # (V, 3)
+        vec = model.resolve_style(style)[None]  # (1, d)
+        self.per = tokens_per_frame(model.config.alignment)
+        with torch.no_grad(), model.eval_mode():
+            self.decoder = IncrementalDecoder(model, vec.new_zeros(1, 0, model.config.d_model), vec)
+        self.token_frames = 0  # frames whose audio tokens the decoder holds
+        self._last: torch.Tensor | None = None  # (1, per, d) the newest frame's tokens
+
+    def _next_needed(self) -> int:
+        return self.token_frames
+
+    def _frames(self, ready: int, final: bool) -> dict[str, torch.Tensor]:
+        if ready > self.token_frames:
+            first, sample = self._window_start(self.token_frames)
+            audio = self._window(sample)  # (S_w,)
+            if self.model.frames_for_audio(int(audio.shape[0])) >= 1:
+                memory, frames = self.model.encode_audio(audio[None])  # (1, per * m, d), (1,)
+                take = min(ready, first + int(frames[0]))
+                if take > self.token_frames:
+                    new = memory[:, self.per * (self.token_frames - first) : self.per * (take - first)]
+                    self.decoder.append_memory(new)
+                    self._last, self.token_frames = new[:, -self.per :], take
+            if final and self.token_frames < ready and self._last is not None:  # a window rounded short
+                self.decoder.append_memory(self._last.repeat(1, ready - self.token_frames, 1))
+                self.token_frames = ready
+        hidden = []
+        while self.decoder.ready:
+            hidden.append(self.decoder.step_hidden())  # (1, 1, d)
+        if not hidden:
+            return {}
+        offsets = self.model.motion_decoder(torch.cat(hidden, dim=1))[0]  # (n, 3V)
+        return {"vertices": offsets.reshape(-1, self.model.facts.num_vertices, 3) + self.template}  # (n, V, 3)

@@ -98,6 +98,7 @@ from talkmesh.methods.base import (
     weighted_loss,
 )
 from talkmesh.methods.faceformer import biased_causal_mask, periodic_positional_encoding
+from talkmesh.methods.streaming import MotionStream, StreamContext
 from talkmesh.nn.grl import GradientReversal
 from talkmesh.nn.motion_encoder import MotionSequenceEncoder, masked_mean
 from talkmesh.nn.saln import StyleAdaptiveLayerNorm
@@ -973,14 +974,15 @@ class Mimic(MotionMethod):
             f"style must be None, a subject index or name, or a StyleState dict; got {type(style).__name__}"
         )
 
-    def _audio_window(self, audio: torch.Tensor, start: int, length: int) -> torch.Tensor:
+    def _audio_window(self, audio: torch.Tensor, start: int, length: int, offset: int = 0) -> torch.Tensor:
         """The samples of the whole frames [start, start + length) of a (S,) utterance (the
         last window too: samples past its last whole frame are left out, as the reference's
-        windowing does), zero-padded to the encoder's receptive field."""
+        windowing does), zero-padded to the encoder's receptive field. ``offset``: the
+        utterance's sample index of ``audio[0]`` (a stream keeps only its tail)."""
         spf = self.facts.samples_per_frame
         a0 = int(round(start * spf))
-        a1 = min(int(round((start + length) * spf)), audio.shape[0])
-        x = audio[a0:a1]
+        a1 = min(int(round((start + length) * spf)), audio.shape[0] + offset)
+        x = audio[a0 - offset : a1 - offset]
         need = max(self.audio_encoder.receptive_field, int(round(length * spf)))
         if x.shape[0] < need:
             x = F.pad(x, (0, need - x.shape[0]))
@@ -1025,6 +1027,22 @@ class Mimic(MotionMethod):
         with self.eval_mode():
             offsets = self._decode_windows(memory_for, total, code)
         return {"vertices": offsets.reshape(total, self.facts.num_vertices, 3) + tmpl}  # (T, V, 3)
+
+    def open_stream(
+        self,
+        template: torch.Tensor | np.ndarray | None = None,
+        style: StyleState | int | str | None = None,
+        *,
+        left_s: float | None = None,
+        right_s: float | None = None,
+        **options: Any,
+    ) -> MotionStream:
+        """Streaming on :meth:`generate`'s own decoding windows (:class:`MimicStream`): equal to
+        ``generate``, with a look-ahead of one window (``infer_window`` frames). ``left_s`` and
+        ``right_s`` do not apply (the windows are the method's)."""
+        if options:
+            raise TypeError(f"{self.name}.open_stream: unknown generate option(s) {sorted(options)}")
+        return MimicStream(self, template, style)
 
     @torch.no_grad()
     def generate_from_motion(
@@ -1167,3 +1185,46 @@ def mix_styles(states: Sequence[StyleState], weights: Sequence[float]) -> StyleS
         source="mix",
         mix_weights=ws.to(torch.float32),
     )
+
+
+class MimicStream(MotionStream):
+    """Mimic's stream: :meth:`Mimic.generate` decodes fixed windows of ``infer_window`` frames
+    (each later one starting ``infer_overlap`` frames before the previous one's end, its
+    initial state the previous window's frame there) and its audio encoder sees only the
+    window's audio, so a window is decoded as soon as all its audio has arrived and the stream
+    equals ``generate`` frame for frame. Look-ahead: one window (``infer_window / fps`` s,
+    5 s at paper settings, 1.7 s in the debug preset); the last window at ``finish``."""
+
+    def __init__(self, model: Mimic, template: Any, style: StyleState | int | str | None) -> None:
+        super().__init__(model, StreamContext(left_s=0.0, right_s=0.0))
+        self.model = model
+        self.template = model.as_template(template, style)  # (V, 3)
+        self.code = model.resolve_style(style)  # (d,)
+        self.init = torch.zeros(1, model.output_dim, device=model.device)  # offsets before the window
+        self.covered = 0  # frames covered by the windows decoded so far
+
+    @property
+    def lookahead_s(self) -> float:
+        return self.model.config.infer_window / self.fps
+
+    def _next_needed(self) -> int:
+        return max(0, self.covered - self.model.config.infer_overlap)
+
+    def _frames(self, ready: int, final: bool) -> dict[str, torch.Tensor]:
+        cfg, total = self.model.config, self.model.frames_for_audio(self.samples)
+        pieces = []
+        while self.covered < total:
+            start = self.covered - cfg.infer_overlap if self.covered else 0
+            length = min(cfg.infer_window, total - start)
+            if length < cfg.infer_window and not final:
+                break  # not all of the window's audio is here yet
+            x = self.model._audio_window(self._buf, start, length, offset=self._start)  # (1, S_w)
+            memory = self.model.encode_audio(x, None, torch.tensor([length], device=self.model.device))
+            y = self.model.decoder(memory, self.code[None], self.init)  # (1, L, 3V)
+            pieces.append(y[0] if not self.covered else y[0, cfg.infer_overlap :])
+            self.init = y[:, -cfg.infer_overlap] if cfg.infer_overlap else y[:, -1]
+            self.covered = start + length
+        if not pieces:
+            return {}
+        offsets = torch.cat(pieces)  # (n, 3V)
+        return {"vertices": offsets.reshape(-1, self.model.facts.num_vertices, 3) + self.template}  # (n, V, 3)
