@@ -39,10 +39,21 @@ class Service:
     app_name: str
 
 
-def start_service(url: str, root: Path, app_name: str, tenants: tuple[str, ...], **overrides: Any) -> Service:
+def start_service(
+    url: str,
+    root: Path,
+    app_name: str,
+    tenants: tuple[str, ...],
+    init_std: float = 0.0,
+    templates: bool = False,
+    **overrides: Any,
+) -> Service:
     """Serve a debug FaceFormer (a local method directory under ``root``) with API keys
     required (``dev_mode`` False) as application ``app_name`` at ``url`` (the session's Serve) on the local
-    Ray; one key per tenant. ``overrides`` replace entries of the application args."""
+    Ray; one key per tenant. ``init_std`` > 0 draws every weight matrix from N(0, init_std) so
+    that the untrained model moves (its output layer starts at zero: the template); with
+    ``templates`` the model carries its training speakers' templates. ``overrides`` replace
+    entries of the application args."""
     import torch
     from ray import serve
 
@@ -58,7 +69,15 @@ def start_service(url: str, root: Path, app_name: str, tenants: tuple[str, ...],
     corpus = open_corpus(DataConfig(format="synthetic", root=str(generate_corpus(root / "synth", "small"))))
     torch.manual_seed(0)
     facts = DataFacts.from_corpus(corpus)
-    save_method(root / "model", build_method("faceformer", None, facts, preset="debug"))
+    method = build_method("faceformer", None, facts, preset="debug")
+    if init_std > 0:
+        with torch.no_grad():
+            for p in method.parameters():
+                if p.ndim > 1:
+                    p.normal_(0.0, init_std)
+    if templates:
+        method.set_templates({s: corpus.template(s) for s in facts.train_subjects})
+    save_method(root / "model", method)
     db = f"sqlite:///{root / 'service.db'}"
     keys = KeyStore(db)
     tokens = {t: keys.create(t, "test")[1] for t in tenants}

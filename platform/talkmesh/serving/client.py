@@ -8,11 +8,20 @@ client.animate("speech.wav", style["style_id"], fmt="mp4", out="preview.mp4")
 client.animate("speech.wav", emotion="happy", intensity=0.5, sample=True, temperature=0.2, seed=3)
 client.animate("speech.wav", style["style_id"], emotion_audio="angry.wav")
 client.create_style("ref.wav", "ref_flame.npy", source="expression")
+# streaming (/v1/stream): frames while the speech is still being sent
+with client.stream(style["style_id"]) as stream:
+    for chunk in chunks:                                             # (S,) float 16 kHz mono each
+        stream.send(chunk)
+        for start, frames in stream.receive():                       # frames that are final by now
+            show(start, frames["vertices"])
+    rest = stream.finish()                                           # every frame: {"vertices": (T, V, 3)}
 """
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import os
 import time
 from pathlib import Path
@@ -20,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ServiceError", "StyleClient"]
+__all__ = ["ServiceError", "StreamSession", "StyleClient"]
 
 PathOrBytes = str | Path | bytes
 
@@ -203,3 +212,119 @@ class StyleClient:
             return {"vertices": np.load(io.BytesIO(r.content)), "fps": float(r.headers["X-Talkmesh-Fps"])}
         with np.load(io.BytesIO(r.content), allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
+
+    def stream(
+        self,
+        style_id: str = "",
+        template: np.ndarray | None = None,
+        *,
+        encoding: str = "f32le",
+        left_s: float | None = None,
+        right_s: float | None = None,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> StreamSession:
+        """Open a ``/v1/stream`` session (a context manager; the protocol is in
+        :mod:`talkmesh.serving.streaming`): ``template`` (V, 3), the stream context and the
+        generate options (``emotion``, ``intensity``, ``sample``, ``temperature``, ``seed``)
+        are sent in its start message. Raises :class:`ServiceError` when the service refuses it."""
+        from websockets.sync.client import connect
+
+        ws_url = "ws" + self.url.removeprefix("http") + "/v1/stream"
+        headers = {k: v for k, v in self.session.headers.items() if k == "Authorization"}
+        ws = connect(ws_url, additional_headers=headers, open_timeout=timeout or self.timeout, max_size=2**26)
+        ws.__enter__()  # the session is the context manager: its close() exits the connection's
+        start: dict[str, Any] = {"type": "start", "style_id": style_id, "encoding": encoding, **options}
+        start.update({k: v for k, v in (("left_s", left_s), ("right_s", right_s)) if v is not None})
+        if template is not None:
+            buf = io.BytesIO()
+            np.save(buf, np.asarray(template, dtype=np.float32))
+            start["template"] = base64.b64encode(buf.getvalue()).decode()
+        session = StreamSession(ws, encoding, timeout or self.timeout)
+        try:
+            ws.send(json.dumps({k: v for k, v in start.items() if v is not None}))
+            session.ready = session._control("ready")
+        except BaseException:
+            session.close()
+            raise
+        return session
+
+
+class StreamSession:
+    """An open ``/v1/stream`` session: :meth:`send` audio, :meth:`receive` the frames that are
+    final, :meth:`finish` for the rest. ``ready`` is the service's ready message (``fps``,
+    ``lookahead_s``, ``model``, limits); ``frames`` collects every frame received so far."""
+
+    def __init__(self, ws: Any, encoding: str, timeout: float) -> None:
+        self.ws, self.encoding, self.timeout = ws, encoding, timeout
+        self.ready: dict[str, Any] = {}
+        self.end: dict[str, Any] = {}
+        self._pieces: list[dict[str, np.ndarray]] = []
+
+    def __enter__(self) -> StreamSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.ws.__exit__(None, None, None)
+
+    def send(self, audio: np.ndarray) -> None:
+        """Send a chunk (S,) of mono 16 kHz audio (floats in [-1, 1])."""
+        a = np.asarray(audio, dtype=np.float32).reshape(-1)
+        if self.encoding == "s16le":
+            self.ws.send((np.clip(a, -1, 1) * 32767).astype("<i2").tobytes())
+        else:
+            self.ws.send(a.astype("<f4").tobytes())
+
+    def receive(self, timeout: float = 0.0) -> list[tuple[int, dict[str, np.ndarray]]]:
+        """The frames messages that arrived, waiting up to ``timeout`` s for the first:
+        [(first frame index, {output: (n, ...)})]. An error message raises ServiceError."""
+        out = []
+        wait: float | None = timeout
+        while True:
+            try:
+                msg = self.ws.recv(timeout=wait)
+            except TimeoutError:
+                return out
+            out.append(self._frames(msg))
+            wait = 0.0
+
+    def finish(self) -> dict[str, np.ndarray]:
+        """End the audio; returns every frame of the session ({output: (T, ...)})."""
+        self.ws.send(json.dumps({"type": "end"}))
+        self.end = self._control("end")
+        keys = self._pieces[0].keys() if self._pieces else ()
+        return {k: np.concatenate([p[k] for p in self._pieces]) for k in keys}
+
+    @property
+    def frames(self) -> int:
+        """Frames received so far."""
+        return sum(next(iter(p.values())).shape[0] for p in self._pieces if p)
+
+    def _frames(self, msg: bytes | str) -> tuple[int, dict[str, np.ndarray]]:
+        from talkmesh.serving.wire import unpack_frames
+
+        if isinstance(msg, str):
+            body = json.loads(msg)
+            if body.get("type") == "error":
+                err = body.get("error") or {}
+                status = int(body.get("status", 400))
+                raise ServiceError(status, err.get("message"), err.get("code", ""), err.get("field"))
+            raise ServiceError(400, f"unexpected message {body.get('type')!r} before the end of the stream")
+        header, outputs = unpack_frames(msg)
+        if int(header["start"]) != self.frames:
+            raise ServiceError(400, f"frames start at {header['start']}, expected {self.frames}")
+        self._pieces.append(outputs)
+        return int(header["start"]), outputs
+
+    def _control(self, kind: str) -> dict[str, Any]:
+        """Wait for the control message ``kind``, collecting frames on the way."""
+        while True:
+            msg = self.ws.recv(timeout=self.timeout)
+            if isinstance(msg, str):
+                body = json.loads(msg)
+                if body.get("type") == kind:
+                    return body
+            self._frames(msg)

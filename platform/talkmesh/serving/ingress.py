@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
-from fastapi import FastAPI, File, Form, Query, Request, Security, UploadFile
+from fastapi import FastAPI, File, Form, Query, Request, Security, UploadFile, WebSocket
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPBearer
 from pydantic import BaseModel
@@ -35,8 +35,8 @@ from talkmesh.serving.inputs import (
     InputError,
     InputLimits,
     animate_options,
+    canonical_style_spec,
     check_supported,
-    parse_style_spec,
     read_array,
     read_audio,
     reference_motion,
@@ -57,6 +57,7 @@ from talkmesh.serving.settings import (
     resolve_locations,
 )
 from talkmesh.serving.store import StyleNotFound, StyleStore
+from talkmesh.serving.streaming import StreamSessions
 from talkmesh.serving.tenants import KeyStore, Principal, tenant_dependency
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -162,14 +163,6 @@ def _animate_inputs(
     return audio_arr, tmpl, options
 
 
-def _canonical_spec(style_id: str) -> str:
-    """The multiplexing key of a style field: one name, or ``a:w,b:w`` with normalised weights."""
-    if not style_id.strip():
-        return ""
-    parts = parse_style_spec(style_id)
-    return parts[0][0] if len(parts) == 1 else ",".join(f"{n}:{w:.6g}" for n, w in parts)
-
-
 def _motion_response(result: Mapping[str, Any], format: Format, headers: Mapping[str, str]) -> Response:
     """The body of ``POST /v1/animate`` in the requested ``format`` from the model's result
     (``outputs`` (T, ...) arrays, ``fps``, ``model_key``, optional ``preview_mp4``). Blocking
@@ -243,6 +236,7 @@ class Ingress:
         self.keys = KeyStore(self.cfg.service_db)
         self._auth = tenant_dependency(self.keys, self.cfg.dev_mode)
         self.decoder = BlockingRunner(self.cfg.decode_workers, self.cfg.decode_queue)
+        self.streams = StreamSessions(self.cfg)
         self._info: dict[str, Any] | None = None
         self._info_t = 0.0
         if self.cfg.dev_mode:
@@ -497,10 +491,17 @@ class Ingress:
         audio_arr, tmpl_arr, options = await self.decoder.run(
             _animate_inputs, data, tmpl, emo, fields, info, self.limits
         )
-        spec = _canonical_spec(style_id)
+        spec = canonical_style_spec(style_id)
         handle = self.model.options(multiplexed_model_id=f"{principal.tenant}/{spec}") if spec else self.model
         preview = bool(preview or format == "mp4")
         result = await self._call(handle.animate.remote(audio_arr, tmpl_arr, preview, options, current_request_id()))
         if "error" in result:
             raise_problem(result)
         return await self.decoder.run(_motion_response, result, format, self._headers(principal))
+
+    # ---- streaming ---------------------------------------------------------------------
+    @api.websocket("/v1/stream")
+    async def stream(self, websocket: WebSocket) -> None:
+        """Motion frames while speech arrives (WebSocket; the protocol is in
+        :mod:`talkmesh.serving.streaming`)."""
+        await self.streams.serve(websocket, self)

@@ -52,6 +52,7 @@ __all__ = [
     "MAX_TEMPERATURE",
     "STYLE_NAME",
     "animate_options",
+    "canonical_style_spec",
     "check_supported",
     "parse_style_spec",
     "probe_array",
@@ -438,6 +439,15 @@ def template_array(arr: np.ndarray, facts: Mapping[str, Any], field: str = "temp
     if facts.get("motion") == "params" and arr.ndim == 1 and arr.shape[0] <= 300:
         return arr
     raise InputError(422, field, f"expected a ({v}, 3) neutral template; got shape {tuple(arr.shape)}")
+
+
+def canonical_style_spec(style_id: str) -> str:
+    """The multiplexing key of a style field: one name, or ``a:w,b:w`` with normalised weights
+    (``""`` for none)."""
+    if not style_id.strip():
+        return ""
+    parts = parse_style_spec(style_id)
+    return parts[0][0] if len(parts) == 1 else ",".join(f"{n}:{w:.6g}" for n, w in parts)
 
 
 def parse_style_spec(spec: str, field: str = "style_id") -> list[tuple[str, float]]:

@@ -248,6 +248,18 @@ class StyleModel:
         return _LoadedStyle(self.method.mix_styles(states, [w for _, w in parts]), template, generations)
 
     # ---- animation ------------------------------------------------------------------------
+    async def stream_style(self, request_id: str | None = None) -> dict[str, Any]:
+        """The style of the request's multiplexed id for a ``/v1/stream`` session, resolved as
+        for :meth:`animate`: ``{"style", "template", "model_key"}`` (the ingress animates on
+        its own model copy), or ``ModelProblem.as_dict``."""
+        with request_context(request_id):
+            try:
+                model_id = serve.get_multiplexed_model_id()
+                style, template = await self._style(model_id) if model_id else (None, None)
+            except ModelProblem as e:
+                return e.as_dict()
+            return {"style": style, "template": template, "model_key": self.model_key}
+
     async def animate(
         self,
         audio: np.ndarray,

@@ -61,6 +61,9 @@ __all__ = [
     "REQUESTS_TOTAL",
     "REQUEST_ID_HEADER",
     "REQUEST_SECONDS",
+    "STREAMS_ACTIVE",
+    "STREAMS_TOTAL",
+    "STREAM_CHUNK_SECONDS",
     "HistogramSnapshot",
     "MemoryMetricSink",
     "MetricSink",
@@ -215,7 +218,16 @@ ADAPTATION_SECONDS = MetricSpec(
     "talkmesh_adaptation_seconds", "histogram", "adaptation attempt run time in seconds (queue time excluded)",
     ("outcome",), ADAPTATION_BUCKETS,
 )  # fmt: skip
+STREAMS_ACTIVE = MetricSpec(
+    "talkmesh_streams_active", "gauge", "open /v1/stream sessions of an ingress replica", ("replica",)
+)
+STREAMS_TOTAL = MetricSpec("talkmesh_streams_total", "counter", "/v1/stream sessions ended, by outcome", ("outcome",))
+STREAM_CHUNK_SECONDS = MetricSpec(
+    "talkmesh_stream_chunk_seconds", "histogram", "/v1/stream: seconds from a chunk's arrival to its frames sent",
+    (), REQUEST_BUCKETS,
+)  # fmt: skip
 SPECS = (REQUESTS_TOTAL, REQUEST_SECONDS, ADAPT_QUEUE_DEPTH, ADAPTATIONS_TOTAL, ADAPTATION_SECONDS)
+SPECS += (STREAMS_ACTIVE, STREAMS_TOTAL, STREAM_CHUNK_SECONDS)
 
 
 class MetricSink(Protocol):
@@ -354,6 +366,18 @@ class ServiceMetrics:
         tags = {"route": route, "method": method, "status": str(int(status))}
         self._record(REQUESTS_TOTAL, 1, tags)
         self._record(REQUEST_SECONDS, max(0.0, seconds), tags)
+
+    def set_streams_active(self, replica: str, count: int) -> None:
+        """Open /v1/stream sessions of one ingress replica."""
+        self._record(STREAMS_ACTIVE, int(count), {"replica": replica})
+
+    def record_stream(self, outcome: str) -> None:
+        """One /v1/stream session ended with ``outcome`` (ended, disconnected, idle, error ...)."""
+        self._record(STREAMS_TOTAL, 1, {"outcome": outcome})
+
+    def record_stream_chunk(self, seconds: float) -> None:
+        """Seconds from an audio chunk's arrival to its frames sent."""
+        self._record(STREAM_CHUNK_SECONDS, max(0.0, seconds), {})
 
     def set_queue_depth(self, counts: Mapping[str, int]) -> None:
         """The adaptation queue's depth from :meth:`JobQueue.counts` (``queued`` and ``running``)."""

@@ -38,6 +38,10 @@ class Limits(BaseModel):
     max_page: int
     adapt_queue_max: int
     adapt_queue_per_tenant: int
+    max_streams: int = Field(description="open /v1/stream sessions per ingress replica")
+    stream_idle_s: float = Field(description="a /v1/stream session idle this long is closed")
+    max_stream_seconds: float = Field(description="audio of one /v1/stream session")
+    max_chunk_seconds: float = Field(description="audio of one /v1/stream binary message")
 
 
 class Info(BaseModel):

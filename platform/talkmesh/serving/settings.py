@@ -100,6 +100,13 @@ class ServeConfig:
     model_replicas: int = 1
     model_max_ongoing_requests: int = 4
     model_timeout_s: float = 300.0  # an ingress call to the model deployment answers 503 after this
+    # /v1/stream (WebSocket): sessions run in the ingress replica that accepted them, on its own
+    # copy of the model (loaded at the first stream). 0 streams = the route refuses every session.
+    max_streams: int = 4  # open sessions per ingress replica; more are refused (close 1013)
+    stream_idle_s: float = 30.0  # a session that sends nothing (or reads nothing) this long is closed
+    max_stream_seconds: float = 600.0  # audio of one session
+    max_chunk_seconds: float = 2.0  # audio of one binary message
+    stream_threads: int = 1  # torch intra-op threads of the ingress's stream model
 
     def __post_init__(self) -> None:
         for name in ("adapt_timeout_s", "wait_s", "max_upload_mb", "max_audio_seconds", "max_reference_seconds"):
@@ -110,7 +117,10 @@ class ServeConfig:
         for name in counts:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("adapt_lease_s", "max_decoded_mb", "max_array_mb", "model_timeout_s"):
+        if self.max_streams < 0 or self.stream_threads < 1:
+            raise ConfigError("max_streams must be >= 0 and stream_threads >= 1")
+        names = ("adapt_lease_s", "max_decoded_mb", "max_array_mb", "model_timeout_s", "stream_idle_s")
+        for name in (*names, "max_stream_seconds", "max_chunk_seconds"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)}")
         if self.decode_queue < 0 or not 1 <= self.max_page <= 1000:
@@ -203,6 +213,8 @@ def limits_info(cfg: ServeConfig) -> dict[str, Any]:
     out = {k: values[k] for k in names}
     out["max_body_mb"] = round(input_limits(cfg).max_body_bytes / MiB, 3)
     out["adapt_queue_max"], out["adapt_queue_per_tenant"] = cfg.adapt_queue_max, cfg.adapt_queue_per_tenant
+    for name in ("max_streams", "stream_idle_s", "max_stream_seconds", "max_chunk_seconds"):
+        out[name] = values[name]
     return out
 
 
