@@ -140,3 +140,28 @@ def test_posegpt_sampling_with_the_cache_equals_the_full_window_sampling(mode):
     assert ref.shape == (2, 40)
     assert len(torch.unique(ref)) > 3
     assert torch.equal(fast, ref)
+
+
+def test_posegpt_sampling_with_tokens_in_pieces_gives_the_same_codes():
+    """AdaMesh's stream steps one PoseCodeSampler as audio tokens arrive: in uneven pieces,
+    stepping whenever a token is there, the codes are those of one whole-utterance sample."""
+    from talkmesh.methods.adamesh.modeling import PoseCodeSampler
+    from test_adamesh import model as adamesh_model
+    from test_adamesh import perturb
+
+    m = adamesh_model()
+    perturb(m, scale=0.2)
+    gpt = m.posegpt.eval()
+    tokens = torch.randn(1, 40, m.config.posegpt.d, generator=torch.Generator().manual_seed(4))
+    identity = torch.tensor([1])
+    with torch.no_grad():
+        whole = gpt.sample(tokens, identity, torch.Generator().manual_seed(7), "sample", 1.0, 0, 16)
+        sampler = PoseCodeSampler(gpt, identity, torch.Generator().manual_seed(7), "sample", 1.0, 0, 16)
+        codes, at = [], 0
+        for size in (1, 5, 0, 11, 2, 21):
+            sampler.append(tokens[:, at : at + size])
+            at += size
+            while sampler.ready:
+                codes.append(sampler.step())
+        assert sampler._tokens.shape[1] <= 16  # only the context window is kept
+    assert at == 40 and torch.equal(torch.stack(codes, dim=1), whole)

@@ -26,6 +26,7 @@ __all__ = [
     "N_EXPRESSION",
     "POSE_DIM",
     "ExpressionAdapter",
+    "PoseCodeSampler",
     "PoseGPT",
     "PoseVQVAE",
     "Postnet",
@@ -353,43 +354,97 @@ class PoseGPT(nn.Module):
         context: int | None = None,
         incremental: bool = True,
     ) -> torch.Tensor:
-        """Codes (B, L) decoded autoregressively. Step j sees the last ``context`` steps
-        (default ``max_steps``) as a training window does: positions 0..C-1, BOS first, then
-        the codes sampled for the earlier steps of the window (deviation 12).
+        """Codes (B, L) decoded autoregressively by a :class:`PoseCodeSampler` (its docstring
+        has the rules) over all of ``audio_tokens`` (B, L, d)."""
+        sampler = PoseCodeSampler(self, identity, generator, mode, temperature, top_k, context, incremental)
+        sampler.append(audio_tokens)
+        steps = [sampler.step() for _ in range(audio_tokens.shape[1])]  # L x (B,)
+        if not steps:
+            return torch.empty(identity.shape[0], 0, dtype=torch.long, device=audio_tokens.device)
+        return torch.stack(steps, dim=1)  # (B, L)
 
-        ``incremental`` (in eval mode): while the window still starts at step 0 (j < C) each
-        step runs the newest position only, against cached keys and values; once it slides,
-        every position of the window changes (BOS first, positions from 0), so each later step
-        runs its whole window of C positions, as ``incremental=False`` does for every step.
-        Either way a step costs at most a window's worth, so sampling is linear in L."""
-        b, total, _ = audio_tokens.shape
-        c = min(context or self.max_steps, self.max_steps)
-        codes = torch.empty(b, 0, dtype=torch.long, device=audio_tokens.device)
-        bos = torch.full((b, 1), self.bos, dtype=torch.long, device=audio_tokens.device)
-        cache: list[list[torch.Tensor]] = [[] for _ in self.blocks]
-        e = self.style(identity)  # (B, d)
-        for j in range(total):
-            start = max(0, j - c + 1)
-            if incremental and not self.training and start == 0:
-                prev = bos if j == 0 else codes[:, j - 1 : j]  # (B, 1)
-                x = self.token(prev) + audio_tokens[:, j : j + 1] + self.position.weight[j]  # (B, 1, d)
-                for inject, block, kv in zip(self.inject, self.blocks, cache, strict=True):
-                    x = block.step(x + inject(e)[:, None], kv)
-                logits = self.head(self.norm(x))[:, -1]  # (B, K)
-            else:
-                codes_in = torch.cat([bos, codes[:, start:j]], dim=1)  # (B, j - start + 1)
-                logits = self(audio_tokens[:, start : j + 1], codes_in, identity)[:, -1]  # (B, K)
-            if mode == "greedy":
-                nxt = logits.argmax(-1)
-            else:
-                logits = logits / temperature
-                if top_k > 0:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = torch.softmax(logits.float(), dim=-1).cpu()
-                nxt = torch.multinomial(probs, 1, generator=generator)[:, 0].to(audio_tokens.device)
-            codes = torch.cat([codes, nxt[:, None]], dim=1)
-        return codes  # (B, L)
+
+class PoseCodeSampler:
+    """PoseGPT's sampling one code at a time, audio tokens appended as they come (what
+    :meth:`PoseGPT.sample` runs over a whole utterance, and AdaMesh's stream step by step).
+
+    Step j sees the last ``context`` steps (default ``max_steps``) as a training window does:
+    positions 0..C-1, BOS first, then the codes sampled for the earlier steps of the window
+    (deviation 12). ``incremental`` (in eval mode): while the window still starts at step 0
+    (j < C) each step runs the newest position only, against cached keys and values; once it
+    slides, every position of the window changes (BOS first, positions from 0), so each later
+    step runs its whole window of C positions, as ``incremental=False`` does for every step.
+    Either way a step costs at most a window's worth, so sampling is linear in L. Only the
+    last C tokens and codes are kept."""
+
+    def __init__(
+        self,
+        gpt: PoseGPT,
+        identity: torch.Tensor,
+        generator: torch.Generator,
+        mode: str = "sample",
+        temperature: float = 1.0,
+        top_k: int = 0,
+        context: int | None = None,
+        incremental: bool = True,
+    ) -> None:
+        """identity (B,) pose-style identities; ``generator`` draws the samples."""
+        self.gpt, self.identity, self.generator = gpt, identity, generator
+        self.mode, self.temperature, self.top_k, self.incremental = mode, temperature, top_k, incremental
+        self.c = min(context or gpt.max_steps, gpt.max_steps)
+        b, device = identity.shape[0], identity.device
+        self.bos = torch.full((b, 1), gpt.bos, dtype=torch.long, device=device)
+        self.e = gpt.style(identity)  # (B, d)
+        self.cache: list[list[torch.Tensor]] = [[] for _ in gpt.blocks]
+        self.steps = 0  # codes sampled
+        self.num_tokens = 0  # audio tokens appended
+        self._tokens = torch.zeros(b, 0, gpt.token.embedding_dim, device=device)  # (B, kept, d) from _off
+        self._codes = torch.empty(b, 0, dtype=torch.long, device=device)  # (B, kept) from _off
+        self._off = 0  # step index of _tokens[:, 0] and _codes[:, 0]
+
+    def append(self, audio_tokens: torch.Tensor) -> None:
+        """Add audio tokens (B, n, d) for the next steps."""
+        self._tokens = torch.cat([self._tokens, audio_tokens], dim=1)
+        self.num_tokens += audio_tokens.shape[1]
+
+    @property
+    def ready(self) -> bool:
+        """Whether the next step's audio token is there."""
+        return self.steps < self.num_tokens
+
+    @torch.no_grad()
+    def step(self) -> torch.Tensor:
+        """Sample the next code (B,)."""
+        gpt, j, off = self.gpt, self.steps, self._off
+        if j >= self.num_tokens:
+            raise RuntimeError(f"step {j} has no audio token yet ({self.num_tokens} appended)")
+        start = max(0, j - self.c + 1)
+        if self.incremental and not gpt.training and start == 0:
+            prev = self.bos if j == 0 else self._codes[:, -1:]  # (B, 1)
+            x = gpt.token(prev) + self._tokens[:, j - off : j - off + 1] + gpt.position.weight[j]  # (B, 1, d)
+            for inject, block, kv in zip(gpt.inject, gpt.blocks, self.cache, strict=True):
+                x = block.step(x + inject(self.e)[:, None], kv)
+            logits = gpt.head(gpt.norm(x))[:, -1]  # (B, K)
+        else:
+            codes_in = torch.cat([self.bos, self._codes[:, start - off :]], dim=1)  # (B, j - start + 1)
+            logits = gpt(self._tokens[:, start - off : j - off + 1], codes_in, self.identity)[:, -1]  # (B, K)
+        if self.mode == "greedy":
+            nxt = logits.argmax(-1)
+        else:
+            logits = logits / self.temperature
+            if self.top_k > 0:
+                kth = torch.topk(logits, min(self.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = torch.softmax(logits.float(), dim=-1).cpu()
+            nxt = torch.multinomial(probs, 1, generator=self.generator)[:, 0].to(logits.device)
+        self._codes = torch.cat([self._codes, nxt[:, None]], dim=1)
+        self.steps += 1
+        keep = max(0, self.steps - self.c + 1)  # the next step's window starts here
+        if keep > self._off:
+            self._tokens, self._codes = self._tokens[:, keep - self._off :], self._codes[:, keep - self._off :]
+            self._off = keep
+            self.cache = [[] for _ in gpt.blocks]  # the window slid: no cached key stays valid
+        return nxt  # (B,)
 
 
 # --------------------------------------------------------------------------------------
