@@ -4,6 +4,7 @@
 
     .venv/bin/python benchmarks/streaming.py [--quick] [--runs N] [--threads T] [--seconds S]
                                              [--chunk-ms 200[,320,...]] [--methods a,b] [--paper-only]
+                                             [--left-s L] [--right-s R]
 
 The clock is virtual (nothing sleeps): chunk k of ``--chunk-ms`` arrives at (k + 1) x the chunk
 length, its ``push`` starts when it has arrived and the previous call has ended, and takes the
@@ -19,7 +20,13 @@ measured wall time of ``push``; ``finish`` runs after the last push. Frame i's a
             (look-ahead, waiting for the chunk and queueing included);
 * tail      when the last frame is returned (by ``finish``) minus the end of the audio;
 * RTF       compute (all ``push`` and ``finish`` wall times) / audio seconds;
-* keeps up  whether the p95 chunk latency is below the chunk length (else the queue grows).
+* keeps up  whether the p95 chunk latency is below the chunk length (else the queue grows;
+            a bursty stream such as Mimic's, which decodes a whole window now and then, can
+            miss it with an RTF below 1).
+
+Every chunk is pushed on its own, also when the stream has fallen behind (no merging of
+queued chunks). ``--left-s`` / ``--right-s`` replace the methods' stream contexts
+(``open_stream(left_s=, right_s=)``; Mimic streams its own windows and ignores them).
 
 Rows: the ``debug`` presets on synthetic-corpus facts (templates and styles as a service holds
 them: ``encode_style`` on a reference clip), and the paper sizes: FaceFormer and DualTalker
@@ -30,7 +37,8 @@ weights are available offline: the paper-size encoders have the checkpoints' arc
 seeded random weights (``from_config_only``; compute does not depend on the weights' values).
 Models are untrained (speed only). ``--quick``: 1 run, debug presets only (``--paper-only``
 keeps the paper rows). ``--threads`` is torch's intra-op thread count (default 1: a Serve
-replica with one CPU gets OMP_NUM_THREADS=1).
+replica with one CPU gets OMP_NUM_THREADS=1). The full run (3 runs, paper sizes) takes about
+ten minutes on one thread, most of it AdaMesh and DEEPTalk at paper size.
 """
 
 from __future__ import annotations
@@ -77,6 +85,7 @@ class Case:
     template: Any
     style: Any
     audio: np.ndarray  # (S,) float32, 16 kHz
+    context: dict[str, float] = dataclasses.field(default_factory=dict)  # open_stream's left_s / right_s
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +112,7 @@ def simulate(case: Case, chunk: int, audio: np.ndarray | None = None) -> Figures
     """Stream ``audio`` (default the case's) in chunks of ``chunk`` samples on the virtual clock
     of the module docstring; the figures of that stream."""
     audio = case.audio if audio is None else audio
-    stream = case.method.open_stream(case.template, case.style)
+    stream = case.method.open_stream(case.template, case.style, **case.context)
     clock = compute = 0.0  # end of the last call on the virtual clock; summed wall time of the calls
     chunk_latency: list[float] = []
     returns: list[tuple[int, float]] = []  # (frames returned, virtual time)
@@ -290,7 +299,9 @@ def row(label: str, chunk_ms: float, f: Figures) -> None:
     )
 
 
-def bench(cases: Iterator[Case | tuple[str, Exception]], chunks_ms: list[float], runs: int) -> None:
+def bench(
+    cases: Iterator[Case | tuple[str, Exception]], chunks_ms: list[float], runs: int, context: dict[str, float]
+) -> None:
     """Warm each model up with one short stream, then print a row per chunk length."""
     for case in cases:
         if isinstance(case, tuple):
@@ -298,6 +309,7 @@ def bench(cases: Iterator[Case | tuple[str, Exception]], chunks_ms: list[float],
             print(f"{label:{LABEL}s} failed: {type(e).__name__}: {e}", flush=True)
             traceback.print_exception(e, limit=-2)
             continue
+        case.context = context
         for chunk_ms in chunks_ms:
             chunk = int(round(chunk_ms * SAMPLE_RATE / 1000))
             try:
@@ -318,6 +330,8 @@ def main() -> None:
     ap.add_argument("--chunk-ms", default="200", help="chunk lengths in ms, comma-separated (default 200)")
     ap.add_argument("--methods", default="", help="comma-separated methods (default all)")
     ap.add_argument("--paper-only", action="store_true", help="only the paper-size rows")
+    ap.add_argument("--left-s", type=float, default=None, help="left audio context (default: each method's)")
+    ap.add_argument("--right-s", type=float, default=None, help="look-ahead (default: each method's)")
     args = ap.parse_args()
     from talkmesh.methods.registry import available_methods
 
@@ -332,6 +346,7 @@ def main() -> None:
         ap.error("--chunk-ms: positive milliseconds, comma-separated")
     if runs < 1 or args.seconds * SAMPLE_RATE < max(chunks_ms) * SAMPLE_RATE / 1000:
         ap.error("--runs at least 1 and --seconds at least one chunk")
+    context = {k: v for k, v in (("left_s", args.left_s), ("right_s", args.right_s)) if v is not None}
     torch.set_num_threads(args.threads)
 
     la = os.getloadavg()
@@ -339,14 +354,16 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), device cpu, load average {la[0]:.1f} "
         f"on {os.cpu_count()} CPUs; {args.seconds:g} s of audio in real time, median of {runs} run(s)"
     )
-    print("models are untrained, paper-size audio encoders random (no weights offline): speed only\n")
+    print("models are untrained, paper-size audio encoders random (no weights offline): speed only")
+    given = ", ".join(f"{k} {v:g} s" for k, v in context.items()) or "each method's default"
+    print(f"stream contexts: {given}\n")
     header()
     with tempfile.TemporaryDirectory(prefix="tm-stream-") as tmp_s:
         tmp = Path(tmp_s)
         if not args.paper_only:
-            bench(debug_cases(names, args.seconds, tmp), chunks_ms, runs)
+            bench(debug_cases(names, args.seconds, tmp), chunks_ms, runs, context)
         if args.paper_only or not args.quick:
-            bench(paper_cases(names, args.seconds, tmp), chunks_ms, runs)
+            bench(paper_cases(names, args.seconds, tmp), chunks_ms, runs, context)
     la = os.getloadavg()
     print(f"\nload average after: {la[0]:.1f} / {la[1]:.1f} / {la[2]:.1f} on {os.cpu_count()} CPUs")
 

@@ -159,7 +159,9 @@ def test_a_stream_refuses_what_it_cannot_animate():
     with pytest.raises(ValueError, match="right_s"):
         StreamContext(right_s=-1.0)
     deeptalk = _model("deeptalk")
-    assert isinstance(deeptalk.open_stream(None, None, sample=True, seed=3), WindowedStream)
+    assert isinstance(deeptalk.open_stream(None, None, emotion="happy"), WindowedStream)
+    with pytest.raises(ValueError, match="sample=True cannot stream"):
+        deeptalk.open_stream(None, None, sample=True, seed=3)
     with pytest.raises(TypeError, match="nonsense"):
         deeptalk.open_stream(None, None, nonsense=1)
 
@@ -170,14 +172,14 @@ def test_a_stream_refuses_what_it_cannot_animate():
 @pytest.fixture(scope="module")
 def streaming(serve_url, tmp_path_factory):
     """A keyed debug FaceFormer that moves, whose ingress holds one stream at a time and closes
-    a session idle for 3 s."""
+    a session idle for 3 s; it animates and streams in bf16 (the GPU path's setting)."""
     from ray import serve
 
     from service_helpers import start_service
 
     svc = start_service(
         serve_url, tmp_path_factory.mktemp("stream"), "stream", ("alice",), init_std=0.05, templates=True,
-        max_streams=1, stream_idle_s=3.0, max_chunk_seconds=1.0,
+        max_streams=1, stream_idle_s=3.0, max_chunk_seconds=1.0, precision="bf16",
     )  # fmt: skip
     yield svc
     serve.delete("stream")

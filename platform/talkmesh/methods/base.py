@@ -76,6 +76,27 @@ SAMPLE_RATE = 16000
 _C = TypeVar("_C", bound="MethodConfig")
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+def mixed_precision(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """The precision ``generate``, ``adapt`` and streams run in: ``"bf16"`` runs matrix
+    products and convolutions in bfloat16 under ``torch.autocast`` on ``device`` (a GPU's or
+    the CPU's), parameters and outputs staying float32 where autocast keeps them; ``"fp32"``
+    changes nothing. The service's ``precision`` setting picks it."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    raise ValueError(f"precision: one of {list(PRECISIONS)}, got {precision!r}")
+
+
+def float32_style(state: StyleState) -> StyleState:
+    """``state`` with its floating-point tensors in float32 (an adaptation under bf16 autocast
+    may return bfloat16 ones; stored styles and float32 inference take float32)."""
+    return {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in state.items()}
+
+
 # --------------------------------------------------------------------------------------
 # Dataset facts
 # --------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ class AdaptSpec:
     style_uri: str  # the style store's absolute location
     face_model: str = ""  # FLAME model file for FLAME-parameter methods ("" = none)
     torch_threads: int = 0  # intra-op threads of the child; 0 = torch's default
+    precision: str = "fp32"  # "bf16": adapt under autocast (talkmesh.methods.base.mixed_precision)
 
 
 def scalars(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -81,7 +82,10 @@ def adapt_job(spec: AdaptSpec, job: Job) -> dict[str, Any]:
     ref = store.reference(job.style_id, job.tenant)
     record = {k: ref[k] for k in REFERENCE_FIELDS if k in ref}
     t0 = time.time()
-    state = method.adapt(record, **dict(job.options))
+    from talkmesh.methods.base import float32_style, mixed_precision
+
+    with mixed_precision(method.device, spec.precision):
+        state = float32_style(method.adapt(record, **dict(job.options)))
     wall_s = time.time() - t0
     summary = scalars(state)
     store.set_status(

@@ -108,7 +108,8 @@ class StyleModel:
         else:
             self._model_copy = model_dir = tempfile.mkdtemp(prefix="talkmesh-model-")
             save_method(model_dir, self.method)
-        spec = AdaptSpec(model_dir, self.model_key, self.cfg.style_dir, self.cfg.face_model, self.cfg.torch_threads)
+        cfg = self.cfg
+        spec = AdaptSpec(model_dir, self.model_key, cfg.style_dir, cfg.face_model, cfg.torch_threads, cfg.precision)
         runners = []
         for _ in range(self.cfg.adapt_workers):
             runner = JobRunner(
@@ -300,11 +301,12 @@ class StyleModel:
     ) -> dict[str, Any]:
         import torch
 
-        from talkmesh.methods.base import StyleStateError
+        from talkmesh.methods.base import StyleStateError, mixed_precision
 
         t0 = time.perf_counter()
         try:
-            out = self.method.generate(audio, template, style, **options)
+            with mixed_precision(self.method.device, self.cfg.precision):
+                out = self.method.generate(audio, template, style, **options)
         except (ValueError, TypeError, StyleStateError) as e:
             raise ModelProblem(422, "cannot_animate", f"cannot animate: {e}") from None
         gen_s = time.perf_counter() - t0

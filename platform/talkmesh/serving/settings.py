@@ -107,6 +107,9 @@ class ServeConfig:
     max_stream_seconds: float = 600.0  # audio of one session
     max_chunk_seconds: float = 2.0  # audio of one binary message
     stream_threads: int = 1  # torch intra-op threads of the ingress's stream model
+    # "bf16": generate, adaptation and streams under torch.autocast in bfloat16 (for GPUs with
+    # bf16 units; on a CPU it is usually slower). "fp32": full precision.
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         for name in ("adapt_timeout_s", "wait_s", "max_upload_mb", "max_audio_seconds", "max_reference_seconds"):
@@ -117,6 +120,8 @@ class ServeConfig:
         for name in counts:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"precision: 'fp32' or 'bf16', got {self.precision!r}")
         if self.max_streams < 0 or self.stream_threads < 1:
             raise ConfigError("max_streams must be >= 0 and stream_threads >= 1")
         names = ("adapt_lease_s", "max_decoded_mb", "max_array_mb", "model_timeout_s", "stream_idle_s")

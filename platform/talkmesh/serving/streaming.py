@@ -295,7 +295,9 @@ class StreamSessions:
 
     def _compute(self, step: Any, *args: Any) -> dict[str, np.ndarray]:
         """One push/finish on the replica's model copy (sessions take turns), as numpy."""
-        with self._compute_lock:
+        from talkmesh.methods.base import mixed_precision
+
+        with self._compute_lock, mixed_precision(self._engine.device, self.cfg.precision):
             out = step(*args)
         return {k: v.detach().float().cpu().numpy() for k, v in out.items()}
 

@@ -90,6 +90,7 @@ from talkmesh.methods.deeptalk.emotion import DEE, ExpressionEmotionMLP, Gaussia
 from talkmesh.methods.deeptalk.prior import THVQVAE, CodeDecoder, DecodeOutput, FaceFeatureExtractor
 from talkmesh.methods.dualtalker import WAV2VEC2_VOCABULARY, LipReader, feature_loss
 from talkmesh.methods.face_slot import FaceModelSlot
+from talkmesh.methods.streaming import MotionStream
 
 if TYPE_CHECKING:  # pragma: no cover
     from talkmesh.data.clip import Clip
@@ -701,6 +702,24 @@ class DEEPTalk(MotionMethod):
         if verts is not None:
             out["vertices"] = verts
         return out
+
+    def open_stream(
+        self,
+        template: torch.Tensor | np.ndarray | None = None,
+        style: StyleState | int | str | None = None,
+        *,
+        left_s: float | None = None,
+        right_s: float | None = None,
+        **options: Any,
+    ) -> MotionStream:
+        """The default windowed stream (``generate`` on a sliding window). Its emotion, when it
+        comes from the driving audio, is each window's (a stream cannot know the utterance's);
+        a style's emotion, an ``emotion`` label or ``audio_emotion`` fix it. ``sample=True`` is
+        refused: every window would draw its codes afresh, and the motion would jump between
+        chunks."""
+        if options.get("sample"):
+            raise ValueError("sample=True cannot stream (each window would draw new codes); stream the argmax decoding")
+        return super().open_stream(template, style, left_s=left_s, right_s=right_s, **options)
 
     def _resolve_style(self, style: StyleState | int | str | None) -> tuple[StyleState | None, int]:
         if style is None:
