@@ -1192,8 +1192,8 @@ class MimicStream(MotionStream):
     (each later one starting ``infer_overlap`` frames before the previous one's end, its
     initial state the previous window's frame there) and its audio encoder sees only the
     window's audio, so a window is decoded as soon as all its audio has arrived and the stream
-    equals ``generate`` frame for frame. Look-ahead: one window (``infer_window / fps`` s,
-    5 s at paper settings, 1.7 s in the debug preset); the last window at ``finish``."""
+    equals ``generate`` frame for frame. Look-ahead: one window less a frame
+    (``(infer_window - 1) / fps`` s, 4.97 s at paper settings); the last window at ``finish``."""
 
     def __init__(self, model: Mimic, template: Any, style: StyleState | int | str | None) -> None:
         super().__init__(model, StreamContext(left_s=0.0, right_s=0.0))
@@ -1205,7 +1205,8 @@ class MimicStream(MotionStream):
 
     @property
     def lookahead_s(self) -> float:
-        return self.model.config.infer_window / self.fps
+        """A window's first frame waits for the rest of its window."""
+        return (self.model.config.infer_window - 1) / self.fps
 
     def _next_needed(self) -> int:
         return max(0, self.covered - self.model.config.infer_overlap)

@@ -23,27 +23,43 @@ and ``right_s`` seconds after the last frame it emits. The look-ahead a client w
 
 With ``left_s`` and ``right_s`` at least the utterance's length, streaming equals ``generate``
 (the window is the whole audio); shorter contexts trade agreement for latency and cost. The
-agreement at the default contexts is measured in ``tests/test_streaming.py`` and
-``benchmarks/streaming.py``.
+agreement at the default contexts is tested in ``tests/test_streaming.py``; latency is
+measured by ``benchmarks/streaming.py``.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:  # pragma: no cover
-    from talkmesh.methods.base import MotionMethod, StyleState
-
-__all__ = ["MotionStream", "StreamContext", "WindowedStream", "per_frame_outputs"]
+__all__ = ["MotionStream", "StreamContext", "StreamableMethod", "WindowedStream", "per_frame_outputs"]
 
 SAMPLE_RATE = 16000
+
+
+class StreamableMethod(Protocol):
+    """What a stream uses of a :class:`~talkmesh.methods.base.MotionMethod` (this module does
+    not import base, which imports it)."""
+
+    facts: Any  # DataFacts: fps, samples_per_frame
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def as_audio(self, audio: Any) -> torch.Tensor: ...
+
+    def frames_for_audio(self, num_samples: int) -> int: ...
+
+    def eval_mode(self) -> contextlib.AbstractContextManager[None]: ...
+
+    def generate(self, audio: Any, template: Any, style: Any = None, **options: Any) -> dict[str, torch.Tensor]: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +94,7 @@ class MotionStream(abc.ABC):
     bounded by the context (plus the frames not yet final) however long the stream runs.
     """
 
-    def __init__(self, method: MotionMethod, context: StreamContext) -> None:
+    def __init__(self, method: StreamableMethod, context: StreamContext) -> None:
         self.method = method
         self.context = context
         self.samples = 0  # samples received
@@ -96,8 +112,21 @@ class MotionStream(abc.ABC):
 
     @property
     def lookahead_s(self) -> float:
-        """Seconds of audio a frame waits for after its own end (the right context)."""
-        return self._right / SAMPLE_RATE
+        """At most this much audio after a frame's end arrives before the frame is returned:
+        the right context plus :meth:`encoder_lag_s`."""
+        return self._right / SAMPLE_RATE + self.encoder_lag_s()
+
+    def encoder_lag_s(self) -> float:
+        """How far ``frames_for_audio`` lags the audio (an encoder's receptive field and frame
+        rounding): the most audio past a frame's end that its first count needs (2 s probed)."""
+        lag, fps = 0.0, self.fps
+        for f in range(int(2 * fps)):
+            lo, hi = 0, int((f + 2) / fps * SAMPLE_RATE) + SAMPLE_RATE  # fewest samples giving f + 1 frames
+            while lo < hi:
+                mid = (lo + hi) // 2
+                lo, hi = (mid + 1, hi) if self.method.frames_for_audio(mid) < f + 1 else (lo, mid)
+            lag = max(lag, lo / SAMPLE_RATE - (f + 1) / fps)
+        return lag
 
     def push(self, audio: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
         """Add a chunk (S,) of 16 kHz mono audio; returns the frames that became final
@@ -162,9 +191,9 @@ class WindowedStream(MotionStream):
 
     def __init__(
         self,
-        method: MotionMethod,
+        method: StreamableMethod,
         template: Any,
-        style: StyleState | int | str | None,
+        style: Any,
         context: StreamContext,
         options: Mapping[str, Any] | None = None,
     ) -> None:

@@ -48,7 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from talkmesh.methods.base import MotionMethod
 
 
-__all__ = ["StyleModel"]
+__all__ = ["StyleModel", "load_served_model"]
 
 log = logging.getLogger("talkmesh.serving")
 MAX_STYLES_PER_REPLICA = 32  # multiplexing LRU size (fixed when the class is defined)
@@ -81,7 +81,7 @@ class StyleModel:
         self.cfg = resolve_locations(load_serve_config(args))
         if self.cfg.torch_threads:
             torch.set_num_threads(self.cfg.torch_threads)
-        self.method, self.model_ref, self.version, self.model_key = _load_model(self.cfg)
+        self.method, self.model_ref, self.version, self.model_key = load_served_model(self.cfg)
         self.facts = self.method.facts
         self.store = StyleStore(self.cfg.style_dir)
         self.queue = job_queue(self.cfg)
@@ -338,7 +338,7 @@ class StyleModel:
             return path.read_bytes()
 
 
-def _load_model(cfg: ServeConfig) -> tuple["MotionMethod", str, int | None, str]:
+def load_served_model(cfg: ServeConfig) -> tuple["MotionMethod", str, int | None, str]:
     """(method in eval mode, model reference, registry version or None, model key)."""
     from talkmesh.ops import tracking
     from talkmesh.train.checkpoint import MODEL_FILE, load_method

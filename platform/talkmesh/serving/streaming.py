@@ -135,10 +135,10 @@ class StreamSessions:
     def _load(self) -> tuple["MotionMethod", str]:
         import torch
 
-        from talkmesh.serving.model import _load_model
+        from talkmesh.serving.model import load_served_model
 
         torch.set_num_threads(self.cfg.stream_threads)
-        method, _, _, key = _load_model(self.cfg)
+        method, _, _, key = load_served_model(self.cfg)
         if self.cfg.face_model:
             from talkmesh.data.corpus import load_face_model
 

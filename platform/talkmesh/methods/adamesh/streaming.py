@@ -11,28 +11,28 @@ one (``downsample`` frames each) and whose codes the pose VQ-VAE decodes in chun
   utterance's codes with the style's seeded generator, each code as soon as its frames are
   final, so the codes follow the offline sampling process (not restarted per window);
 * head poses are decoded on the offline chunks: a complete chunk as offline, the chunk in
-  progress from the codes so far, its frames emitted ``ceil(right_s * fps / downsample)``
-  codes behind the newest one (the decoder's look-ahead inside the chunk).
+  progress from the codes so far, its frames emitted :data:`POSE_LAG_CODES` code behind the
+  newest one (the decoder's look-ahead inside the chunk).
 
 A frame is returned when both its expression and its head pose are final; its vertices are
-built as ``generate`` builds them. Look-ahead: ``right_s`` plus up to one code.
+built as ``generate`` builds them. Look-ahead: ``right_s`` plus up to two codes' frames
+(0.78 s at 25 fps with 4 frames a code).
 """
 
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from talkmesh.methods.adamesh.modeling import EXPR_DIM, POSE_DIM, PoseCodeSampler
 from talkmesh.methods.streaming import MotionStream, StreamContext
 
-if TYPE_CHECKING:  # pragma: no cover
-    from talkmesh.methods.adamesh.method import AdaMesh
-    from talkmesh.methods.base import StyleState
+__all__ = ["POSE_LAG_CODES", "AdaMeshStream"]
 
-__all__ = ["AdaMeshStream"]
+# Inside a chunk in progress, head poses are emitted this many codes behind the newest one
+# (the pose decoder's look-ahead; tests/test_streaming.py measures the agreement).
+POSE_LAG_CODES = 1
 
 
 class AdaMeshStream(MotionStream):
@@ -40,9 +40,9 @@ class AdaMeshStream(MotionStream):
 
     def __init__(
         self,
-        model: AdaMesh,
+        model: Any,  # an AdaMesh (its module imports this one)
         template: Any,
-        style: StyleState | int | str | None,
+        style: Any,
         context: StreamContext,
         head_pose_in_vertices: bool | None = None,
     ) -> None:
@@ -54,7 +54,7 @@ class AdaMeshStream(MotionStream):
         self.rotate = cfg.vertices_head_pose if head_pose_in_vertices is None else head_pose_in_vertices
         self.ds = cfg.pose_vq.downsample  # frames per code
         self.chunk = cfg.pose_vq.window // self.ds  # codes per decoded chunk
-        self.lag = math.ceil(context.right_s * model.facts.fps / self.ds)  # codes
+        self.lag = POSE_LAG_CODES  # codes
         self.sampler = PoseCodeSampler(
             model.posegpt,
             torch.tensor([self.st.pose_identity], device=model.device),
@@ -71,6 +71,12 @@ class AdaMeshStream(MotionStream):
         self._params = torch.zeros(0, EXPR_DIM, device=model.device)  # (param_frames - emitted, 53)
         self._pose = torch.zeros(0, POSE_DIM, device=model.device)  # (pose_frames - emitted, 3)
         self._last_token: torch.Tensor | None = None  # (1, 1, d) the newest audio token
+
+    @property
+    def lookahead_s(self) -> float:
+        """The sliding window's look-ahead plus the wait for the code ``lag`` codes after a
+        frame's own code to be sampled."""
+        return super().lookahead_s + ((self.lag + 1) * self.ds - 1) / self.fps
 
     def _next_needed(self) -> int:
         return min(self.param_frames, self.sampler.num_tokens * self.ds)
