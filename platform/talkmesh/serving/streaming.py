@@ -249,49 +249,83 @@ class StreamSessions:
         return await self._pump(ws, stream, start.encoding)
 
     async def _pump(self, ws: WebSocket, stream: Any, encoding: str) -> str:
+        """Audio in, frames out. A reader task takes the client's messages as they come (so a
+        client is never blocked by the model); each push takes every chunk that arrived while
+        the previous one ran, so a stream that falls behind catches up instead of queueing."""
+        inbox: asyncio.Queue[tuple[str, Any, float]] = asyncio.Queue()
+        reader = asyncio.create_task(self._read(ws, encoding, inbox))
+        metrics = service_metrics()
+        try:
+            while True:
+                items = [await inbox.get()]
+                while not inbox.empty() and items[-1][0] == "audio":
+                    items.append(inbox.get_nowait())
+                audio = [item for item in items if item[0] == "audio"]
+                if audio:
+                    first = stream.emitted
+                    out = await asyncio.to_thread(self._compute, stream.push, np.concatenate([a[1] for a in audio]))
+                    if out:
+                        await self._send(ws, pack_frames(first, out))
+                    done = time.perf_counter()
+                    for _, _, arrived in audio:
+                        metrics.record_stream_chunk(done - arrived)
+                kind, value, _ = items[-1]
+                if kind == "error":
+                    raise value
+                if kind == "end":
+                    return await self._end(ws, stream)
+        finally:
+            reader.cancel()
+
+    async def _read(self, ws: WebSocket, encoding: str, inbox: "asyncio.Queue[tuple[str, Any, float]]") -> None:
+        """Check each message and queue it: ("audio", (S,) float32, arrival), ("end", None, t)
+        or, at the first problem, ("error", exception, t) and stop."""
         width = WIDTHS[encoding]
         max_chunk = int(self.cfg.max_chunk_seconds * SAMPLE_RATE) * width
         max_samples = int(self.cfg.max_stream_seconds * SAMPLE_RATE)
-        metrics = service_metrics()
-        while True:
-            msg = await self._receive(ws)
-            t0 = time.perf_counter()
-            if msg.get("bytes") is not None:
+        samples = 0
+        try:
+            while True:
+                msg = await self._receive(ws)
+                arrived = time.perf_counter()
+                if msg.get("bytes") is None:
+                    try:
+                        end = json.loads(msg.get("text") or "null")
+                    except json.JSONDecodeError:
+                        end = None
+                    if not (isinstance(end, dict) and end.get("type") == "end"):
+                        raise InputError(400, "message", 'expected binary audio or {"type": "end"}')
+                    if samples == 0:
+                        raise InputError(422, "audio", "the stream ended before any audio")
+                    inbox.put_nowait(("end", None, arrived))
+                    return
                 data = msg["bytes"]
                 if len(data) > max_chunk:
                     raise InputError(413, "audio", f"a chunk holds at most {self.cfg.max_chunk_seconds:g} s of audio")
                 if len(data) % width:
                     raise InputError(400, "audio", f"{encoding} audio: the chunk's length is not a multiple of {width}")
-                if stream.samples + len(data) // width > max_samples:
+                samples += len(data) // width
+                if samples > max_samples:
                     raise InputError(413, "audio", f"a stream holds at most {self.cfg.max_stream_seconds:g} s of audio")
                 audio = _pcm(data, encoding)
                 if not np.isfinite(audio).all():
                     raise InputError(422, "audio", "the chunk holds non-finite samples")
-                first = stream.emitted
-                out = await asyncio.to_thread(self._compute, stream.push, audio)
-                if out:
-                    await self._send(ws, pack_frames(first, out))
-                metrics.record_stream_chunk(time.perf_counter() - t0)
-                continue
-            try:
-                end = json.loads(msg.get("text") or "null")
-            except json.JSONDecodeError:
-                end = None
-            if not (isinstance(end, dict) and end.get("type") == "end"):
-                raise InputError(400, "message", 'expected binary audio or {"type": "end"}')
-            if stream.samples == 0:
-                raise InputError(422, "audio", "the stream ended before any audio")
-            first = stream.emitted
-            try:
-                out = await asyncio.to_thread(self._compute, stream.finish)
-            except ValueError as e:
-                raise ServiceError(422, "cannot_animate", f"cannot animate: {e}", "audio") from None
-            if out:
-                await self._send(ws, pack_frames(first, out))
-            body = {"type": "end", "frames": stream.emitted, "seconds": stream.samples / SAMPLE_RATE}
-            await self._send(ws, json.dumps(body))
-            await ws.close(1000)
-            return "ended"
+                inbox.put_nowait(("audio", audio, arrived))
+        except (ServiceError, _Closed) as e:
+            inbox.put_nowait(("error", e, time.perf_counter()))
+
+    async def _end(self, ws: WebSocket, stream: Any) -> str:
+        first = stream.emitted
+        try:
+            out = await asyncio.to_thread(self._compute, stream.finish)
+        except ValueError as e:
+            raise ServiceError(422, "cannot_animate", f"cannot animate: {e}", "audio") from None
+        if out:
+            await self._send(ws, pack_frames(first, out))
+        body = {"type": "end", "frames": stream.emitted, "seconds": stream.samples / SAMPLE_RATE}
+        await self._send(ws, json.dumps(body))
+        await ws.close(1000)
+        return "ended"
 
     def _compute(self, step: Any, *args: Any) -> dict[str, np.ndarray]:
         """One push/finish on the replica's model copy (sessions take turns), as numpy."""
