@@ -37,6 +37,7 @@ class Service:
     reference: Any  # talkmesh.data clip with .audio, .vertices, .template
     train_subjects: list[str]
     app_name: str
+    model_dir: Path  # the served method directory
 
 
 def start_service(
@@ -97,7 +98,7 @@ def start_service(
     }
     serve.run(build_app(args), name=app_name, route_prefix="/")
     ref = corpus.reference_clip(corpus.subjects("test-B")[0], 4.0)
-    return Service(url, tokens, keys, ref, list(facts.train_subjects), app_name)
+    return Service(url, tokens, keys, ref, list(facts.train_subjects), app_name, root / "model")
 
 
 def wav(audio: np.ndarray, rate: int = 16000) -> bytes:

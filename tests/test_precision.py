@@ -50,3 +50,22 @@ def test_precision_is_a_checked_service_setting():
         load_serve_config({"precision": "fp16"})
     with pytest.raises(ValueError, match="precision"):
         mixed_precision(torch.device("cpu"), "int8")
+
+
+@pytest.mark.parametrize("name", ["faceformer", "mimic"])
+def test_a_batch_of_utterances_gives_each_its_own_generate(name):
+    """The service's batched path: utterances of different lengths, templates and styles in
+    one ``generate_batch`` equal one ``generate`` each (FaceFormer pads and masks one batch;
+    the others loop)."""
+    model = _model(name)
+    g = torch.Generator().manual_seed(5)
+    audio = [0.1 * torch.randn(n, generator=g) for n in (16000, 40000, 23456)]
+    templates = [0.1 * torch.randn(200, 3, generator=g) for _ in audio]
+    styles = ["a", "c", None] if name == "faceformer" else [None, None, None]
+    batched = model.generate_batch(audio, templates, styles)
+    for a, t, s, got in zip(audio, templates, styles, batched, strict=True):
+        want = model.generate(a, t, s)["vertices"]
+        assert got["vertices"].shape == want.shape
+        assert torch.allclose(got["vertices"], want, atol=1e-4), float((got["vertices"] - want).abs().max())
+    with pytest.raises(ValueError, match="generate_batch"):
+        model.generate_batch(audio, templates[:2], styles)

@@ -10,6 +10,7 @@ matrices are drawn from N(0, 0.05) so that the untrained model moves.
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -190,14 +191,16 @@ def test_a_stream_refuses_what_it_cannot_animate():
 @pytest.fixture(scope="module")
 def streaming(serve_url, tmp_path_factory):
     """A keyed debug FaceFormer that moves, whose ingress holds one stream at a time and closes
-    a session idle for 3 s; it animates and streams in bf16 (the GPU path's setting)."""
+    a session idle for 3 s; it animates and streams in bf16 and batches animate requests of one
+    style (the GPU path's settings)."""
     from ray import serve
 
     from service_helpers import start_service
 
     svc = start_service(
         serve_url, tmp_path_factory.mktemp("stream"), "stream", ("alice",), init_std=0.05, templates=True,
-        max_streams=1, stream_idle_s=3.0, max_chunk_seconds=1.0, precision="bf16",
+        max_streams=1, stream_idle_s=3.0, max_chunk_seconds=1.0, precision="bf16", max_batch_size=4,
+        model_max_ongoing_requests=4, batch_wait_s=2.0,
     )  # fmt: skip
     yield svc
     serve.delete("stream")
@@ -321,3 +324,39 @@ def test_a_dropped_or_silent_client_frees_its_stream(streaming):
         body = json.loads(silent.recv(timeout=60))  # sends nothing: closed after 3 s
         assert (body["status"], body["error"]["code"]) == (408, "idle_timeout")
     wait_for("a new stream after the silent client was closed", opens, timeout_s=60, every_s=0.5)
+
+
+@pytest.mark.slow
+def test_concurrent_requests_of_one_style_are_batched_and_each_gets_its_own_motion(streaming):
+    """Four concurrent /v1/animate requests of one style (different lengths) go through one
+    ``generate_batch`` (the batch waits up to 2 s to fill) and each answer is that request's
+    motion: the model run locally on each, in bf16 as the service runs it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+
+    from talkmesh.methods.base import mixed_precision
+    from talkmesh.train.checkpoint import load_method
+
+    speaker = streaming.train_subjects[0]
+    rng = np.random.default_rng(3)
+    clips = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in (16000, 24000, 32000, 20000)]
+    headers = {"Authorization": f"Bearer {streaming.tokens['alice']}"}
+
+    def animate(audio: np.ndarray):
+        files = {"audio": ("a.wav", _wav(audio))}
+        return requests.post(f"{streaming.url}/v1/animate", files=files, data={"style_id": speaker, "format": "npy"},
+                             headers=headers, timeout=120)  # fmt: skip
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(animate, clips))
+    assert [r.status_code for r in answers] == [200] * 4, [r.text[:200] for r in answers]
+    assert max(int(r.headers["X-Talkmesh-Batch-Size"]) for r in answers) >= 2
+    model = load_method(streaming.model_dir).method.eval()
+    for audio, r in zip(clips, answers, strict=True):
+        got = np.load(io.BytesIO(r.content))
+        with mixed_precision(model.device, "bf16"):
+            want = model.generate(audio, None, speaker)["vertices"].float().numpy()
+        assert got.shape == want.shape
+        moving = np.abs(want - want.mean(axis=0)).mean()
+        assert np.abs(got - want).mean() / moving <= 0.02

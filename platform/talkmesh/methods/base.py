@@ -555,6 +555,21 @@ class MotionMethod(nn.Module, abc.ABC):
         §6.1). Default: one :meth:`generate` per subject; override to batch them."""
         return {s: self.generate(audio, template, s)["vertices"] for s in subjects}
 
+    def generate_batch(
+        self,
+        audio: Sequence[torch.Tensor | np.ndarray],
+        template: Sequence[torch.Tensor | np.ndarray | None],
+        style: Sequence[StyleState | int | str | None],
+        **options: Any,
+    ) -> list[dict[str, torch.Tensor]]:
+        """Several utterances (one audio, template and style each; the same ``options``):
+        what :meth:`generate` returns for each, in order. The service calls it with the
+        requests Serve's batching gathered. Default: one :meth:`generate` each; methods whose
+        networks take padded batches override it."""
+        if not len(audio) == len(template) == len(style):
+            raise ValueError(f"generate_batch: {len(audio)} audios, {len(template)} templates, {len(style)} styles")
+        return [self.generate(a, t, s, **options) for a, t, s in zip(audio, template, style, strict=True)]
+
     # ---- streaming ----------------------------------------------------------------------
     @property
     def stream_context(self) -> StreamContext:

@@ -588,6 +588,37 @@ class FaceFormer(MotionMethod):
             offsets = self.decode(memory, vec, int(frames[0]))  # (1, T, 3V)
         return {"vertices": offsets[0].reshape(-1, self.facts.num_vertices, 3) + tmpl}  # (T, V, 3)
 
+    @torch.no_grad()
+    def generate_batch(
+        self,
+        audio: Sequence[torch.Tensor | np.ndarray],
+        template: Sequence[torch.Tensor | np.ndarray | None],
+        style: Sequence[StyleState | int | str | None],
+        **options: Any,
+    ) -> list[dict[str, torch.Tensor]]:
+        """:meth:`generate` for several utterances at once: the audio encoded as one padded
+        batch (each item's valid samples masked), the decoder stepped for all items up to the
+        longest one's frames with each item's style; item b keeps its first T_b frames, which
+        see only earlier frames and its own audio tokens (equal to its own ``generate`` up to
+        float rounding, tests/test_precision.py)."""
+        if options:
+            raise TypeError(f"{self.name}.generate_batch: unknown generate option(s) {sorted(options)}")
+        if not len(audio) == len(template) == len(style) or not audio:
+            raise ValueError(f"generate_batch: {len(audio)} audios, {len(template)} templates, {len(style)} styles")
+        clips = [self.as_audio(a)[0] for a in audio]  # B x (S_b,)
+        lengths = torch.tensor([c.shape[0] for c in clips], device=self.device)  # (B,)
+        padded = nn.utils.rnn.pad_sequence(clips, batch_first=True)  # (B, S_max)
+        templates = [self.as_template(t, s) for t, s in zip(template, style, strict=True)]  # B x (V, 3)
+        vectors = torch.stack([self.resolve_style(s) for s in style])  # (B, d)
+        with self.eval_mode():
+            memory, frames = self.encode_audio(padded, lengths)  # (B, S_mem, d), (B,)
+            offsets = self.decode(memory, vectors, int(frames.max()))  # (B, T_max, 3V)
+        v = self.facts.num_vertices
+        return [
+            {"vertices": offsets[b, : int(frames[b])].reshape(-1, v, 3) + templates[b]}  # (T_b, V, 3)
+            for b in range(len(clips))
+        ]
+
     def open_stream(
         self,
         template: torch.Tensor | np.ndarray | None = None,

@@ -175,6 +175,7 @@ def _motion_response(result: Mapping[str, Any], format: Format, headers: Mapping
         "X-Talkmesh-Frames": str(frames),
         "X-Talkmesh-Model": result["model_key"],
         "X-Talkmesh-Generate-Seconds": f"{result['generate_s']:.4f}",
+        "X-Talkmesh-Batch-Size": str(result.get("batch", 1)),
     }
     if format == "mp4":
         return Response(result["preview_mp4"], media_type="video/mp4", headers=headers)

@@ -86,6 +86,9 @@ class StyleModel:
         self.store = StyleStore(self.cfg.style_dir)
         self.queue = job_queue(self.cfg)
         self.faces = _load_faces(self.cfg.faces, self.facts.num_vertices)
+        if self.cfg.max_batch_size > 1:
+            self._generate_batched.set_max_batch_size(self.cfg.max_batch_size)
+            self._generate_batched.set_batch_wait_timeout_s(self.cfg.batch_wait_s)
         self.runners = self._start_runners()  # before the face model: the saved model has none
         if self.cfg.face_model:
             from talkmesh.data.corpus import load_face_model
@@ -287,20 +290,51 @@ class StyleModel:
             model_id = serve.get_multiplexed_model_id()
             style, ref_template = await self._style(model_id) if model_id else (None, None)
             template = ref_template if template is None else template
-            return await asyncio.to_thread(self._generate, audio, template, style, preview, options)
+            if self.cfg.max_batch_size > 1 and not options:  # requests of one style, batched by Serve
+                arrays, gen_s, batch = await self._generate_batched(audio, template, style)
+            else:
+                (arrays, gen_s), batch = await asyncio.to_thread(self._generate, audio, template, style, options), 1
+            if isinstance(arrays, ModelProblem):
+                raise arrays
+            result = await asyncio.to_thread(self._result, arrays, gen_s, audio, preview)
+            return {**result, "batch": batch}
         except ModelProblem as e:
             return e.as_dict()
 
-    def _generate(
-        self,
-        audio: np.ndarray,
-        template: np.ndarray | None,
-        style: Any,
-        preview: bool,
-        options: Mapping[str, Any],
-    ) -> dict[str, Any]:
-        import torch
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)  # __init__ sets the configured ones
+    async def _generate_batched(
+        self, audio: list[np.ndarray], template: list[np.ndarray | None], style: list[Any]
+    ) -> list[tuple[Any, float, int]]:
+        """Serve's batching of animate requests of one multiplexed style and no generate options:
+        one ``generate_batch`` for all; ``(arrays or ModelProblem, seconds, batch size)`` each."""
+        return await asyncio.to_thread(self._generate_many, audio, template, style)
 
+    def _generate_many(
+        self, audio: list[np.ndarray], template: list[np.ndarray | None], style: list[Any]
+    ) -> list[tuple[Any, float, int]]:
+        from talkmesh.methods.base import StyleStateError, mixed_precision
+
+        if len(audio) > 1:
+            t0 = time.perf_counter()
+            try:
+                with mixed_precision(self.method.device, self.cfg.precision):
+                    outs = self.method.generate_batch(audio, template, style)
+                gen_s = time.perf_counter() - t0
+                return [(_as_arrays(out), gen_s, len(outs)) for out in outs]
+            except (ValueError, TypeError, StyleStateError):
+                pass  # a request the model refuses: each on its own, so that only it fails
+        results: list[tuple[Any, float, int]] = []
+        for a, t, st in zip(audio, template, style, strict=True):
+            try:
+                results.append((*self._generate(a, t, st, {}), 1))
+            except ModelProblem as e:
+                results.append((e, 0.0, 1))
+        return results
+
+    def _generate(
+        self, audio: np.ndarray, template: np.ndarray | None, style: Any, options: Mapping[str, Any]
+    ) -> tuple[dict[str, np.ndarray], float]:
+        """(outputs as float32 arrays, seconds) of ``generate``; a refusal is a ModelProblem 422."""
         from talkmesh.methods.base import StyleStateError, mixed_precision
 
         t0 = time.perf_counter()
@@ -309,8 +343,10 @@ class StyleModel:
                 out = self.method.generate(audio, template, style, **options)
         except (ValueError, TypeError, StyleStateError) as e:
             raise ModelProblem(422, "cannot_animate", f"cannot animate: {e}") from None
-        gen_s = time.perf_counter() - t0
-        arrays = {k: v.detach().float().cpu().numpy() for k, v in out.items() if isinstance(v, torch.Tensor)}
+        return _as_arrays(out), time.perf_counter() - t0
+
+    def _result(self, arrays: dict[str, np.ndarray], gen_s: float, audio: np.ndarray, preview: bool) -> dict[str, Any]:
+        """The answer to the ingress: outputs, fps, model key, timings, the optional preview."""
         result: dict[str, Any] = {
             "outputs": arrays,
             "fps": float(self.facts.fps),
@@ -336,6 +372,13 @@ class StyleModel:
             size = (self.cfg.preview_size, self.cfg.preview_size)
             render_motion(vertices, self.faces, path, float(self.facts.fps), audio=audio, size=size)
             return path.read_bytes()
+
+
+def _as_arrays(out: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The tensors of a ``generate`` result as float32 numpy arrays."""
+    import torch
+
+    return {k: v.detach().float().cpu().numpy() for k, v in out.items() if isinstance(v, torch.Tensor)}
 
 
 def load_served_model(cfg: ServeConfig) -> tuple["MotionMethod", str, int | None, str]:

@@ -110,6 +110,11 @@ class ServeConfig:
     # "bf16": generate, adaptation and streams under torch.autocast in bfloat16 (for GPUs with
     # bf16 units; on a CPU it is usually slower). "fp32": full precision.
     precision: str = "fp32"
+    # Serve batching of /v1/animate requests of one style without generate options: up to
+    # max_batch_size in one generate_batch (1 = none), waiting at most batch_wait_s to fill one.
+    # Keep it <= model_max_ongoing_requests.
+    max_batch_size: int = 1
+    batch_wait_s: float = 0.01
 
     def __post_init__(self) -> None:
         for name in ("adapt_timeout_s", "wait_s", "max_upload_mb", "max_audio_seconds", "max_reference_seconds"):
@@ -122,6 +127,8 @@ class ServeConfig:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"precision: 'fp32' or 'bf16', got {self.precision!r}")
+        if not 1 <= self.max_batch_size <= self.model_max_ongoing_requests or not 0 <= self.batch_wait_s <= 5:
+            raise ConfigError("max_batch_size must lie in 1..model_max_ongoing_requests and batch_wait_s in 0..5 s")
         if self.max_streams < 0 or self.stream_threads < 1:
             raise ConfigError("max_streams must be >= 0 and stream_threads >= 1")
         names = ("adapt_lease_s", "max_decoded_mb", "max_array_mb", "model_timeout_s", "stream_idle_s")
