@@ -11,6 +11,10 @@ exponent between consecutive lengths (cost ~ length^k: k near 1 linear, near 2 q
 
     .venv/bin/python benchmarks/animation_rtf.py [--quick] [--runs N] [--threads T] [--seconds S]
                                                  [--lengths 5,10,20,40] [--decode-only]
+                                                 [--batch B] [--batch-only]
+
+Last, batched requests (``--batch`` utterances of 3..5 s through FaceFormer's
+``generate_batch``, the service's ``max_batch_size`` path) against one ``generate`` each.
 
 RTF < 1 is faster than real time. The minimum over the runs is printed next to the
 median: on a shared machine it is the better estimate of the uncontended cost.
@@ -178,6 +182,30 @@ def decoder_scaling(lengths: list[float], runs: int) -> None:
             prev = (secs, c, f_)
 
 
+def batched_requests(batch: int, seconds: float, runs: int, encoders: list[tuple[str, dict]]) -> None:
+    """``generate_batch`` of ``batch`` utterances (lengths spread over 0.6..1.0 x ``seconds``,
+    one style each) against one ``generate`` each: FaceFormer at VOCASET size (the service's
+    batched path, ``max_batch_size``)."""
+    from talkmesh.methods.registry import build_method
+
+    print(f"\nbatched requests: {batch} utterances of {0.6 * seconds:g}..{seconds:g} s, min of {runs} run(s)")
+    print(f"{'model':58s} {'one by one s':>12s} {'batched s':>10s} {'speed-up':>8s}")
+    facts = paper_facts("vocaset")
+    rng = np.random.default_rng(0)
+    lengths = np.linspace(0.6 * seconds, seconds, batch)
+    audio = [(0.1 * rng.standard_normal(int(n * 16000))).astype(np.float32) for n in lengths]
+    templates = [rng.normal(0, 0.05, (facts.num_vertices, 3)).astype(np.float32) for _ in audio]
+    styles = [i % len(facts.train_subjects) for i in range(batch)]
+    items = list(zip(audio, templates, styles, strict=True))
+    for enc_label, enc in encoders:
+        torch.manual_seed(0)
+        m = build_method("faceformer", {"audio_encoder": enc}, facts, preset="vocaset").eval()
+        m.generate_batch(audio[:2], templates[:2], styles[:2])  # warm-up
+        one = min(timings(lambda m=m: [m.generate(a, t, s) for a, t, s in items], runs)[0])
+        many = min(timings(lambda m=m: m.generate_batch(audio, templates, styles), runs)[0])
+        print(f"{'faceformer vocaset (' + enc_label + ')':58s} {one:12.3f} {many:10.3f} {one / many:7.2f}x", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 run each, no base-size encoder rows")
@@ -186,12 +214,22 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0, help="audio length (default 10 s)")
     ap.add_argument("--lengths", default="5,10,20,40", help="audio seconds for the decoder scaling rows")
     ap.add_argument("--decode-only", action="store_true", help="only the decoder scaling rows")
+    ap.add_argument("--batch", type=int, default=4, help="utterances in the batched-requests rows (default 4)")
+    ap.add_argument("--batch-only", action="store_true", help="only the batched-requests rows")
     args = ap.parse_args()
     runs = args.runs or (1 if args.quick else 5)
     torch.set_num_threads(args.threads)
     secs = args.seconds
     if args.decode_only:
         decoder_scaling([float(x) for x in args.lengths.split(",")], runs)
+        return
+    if args.batch_only:
+        with tempfile.TemporaryDirectory(prefix="tm-rtf-") as tmp_s:
+            encoders = [("tiny random enc", {"tiny": True})]
+            if not args.quick:
+                enc_dir = str(base_size_encoder(Path(tmp_s)))
+                encoders.append(("wav2vec2-base-size random enc", {"name_or_path": enc_dir}))
+            batched_requests(args.batch, 5.0, runs, encoders)
         return
 
     from talkmesh.config import DataConfig
@@ -314,6 +352,7 @@ def main() -> None:
                     "(MLflow preview artifact)"
                 )
         decoder_scaling([float(x) for x in args.lengths.split(",")], runs)
+        batched_requests(args.batch, 5.0, runs, encoders)
         la = os.getloadavg()
         print(f"\nload average after: {la[0]:.1f} / {la[1]:.1f} / {la[2]:.1f} on {os.cpu_count()} CPUs")
 
