@@ -311,7 +311,7 @@ class StreamSessions:
                 if not np.isfinite(audio).all():
                     raise InputError(422, "audio", "the chunk holds non-finite samples")
                 inbox.put_nowait(("audio", audio, arrived))
-        except (ServiceError, _Closed) as e:
+        except Exception as e:  # noqa: BLE001 - any problem ends the session through the pump
             inbox.put_nowait(("error", e, time.perf_counter()))
 
     async def _end(self, ws: WebSocket, stream: Any) -> str:

@@ -141,7 +141,8 @@ class AdaMeshStream(MotionStream):
         while True:
             chunk_start = self.pose_frames // (self.chunk * self.ds) * self.chunk  # a code index
             have = self.codes_from + self.codes.shape[1]  # codes sampled
-            chunk_end = min(chunk_start + self.chunk, codes_total if final else chunk_start + self.chunk)
+            chunk_end = chunk_start + self.chunk  # the last chunk ends with the utterance's codes
+            chunk_end = min(chunk_end, codes_total) if final else chunk_end
             complete = have >= chunk_end
             usable = chunk_end if complete else have - self.lag
             if usable * self.ds <= self.pose_frames:
@@ -151,8 +152,6 @@ class AdaMeshStream(MotionStream):
             lo, hi = self.pose_frames - chunk_start * self.ds, usable * self.ds - chunk_start * self.ds
             self._pose = torch.cat([self._pose, pose[lo:hi]])
             self.pose_frames = usable * self.ds
-            if complete:  # the chunk is done: its codes are no longer needed
-                drop = chunk_end - self.codes_from
-                self.codes, self.codes_from = self.codes[:, drop:], chunk_end
             if not complete:
                 return
+            self.codes, self.codes_from = self.codes[:, chunk_end - self.codes_from :], chunk_end  # chunk done
