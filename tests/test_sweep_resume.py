@@ -208,6 +208,10 @@ def test_a_killed_sweep_resumes_under_its_name(ray_cluster, tmp_path):
 
     try:
         point = wait_for("a finished trial and an interrupted one with a checkpoint", kill_point, 300.0, 0.05)
+        # The driver's job owns its trial actors (Tune trial, Train controller, Train worker),
+        # read while they live: once the job is dead, the GCS may drop its dead actors' records.
+        job = job_of(driver.pid)
+        owned = {cls for cls, _ in job_actors(job)["owned"]}
         driver.send_signal(signal.SIGKILL)
         t_kill = time.perf_counter() - t0
         driver.wait(timeout=30)
@@ -218,12 +222,9 @@ def test_a_killed_sweep_resumes_under_its_name(ray_cluster, tmp_path):
     done, cut = point["finished"], point["interrupted"]
     done_dir, cut_dir = (sweep_dir / "train" / r.info.run_name for r in (done, cut))
 
-    # The driver's job owned its trial actors (Tune trial, Train controller, Train worker):
-    # they die with it, and the CPUs and TRAIN_DRIVER slots they held come back.
-    job = job_of(driver.pid)
+    # Its trial actors die with the job, and the CPUs and TRAIN_DRIVER slots they held come back.
     assert job, "the killed driver's Ray job was not found"
-    owned = {cls for cls, _ in job_actors(job)["owned"]}
-    assert {"ImplicitFunc", "TrainController", "RayTrainWorker"} <= owned, owned  # trial, controller, worker
+    assert {"ImplicitFunc", "TrainController", "RayTrainWorker"} <= owned, sorted(owned)  # trial, controller, worker
     wait_for("the killed driver's actors to die", lambda: not live_owned(job), 60.0, 0.2, lambda: live_owned(job))
     wait_for(
         "the killed driver's CPUs and TRAIN_DRIVER slots to be freed",
