@@ -48,11 +48,11 @@ def reference(seconds: float, fps: float = 25.0, seed: int = 0) -> dict:
     }
 
 
-def hubert_large_dir(root: Path) -> Path:
-    """A random HuBERT-large (architecture of facebook/hubert-large-ls960-ft) saved as a checkpoint."""
-    from transformers import HubertConfig, HubertModel
+def hubert_large_config():
+    """The architecture of facebook/hubert-large-ls960-ft (a transformers HubertConfig)."""
+    from transformers import HubertConfig
 
-    cfg = HubertConfig(
+    return HubertConfig(
         hidden_size=1024,
         num_hidden_layers=24,
         num_attention_heads=16,
@@ -62,9 +62,15 @@ def hubert_large_dir(root: Path) -> Path:
         conv_bias=True,
         feat_proj_layer_norm=True,
     )
+
+
+def hubert_large_dir(root: Path) -> Path:
+    """A random HuBERT-large (:func:`hubert_large_config`) saved as a checkpoint."""
+    from transformers import HubertModel
+
     out = root / "hubert-large-random"
     torch.manual_seed(0)
-    HubertModel(cfg).save_pretrained(out)
+    HubertModel(hubert_large_config()).save_pretrained(out)
     return out
 
 

@@ -241,22 +241,11 @@ def debug_cases(names: list[str], seconds: float, tmp: Path) -> Iterator[Case | 
 
 
 def hubert_large_config_dir(root: Path) -> Path:
-    """A folder holding only the config.json of facebook/hubert-large-ls960-ft's architecture
-    (as benchmarks/adamesh.py builds it), for ``from_config_only`` (random weights, no file)."""
-    from transformers import HubertConfig
-
+    """A folder holding only the config.json of HuBERT-large's architecture (benchmarks/adamesh.py's
+    ``hubert_large_config``), for ``from_config_only`` (random weights, no weight file)."""
     out = root / "hubert-large-config"
     if not (out / "config.json").is_file():
-        HubertConfig(
-            hidden_size=1024,
-            num_hidden_layers=24,
-            num_attention_heads=16,
-            intermediate_size=4096,
-            feat_extract_norm="layer",
-            do_stable_layer_norm=True,
-            conv_bias=True,
-            feat_proj_layer_norm=True,
-        ).save_pretrained(str(out))
+        sibling("adamesh").hubert_large_config().save_pretrained(str(out))
     return out
 
 

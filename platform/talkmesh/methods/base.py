@@ -587,14 +587,26 @@ class MotionMethod(nn.Module, abc.ABC):
         **options: Any,
     ) -> MotionStream:
         """A :class:`~talkmesh.methods.streaming.MotionStream` animating audio as it arrives,
-        with ``generate``'s template, style and ``options`` (each listed in
-        ``generate_options``); ``left_s`` / ``right_s`` override :attr:`stream_context`.
-        Default: :class:`~talkmesh.methods.streaming.WindowedStream` (``generate`` on a
-        sliding window); methods that decode autoregressively with a cache override it."""
+        with ``generate``'s template, style and ``options``; ``left_s`` / ``right_s`` override
+        :attr:`stream_context`. The stream is :meth:`make_stream`'s."""
+        return self.make_stream(template, style, self.stream_window(left_s, right_s), **options)
+
+    def make_stream(
+        self,
+        template: torch.Tensor | np.ndarray | None,
+        style: StyleState | int | str | None,
+        context: StreamContext,
+        **options: Any,
+    ) -> MotionStream:
+        """The stream :meth:`open_stream` returns, for an encoder window ``context``; an option
+        it does not take is a TypeError naming it. Default:
+        :class:`~talkmesh.methods.streaming.WindowedStream` (``generate`` on a sliding window)
+        with options listed in ``generate_options``; methods whose decoders carry state
+        override it."""
         unknown = sorted(set(options) - set(self.generate_options))
         if unknown:
             raise TypeError(f"{self.name}.open_stream: unknown generate option(s) {unknown}")
-        return WindowedStream(self, template, style, self.stream_window(left_s, right_s), options)
+        return WindowedStream(self, template, style, context, options)
 
     def stream_window(self, left_s: float | None = None, right_s: float | None = None) -> StreamContext:
         """:attr:`stream_context` with ``left_s`` / ``right_s`` replaced where given."""

@@ -619,20 +619,12 @@ class FaceFormer(MotionMethod):
             for b in range(len(clips))
         ]
 
-    def open_stream(
-        self,
-        template: torch.Tensor | np.ndarray | None = None,
-        style: StyleState | int | str | None = None,
-        *,
-        left_s: float | None = None,
-        right_s: float | None = None,
-        **options: Any,
+    def make_stream(
+        self, template: torch.Tensor | np.ndarray | None, style: StyleState | int | str | None, context: StreamContext
     ) -> MotionStream:
-        """Streaming with one cached decoder for the whole utterance (:class:`CachedDecoderStream`):
-        the audio encoder runs on a sliding window, the decoder steps as tokens arrive."""
-        if options:
-            raise TypeError(f"{self.name}.open_stream: unknown generate option(s) {sorted(options)}")
-        return CachedDecoderStream(self, template, style, self.stream_window(left_s, right_s))
+        """One cached decoder for the whole utterance (:class:`CachedDecoderStream`): the audio
+        encoder runs on the sliding window, the decoder steps as tokens arrive."""
+        return CachedDecoderStream(self, template, style, context)
 
     @torch.no_grad()
     def generate_conditions(

@@ -1028,20 +1028,12 @@ class Mimic(MotionMethod):
             offsets = self._decode_windows(memory_for, total, code)
         return {"vertices": offsets.reshape(total, self.facts.num_vertices, 3) + tmpl}  # (T, V, 3)
 
-    def open_stream(
-        self,
-        template: torch.Tensor | np.ndarray | None = None,
-        style: StyleState | int | str | None = None,
-        *,
-        left_s: float | None = None,
-        right_s: float | None = None,
-        **options: Any,
+    def make_stream(
+        self, template: torch.Tensor | np.ndarray | None, style: StyleState | int | str | None, context: StreamContext
     ) -> MotionStream:
-        """Streaming on :meth:`generate`'s own decoding windows (:class:`MimicStream`): equal to
-        ``generate``, with a look-ahead of one window (``infer_window`` frames). ``left_s`` and
-        ``right_s`` do not apply (the windows are the method's)."""
-        if options:
-            raise TypeError(f"{self.name}.open_stream: unknown generate option(s) {sorted(options)}")
+        """:meth:`generate`'s own decoding windows (:class:`MimicStream`): equal to ``generate``,
+        with a look-ahead of one window less a frame. ``context`` does not apply (the windows
+        are the method's)."""
         return MimicStream(self, template, style)
 
     @torch.no_grad()

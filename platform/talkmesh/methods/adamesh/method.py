@@ -170,7 +170,7 @@ from talkmesh.methods.base import (
     weighted_loss,
 )
 from talkmesh.methods.face_slot import FaceModelSlot
-from talkmesh.methods.streaming import MotionStream
+from talkmesh.methods.streaming import MotionStream, StreamContext
 from talkmesh.nn.kmeans import KMeansResult, assign, kmeans
 from talkmesh.nn.lora import MoLoRA, adapter_parameters, adapter_values, apply_adapters
 
@@ -1112,24 +1112,19 @@ class AdaMesh(MotionMethod):
             out["vertices"] = verts
         return out
 
-    def open_stream(
+    def make_stream(
         self,
-        template: torch.Tensor | np.ndarray | None = None,
-        style: StyleState | int | str | None = None,
-        *,
-        left_s: float | None = None,
-        right_s: float | None = None,
+        template: torch.Tensor | np.ndarray | None,
+        style: StyleState | int | str | None,
+        context: StreamContext,
         head_pose_in_vertices: bool | None = None,
-        **options: Any,
     ) -> MotionStream:
-        """Streaming with one PoseGPT sampling process for the whole utterance
+        """One PoseGPT sampling process for the whole utterance
         (:class:`~talkmesh.methods.adamesh.streaming.AdaMeshStream`): the features run on a
         sliding window; codes are sampled as their frames become final."""
         from talkmesh.methods.adamesh.streaming import AdaMeshStream
 
-        if options:
-            raise TypeError(f"{self.name}.open_stream: unknown generate option(s) {sorted(options)}")
-        return AdaMeshStream(self, template, style, self.stream_window(left_s, right_s), head_pose_in_vertices)
+        return AdaMeshStream(self, template, style, context, head_pose_in_vertices)
 
     def _generate_expression(self, audio: torch.Tensor, st: _Style) -> torch.Tensor:
         """Aligned HuBERT ⊕ log-mel (1, 2T, H + M) -> denormalised expression | jaw (T, 53)."""

@@ -90,7 +90,7 @@ from talkmesh.methods.deeptalk.emotion import DEE, ExpressionEmotionMLP, Gaussia
 from talkmesh.methods.deeptalk.prior import THVQVAE, CodeDecoder, DecodeOutput, FaceFeatureExtractor
 from talkmesh.methods.dualtalker import WAV2VEC2_VOCABULARY, LipReader, feature_loss
 from talkmesh.methods.face_slot import FaceModelSlot
-from talkmesh.methods.streaming import MotionStream
+from talkmesh.methods.streaming import MotionStream, StreamContext
 
 if TYPE_CHECKING:  # pragma: no cover
     from talkmesh.data.clip import Clip
@@ -703,13 +703,11 @@ class DEEPTalk(MotionMethod):
             out["vertices"] = verts
         return out
 
-    def open_stream(
+    def make_stream(
         self,
-        template: torch.Tensor | np.ndarray | None = None,
-        style: StyleState | int | str | None = None,
-        *,
-        left_s: float | None = None,
-        right_s: float | None = None,
+        template: torch.Tensor | np.ndarray | None,
+        style: StyleState | int | str | None,
+        context: StreamContext,
         **options: Any,
     ) -> MotionStream:
         """The default windowed stream (``generate`` on a sliding window). Its emotion, when it
@@ -719,7 +717,7 @@ class DEEPTalk(MotionMethod):
         chunks."""
         if options.get("sample"):
             raise ValueError("sample=True cannot stream (each window would draw new codes); stream the argmax decoding")
-        return super().open_stream(template, style, left_s=left_s, right_s=right_s, **options)
+        return super().make_stream(template, style, context, **options)
 
     def _resolve_style(self, style: StyleState | int | str | None) -> tuple[StyleState | None, int]:
         if style is None:
