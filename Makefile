@@ -22,7 +22,14 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e ".[dev]"
 	@touch $(STAMP)
 
-setup: $(STAMP)
+# JavaScript dependencies (web/package.json, pinned by its lock file): the Khronos glTF
+# validator that the export tests run on Node.
+WEB_STAMP := web/node_modules/.installed
+$(WEB_STAMP): web/package.json web/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then npm ci --prefix web --no-audit --no-fund && touch $(WEB_STAMP); \
+	else echo "npm not found: install Node.js 20 (the glTF export tests need it)"; fi
+
+setup: $(STAMP) $(WEB_STAMP)
 
 demo: setup
 	$(PY) -m talkmesh.dev.demo
@@ -55,4 +62,4 @@ lint: setup
 	$(VENV)/bin/ruff check platform jobs sweeps serve tests benchmarks
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build platform/*.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache build platform/*.egg-info web/node_modules

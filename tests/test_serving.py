@@ -325,6 +325,18 @@ def test_service_adapts_and_animates(service):
     r = requests.post(f"{url}/v1/animate", files=files, data={"style_id": sid, "format": "mp4"}, timeout=120)
     assert r.status_code == 200 and r.headers["content-type"] == "video/mp4" and r.content[4:8] == b"ftyp"
 
+    # The same motion as glTF: morph targets on the style's template, keyed at the frame times.
+    from talkmesh.export import read_glb
+
+    r = requests.post(f"{url}/v1/animate", files=files, data={"style_id": sid, "format": "glb"}, timeout=120)
+    assert r.status_code == 200 and r.headers["content-type"] == "model/gltf-binary" and r.content[:4] == b"glTF"
+    (service["root"] / "motion.glb").write_bytes(r.content)
+    glb = read_glb(service["root"] / "motion.glb")
+    assert glb["faces"] is not None and glb["faces"].shape == np.load(service["args"]["faces"]).shape
+    np.testing.assert_allclose(glb["times"], np.arange(frames) / facts.fps, atol=1e-5)
+    scale = np.abs(z["vertices"] - ref.template).max()
+    assert np.abs(glb["vertices"] - z["vertices"]).max() <= 0.02 * scale + 1e-5  # 32 targets hold this motion
+
 
 @pytest.mark.slow
 def test_service_rejects_bad_input_and_stays_up(service):

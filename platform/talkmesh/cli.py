@@ -13,6 +13,12 @@
     talkmesh import mimic --checkpoint Epoch_125.pth --preset hdtf [--tracking-uri URI] [--alias A]
     talkmesh evaluate --method M --model ALIAS|VERSION|DIR --format F --root DIR [--split NAME] [--limit N]
                       [--adapted] [--output metrics.json] [--save-predictions DIR] [--json] [--log] [key=value ...]
+    talkmesh leaderboard [--methods M ...] [--versions M=V ...] --format F [--root DIR] [--split S] [--limit N]
+                         [--out DIR] [--no-log] [key=value ...]
+    talkmesh animate --model models:/talkmesh-<method>@ALIAS|/VERSION|DIR --audio a.wav [--style NAME]
+                     [--reference-audio r.wav --reference-motion r.npy] [--template t.npy]
+                     [--faces f.npy | --face-model flame.npz] --out motion.npz|.glb|.mp4
+    talkmesh export --motion motion.npz --out x.glb|x.csv|x.json [--rig rig.npz] [--rest t.npy] [--faces f.npy]
 
 Trailing ``key=value`` arguments are dotted overrides of the data config
 (``data.fps=60`` or ``fps=60``). Errors in the user's data or arguments print one line
@@ -319,18 +325,70 @@ def _check_options(args: argparse.Namespace) -> None:
             raise ConfigError(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from talkmesh.data import open_corpus
-    from talkmesh.eval.evaluate import evaluate_method, summary_table
-    from talkmesh.ops.tracking import dataset_fingerprint
-
+def _eval_data(args: argparse.Namespace) -> DataConfig:
+    """The data config of --format/--root/overrides, the root checked."""
     cfg = _data_config(args.format, args.root, args.overrides)
     if cfg.root and not Path(cfg.root).expanduser().is_dir():
         raise ConfigError(f"--root {cfg.root}: not a directory (expected your copy of the {cfg.format} dataset)")
     if not cfg.root and cfg.format != "synthetic":
         raise ConfigError(f"--root: the {cfg.format} format needs --root DIR, your copy of the dataset")
+    return cfg
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    """Registered models (@alias, or --versions) ranked on one pinned protocol."""
+    from talkmesh.data import open_corpus
+    from talkmesh.methods.registry import available_methods
+    from talkmesh.ops import leaderboard, tracking
+
+    if args.limit < 0 or args.resamples < 100:
+        raise ConfigError("--limit must be >= 0 and --resamples >= 100")
+    versions = {}
+    for item in args.versions:
+        method, sep, version = item.partition("=")
+        if not sep or method not in available_methods() or not version:
+            raise ConfigError(f"--versions {item}: expected <method>=<version or alias>, e.g. faceformer=3")
+        versions[method] = version
+    corpus = open_corpus(_eval_data(args))
+    split = args.split or _eval_splits(corpus, None)[0]
+    _eval_splits(corpus, split)
+    uri = args.tracking_uri or tracking.tracking_uri()
+    _check_store(uri)
+    models, skipped = [], {}
+    for name in args.methods or sorted({*available_methods()} & ({*versions} or {*available_methods()})):
+        try:
+            mv = tracking.model_version(name, versions.get(name, args.alias), uri=uri)
+        except LookupError as e:
+            if args.methods or name in versions:
+                raise ConfigError(f"{name}: {e}") from None
+            continue  # not registered in this store: not a row
+        method, _, _ = tracking.load_registered(name, str(mv["version"]), device=args.device, uri=uri)
+        ref = f"models:/{mv['name']}/{mv['version']}"
+        try:
+            _check_facts(method, corpus, ref)
+        except ConfigError as e:
+            skipped[f"{name} v{mv['version']}"] = str(e)
+            continue
+        models.append((f"{name} v{mv['version']}", ref, method))
+    if not models:
+        raise ConfigError(f"no registered model in {uri} fits the {corpus.info.format} corpus; {skipped or ''}")
+    board = leaderboard.build_leaderboard(corpus, split, models, limit=args.limit, seed=args.seed,
+                                          resamples=args.resamples, skipped=skipped)  # fmt: skip
+    files = board.write(Path(args.out).expanduser())
+    print(board.markdown())
+    print(f"wrote        {', '.join(str(f) for f in files)}")
+    if not args.no_log:
+        print(f"mlflow       run {leaderboard.log_leaderboard(board, uri)} in {uri} ({leaderboard.EXPERIMENT})")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from talkmesh.data import open_corpus
+    from talkmesh.eval.evaluate import evaluate_method, summary_table
+    from talkmesh.ops.tracking import dataset_fingerprint
+
     _check_options(args)
-    corpus = open_corpus(cfg)
+    corpus = open_corpus(_eval_data(args))
     splits = _eval_splits(corpus, args.split)
     method, model = (_load_local if _is_local_model(args.model) else _load_registered)(args)
     _check_facts(method, corpus, args.model)
@@ -415,6 +473,147 @@ def _log_evaluation(args: argparse.Namespace, corpus: Corpus, report: dict[str, 
         raise
     tracking.end_run(run_id, "FINISHED", uri=uri)
     return run_id
+
+
+def _animate_model(args: argparse.Namespace) -> tuple[MotionMethod, str]:
+    """``--model``: a models:/ URI (the method is in its name), a method/checkpoint directory
+    (the method is in its method.json), or an alias/version of ``talkmesh-<--method>``."""
+    from talkmesh.train.checkpoint import load_method
+
+    ref = args.model
+    if ref.startswith("models:/"):
+        body = ref.removeprefix("models:/")
+        name, sep, args.model = body.partition("@") if "@" in body else body.partition("/")
+        if not name.startswith("talkmesh-") or not sep or not args.model:
+            raise ConfigError(f"--model {ref}: expected models:/talkmesh-<method>@<alias> or /<version>")
+        args.method = name.removeprefix("talkmesh-")
+        return _load_registered(args)[0], ref
+    if _is_local_model(ref):
+        if Path(ref).expanduser().is_file():
+            raise ConfigError(f"--model {ref}: a file; import released weights first (talkmesh import ...)")
+        try:
+            loaded = load_method(Path(ref).expanduser(), device=args.device)
+        except FileNotFoundError as e:
+            raise ConfigError(f"--model {ref}: {e}") from None
+        return loaded.method, str(Path(ref).expanduser().resolve())
+    if not args.method:
+        raise ConfigError(f"--model {ref}: an alias or version needs --method (or models:/talkmesh-<method>@{ref})")
+    return _load_registered(args)[0], f"models:/talkmesh-{args.method}@{ref}"
+
+
+def _npy(path: str, flag: str) -> Any:
+    import numpy as np
+
+    try:
+        return np.load(Path(path).expanduser(), allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{flag} {path}: not a readable .npy ({e})") from None
+
+
+def _faces_for(args: argparse.Namespace, method: MotionMethod) -> Any:
+    """--faces, else the --face-model's triangles (also given to the method), else None."""
+    if args.face_model:
+        from talkmesh.data.corpus import load_face_model
+
+        layer = load_face_model(args.face_model)
+        method.set_face_model(layer)
+        if not args.faces:
+            return layer.faces
+    return _npy(args.faces, "--faces") if args.faces else None
+
+
+def cmd_animate(args: argparse.Namespace) -> int:
+    """Motion for --audio from a registered or saved model, without the service."""
+    import numpy as np
+
+    from talkmesh.audio.io import load_audio
+    from talkmesh.serving.inputs import reference_motion
+
+    out = Path(args.out).expanduser()
+    if out.suffix.lower() not in (".npz", ".glb", ".mp4"):
+        raise ConfigError(f"--out {args.out}: expected a .npz, .glb or .mp4 file")
+    if not out.resolve().parent.is_dir():
+        raise ConfigError(f"--out {args.out}: its folder does not exist")
+    if bool(args.reference_audio) != bool(args.reference_motion):
+        raise ConfigError("--reference-audio and --reference-motion: give both (one synchronised clip) or neither")
+    if args.style and args.reference_audio:
+        raise ConfigError("--style and --reference-audio: a training speaker or a reference clip, not both")
+    method, label = _animate_model(args)
+    facts = method.facts
+    faces = _faces_for(args, method)
+    audio = load_audio(args.audio)  # (S,) 16 kHz
+    template = _npy(args.template, "--template") if args.template else None
+    style: Any = args.style or None
+    try:
+        if args.reference_audio:
+            ref = {"audio": load_audio(args.reference_audio)}
+            if template is not None:
+                ref["template"] = template  # the new speaker's neutral face
+            motion = _npy(args.reference_motion, "--reference-motion")
+            ref.update(reference_motion(motion, facts.to_dict(), "--reference-motion", fps=float(facts.fps),
+                                        min_seconds=1.0, max_seconds=120.0))  # fmt: skip
+            style = method.adapt(ref)
+        arrays = {k: v.detach().cpu().float().numpy() for k, v in method.generate(audio, template, style).items()}
+        rest = template if template is not None else method.template_for(style)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"cannot animate with {label}: {e}") from None
+    fps = float(facts.fps)
+    if out.suffix.lower() == ".npz":
+        extra = {} if rest is None else {"template": np.asarray(rest, dtype=np.float32)}
+        np.savez(out, fps=np.float32(fps), **extra, **arrays)
+    elif "vertices" not in arrays:
+        raise ConfigError(f"--out {args.out}: {label} returns no vertices (give --face-model for FLAME models)")
+    elif out.suffix.lower() == ".glb":
+        from talkmesh.export import write_glb
+
+        write_glb(out, arrays["vertices"], fps, faces, rest, extras={"model": label, "audio": Path(args.audio).name})
+    else:
+        from talkmesh.render import render_motion
+
+        render_motion(arrays["vertices"], faces, out, fps, audio=audio)
+    frames = next(iter(arrays.values())).shape[0]
+    print(f"wrote {out}: {frames} frames at {fps:g} fps from {label}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """A motion .npz (from `talkmesh animate` or the service) -> .glb, or rig weights as .csv/.json."""
+    import numpy as np
+
+    from talkmesh.export import load_rig, solve_weights, write_csv, write_glb, write_json
+
+    out = Path(args.out).expanduser()
+    kind = out.suffix.lower()
+    if kind not in (".glb", ".csv", ".json"):
+        raise ConfigError(f"--out {args.out}: expected a .glb, .csv or .json file")
+    if kind != ".glb" and not args.rig:
+        raise ConfigError(f"--out {args.out}: rig weights need --rig rig.npz (neutral, shapes, names)")
+    try:
+        with np.load(Path(args.motion).expanduser(), allow_pickle=False) as z:
+            motion = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--motion {args.motion}: not a readable .npz ({e})") from None
+    if "vertices" not in motion:
+        raise ConfigError(f"--motion {args.motion}: no 'vertices' array (T, V, 3); it holds {sorted(motion)}")
+    fps = args.fps or (float(motion["fps"]) if "fps" in motion else 0.0)
+    if not fps:
+        raise ConfigError(f"--motion {args.motion}: no 'fps' in it; give --fps")
+    rest = _npy(args.rest, "--rest") if args.rest else motion.get("template")
+    try:
+        if kind == ".glb":
+            faces = _npy(args.faces, "--faces") if args.faces else None
+            s = write_glb(out, motion["vertices"], fps, faces, rest, max_targets=args.targets)
+            print(f"wrote {out}: {s.frames} frames, {s.targets} morph targets (relative error {s.relative_error:.2e})")
+            return 0
+        if rest is None:
+            raise ConfigError(f"--motion {args.motion}: no 'template' in it; give --rest (the face it was made on)")
+        result = solve_weights(motion["vertices"], rest, load_rig(args.rig), fps, smooth=args.smooth, scale=args.scale)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    (write_csv if kind == ".csv" else write_json)(out, result)
+    print(f"wrote {out}: {len(result.names)} blendshapes x {len(result.weights)} frames, "
+          f"RMS residual {float(result.residual.mean()):.3g}")  # fmt: skip
+    return 0
 
 
 def _json_default(obj: Any) -> Any:
@@ -526,6 +725,54 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tracking-uri", default="", help="MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
     ev.add_argument("overrides", nargs="*", help="data config overrides, e.g. fps=60 max_conditions=8")
     ev.set_defaults(func=cmd_evaluate)
+
+    lb = sub.add_parser("leaderboard", help="rank registered models on one pinned protocol (Markdown, HTML, JSON)")
+    lb.add_argument("--methods", nargs="*", choices=available_methods(), default=[],
+                    help="methods to rank (default: every method registered in the store)")
+    lb.add_argument("--versions", nargs="*", default=[], help="<method>=<version or alias> instead of --alias")
+    lb.add_argument("--alias", default="champion", help="the registered version of each method (default champion)")
+    lb.add_argument("--format", choices=available_formats(), required=True)
+    lb.add_argument("--root", default="", help="dataset root (empty for the cached synthetic corpus)")
+    lb.add_argument("--split", default=None, help="split to rank on (default: the corpus's first test split)")
+    lb.add_argument("--limit", type=int, default=0, help="at most N sequences, every speaker (0 = all)")
+    lb.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the confidence intervals")
+    lb.add_argument("--seed", type=int, default=0, help="seed of the conditions and the bootstrap")
+    lb.add_argument("--out", default="leaderboard", help="folder for leaderboard.md/.html/.json")
+    lb.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    lb.add_argument("--no-log", action="store_true", help="do not log an MLflow run")
+    lb.add_argument("--tracking-uri", default="", help="MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
+    lb.add_argument("overrides", nargs="*", help="data config overrides, e.g. fps=60 max_conditions=8")
+    lb.set_defaults(func=cmd_leaderboard)
+
+    an = sub.add_parser("animate", help="motion for an audio file from a registered or saved model (no service)")
+    an.add_argument("--model", required=True,
+                    help="models:/talkmesh-<method>@<alias> or /<version>, a method/checkpoint directory, "
+                    "or an alias/version with --method")
+    an.add_argument("--method", choices=available_methods(), default="", help="with an alias or version as --model")
+    an.add_argument("--audio", required=True, help="speech: WAV/FLAC/OGG, any sample rate")
+    an.add_argument("--style", default="", help="a training speaker's name (default: the model's default style)")
+    an.add_argument("--reference-audio", default="", help="a new speaker's clip to adapt to (with --reference-motion)")
+    an.add_argument("--reference-motion", default="", help=".npy motion of that clip: (T, V, 3) or FLAME (T, 53|56)")
+    an.add_argument("--template", default="", help=".npy (V, 3) neutral face (default: the style's; with a "
+                    "reference clip, that speaker's face)")
+    an.add_argument("--faces", default="", help=".npy (F, 3) triangles for .glb/.mp4 (default: points)")
+    an.add_argument("--face-model", default="", help="FLAME .npz: vertices for FLAME-parameter models, and triangles")
+    an.add_argument("--out", required=True, help="motion.npz (every output, fps, template), .glb or .mp4")
+    an.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    an.add_argument("--tracking-uri", default="", help="MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
+    an.set_defaults(func=cmd_animate)
+
+    ex = sub.add_parser("export", help="motion .npz -> glTF (.glb), or a rig's blendshape weights (.csv/.json)")
+    ex.add_argument("--motion", required=True, help=".npz with vertices (T, V, 3) [, fps, template]")
+    ex.add_argument("--out", required=True, help=".glb, or .csv (capture layout) / .json rig weights")
+    ex.add_argument("--fps", type=float, default=0.0, help="frame rate when the .npz has none")
+    ex.add_argument("--rest", default="", help=".npy (V, 3) face the motion was made on (default: its template)")
+    ex.add_argument("--faces", default="", help=".glb: .npy (F, 3) triangles (default: points)")
+    ex.add_argument("--targets", type=int, default=32, help=".glb: at most N morph targets (default 32)")
+    ex.add_argument("--rig", default="", help=".npz: neutral (Vr, 3), shapes (K, Vr, 3), names (K,) [, correspondence]")
+    ex.add_argument("--smooth", type=float, default=0.0, help="rig weights: pull towards the previous frame's")
+    ex.add_argument("--scale", type=float, default=1.0, help="rig weights: motion units -> rig units (e.g. 100 m->cm)")
+    ex.set_defaults(func=cmd_export)
 
     # Listed for --help only: main() hands `sweep ...` to talkmesh.ops.sweep.main (same as sweeps/run.py).
     sub.add_parser(

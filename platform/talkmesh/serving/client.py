@@ -182,7 +182,7 @@ class StyleClient:
         temperature: float | None = None,
         seed: int | None = None,
     ) -> dict[str, Any]:
-        """POST /v1/animate. Returns ``{name: array}`` (npz/npy/json) or ``{"mp4": bytes}``;
+        """POST /v1/animate. Returns ``{name: array}`` (npz/npy/json) or ``{"mp4"|"glb": bytes}``;
         with ``out`` the raw response is also written there. A style still being adapted
         (409) or a busy service (429/503) is retried for up to ``retry_s``.
 
@@ -203,8 +203,8 @@ class StyleClient:
         r = self._check(self._post("/v1/animate", files, data, retry_s))
         if out is not None:
             Path(out).write_bytes(r.content)
-        if fmt == "mp4":
-            return {"mp4": r.content, "fps": float(r.headers["X-Talkmesh-Fps"])}
+        if fmt in ("mp4", "glb"):
+            return {fmt: r.content, "fps": float(r.headers["X-Talkmesh-Fps"])}
         if fmt == "json":
             body = r.json()
             return {**{k: np.asarray(v, dtype=np.float32) for k, v in body["outputs"].items()}, "fps": body["fps"]}

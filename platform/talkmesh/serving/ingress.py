@@ -106,7 +106,7 @@ KEYED = [
     Security(APIKeyHeader(name="X-API-Key", auto_error=False, description="the same key in this header instead")),
 ]
 
-Format = Literal["npz", "npy", "json", "mp4"]
+Format = Literal["npz", "npy", "json", "mp4", "glb"]
 Source = Literal["audio", "expression"]
 DEV_HEADERS = {"X-Talkmesh-Auth": "dev-mode"}
 
@@ -179,6 +179,8 @@ def _motion_response(result: Mapping[str, Any], format: Format, headers: Mapping
     }
     if format == "mp4":
         return Response(result["preview_mp4"], media_type="video/mp4", headers=headers)
+    if format == "glb":
+        return Response(result["glb"], media_type="model/gltf-binary", headers=headers)
     if format == "npy":
         if "vertices" not in outputs:
             raise ServiceError(422, "no_vertices", "this model returns no vertices; use npz or json", "format")
@@ -452,7 +454,7 @@ class Ingress:
         template: Annotated[
             UploadFile | None, File(description=".npy (V, 3) neutral face; default: the style's")
         ] = None,
-        format: Annotated[Format, Form(description="npz (all outputs + fps), npy (vertices), json, mp4")] = "npz",
+        format: Annotated[Format, Form(description="npz (all outputs + fps), npy (vertices), json, mp4, glb")] = "npz",
         preview: Annotated[
             bool, Form(description="also render a preview MP4 (npz: preview_mp4; json: base64)")
         ] = False,
@@ -495,7 +497,8 @@ class Ingress:
         spec = canonical_style_spec(style_id)
         handle = self.model.options(multiplexed_model_id=f"{principal.tenant}/{spec}") if spec else self.model
         preview = bool(preview or format == "mp4")
-        result = await self._call(handle.animate.remote(audio_arr, tmpl_arr, preview, options, current_request_id()))
+        call = handle.animate.remote(audio_arr, tmpl_arr, preview, options, current_request_id(), format == "glb")
+        result = await self._call(call)
         if "error" in result:
             raise_problem(result)
         return await self.decoder.run(_motion_response, result, format, self._headers(principal))

@@ -271,16 +271,18 @@ class StyleModel:
         preview: bool,
         options: Mapping[str, Any] | None = None,
         request_id: str | None = None,
+        glb: bool = False,
     ) -> dict[str, Any]:
         """Motion for ``audio`` (S,) 16 kHz in the style of the request's multiplexed id;
-        ``options`` are keyword options of ``generate`` (each listed in its ``generate_options``).
+        ``options`` are keyword options of ``generate`` (each listed in its ``generate_options``);
+        ``glb`` also writes the motion as a glTF binary on the face it was made on.
         A problem is returned as ``ModelProblem.as_dict`` (the ingress answers it). Log lines
         carry the ingress's ``request_id``."""
         with request_context(request_id):
-            return await self._animate(audio, template, preview, dict(options or {}))
+            return await self._animate(audio, template, preview, dict(options or {}), glb)
 
     async def _animate(
-        self, audio: np.ndarray, template: np.ndarray | None, preview: bool, options: dict[str, Any]
+        self, audio: np.ndarray, template: np.ndarray | None, preview: bool, options: dict[str, Any], glb: bool
     ) -> dict[str, Any]:
         unlisted = sorted(set(options) - set(self.method.generate_options))
         try:
@@ -297,6 +299,9 @@ class StyleModel:
             if isinstance(arrays, ModelProblem):
                 raise arrays
             result = await asyncio.to_thread(self._result, arrays, gen_s, audio, preview)
+            if glb:
+                rest = self.method.template_for(style) if template is None else template
+                result["glb"] = await asyncio.to_thread(self._glb, arrays, rest)
             return {**result, "batch": batch}
         except ModelProblem as e:
             return e.as_dict()
@@ -355,14 +360,18 @@ class StyleModel:
             "audio_s": audio.shape[0] / SAMPLE_RATE,
         }
         if preview:
-            if "vertices" not in arrays:
-                msg = "this model returns no vertices to render a preview from"
-                raise ModelProblem(422, "no_vertices", msg, "preview")
-            if not np.isfinite(arrays["vertices"]).all():
-                msg = "the motion holds non-finite values; no preview"
-                raise ModelProblem(422, "non_finite_output", msg, "preview")
-            result["preview_mp4"] = self._render(arrays["vertices"], audio)
+            result["preview_mp4"] = self._render(_renderable(arrays, "preview"), audio)
         return result
+
+    def _glb(self, arrays: dict[str, np.ndarray], rest: np.ndarray | None) -> bytes:
+        """The motion as a .glb (talkmesh.export.gltf) on ``rest`` (V, 3), the face it was made on."""
+        from talkmesh.export import write_glb
+
+        vertices = _renderable(arrays, "format")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "motion.glb"
+            write_glb(path, vertices, float(self.facts.fps), self.faces, rest, extras={"model": self.model_key})
+            return path.read_bytes()
 
     def _render(self, vertices: np.ndarray, audio: np.ndarray) -> bytes:
         from talkmesh.render import render_motion
@@ -372,6 +381,15 @@ class StyleModel:
             size = (self.cfg.preview_size, self.cfg.preview_size)
             render_motion(vertices, self.faces, path, float(self.facts.fps), audio=audio, size=size)
             return path.read_bytes()
+
+
+def _renderable(arrays: Mapping[str, np.ndarray], field: str) -> np.ndarray:
+    """The finite (T, V, 3) vertices a preview or a .glb is made from; else a 422 naming ``field``."""
+    if "vertices" not in arrays:
+        raise ModelProblem(422, "no_vertices", "this model returns no vertices to render or export", field)
+    if not np.isfinite(arrays["vertices"]).all():
+        raise ModelProblem(422, "non_finite_output", "the motion holds non-finite values; nothing to render", field)
+    return arrays["vertices"]
 
 
 def _as_arrays(out: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -110,11 +110,15 @@ class AnimateJson(BaseModel):
 # OpenAPI of the 200 answer of POST /v1/animate: one media type per format.
 ANIMATE_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
-        "description": "the motion: npz (every output and fps), npy (vertices), json, or an mp4 preview",
+        "description": (
+            "the motion: npz (every output and fps), npy (vertices), json, an mp4 preview, "
+            "or glb (glTF 2.0 morph-target animation)"
+        ),
         "content": {
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
             "application/json": {"schema": AnimateJson.model_json_schema()},
             "video/mp4": {"schema": {"type": "string", "format": "binary"}},
+            "model/gltf-binary": {"schema": {"type": "string", "format": "binary"}},
         },
     }
 }
