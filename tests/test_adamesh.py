@@ -525,6 +525,14 @@ def test_staged_job_trains_evaluates_registers_and_reruns_one_stage(tmp_path, mo
     # Evaluated (with the adapted row for the unseen test speakers) and registered from the parent.
     assert {"test/test-B/lve", "test/test-B/adapted/lve"} <= set(client.get_run(out["run_id"]).data.metrics)
     assert out["version"] == 1 and out["champion"] == 1
+    # Its model card: the registry description and an artifact of the run, with the exact command.
+    card = client.get_model_version("talkmesh-adamesh", "1").description
+    assert card.startswith("# talkmesh-adamesh version 1") and "arXiv 2310.07236" in card
+    stage_params = client.get_run(children[-1]["run_id"]).data.params  # the parent holds no data params
+    assert "format **synthetic**" in card and stage_params["data.fingerprint"] in card
+    assert "python jobs/adamesh.py --preset small train.num_workers=0" in card and "train.run_name=staged" in card
+    assert "| test-B |" in card and " tm-" in card.split("| test-B |")[1].splitlines()[0]
+    assert [a.path for a in client.list_artifacts(out["run_id"], "model_card")] == ["model_card/v1.md"]
     loaded = load_method(out["checkpoint"]).method
     assert loaded.stage == "pose_index" and bool(loaded.fitted.all())
     state = loaded.adapt(serve_reference_for(loaded), steps=2)

@@ -117,6 +117,8 @@ def test_import_is_bit_exact_registered_and_scored(tmp_path: Path) -> None:
     assert run.data.params["model.d_model"] == "16"
     mv = client.get_model_version("talkmesh-faceformer", str(report.version))
     assert mv.run_id == report.run_id
+    assert "CVPR 2022" in mv.description and run.data.tags["talkmesh.import.sha256"] in mv.description
+    assert "talkmesh import faceformer --checkpoint" in mv.description and "No test metrics" in mv.description
     assert tracking.get_alias_version("faceformer", "published-debug", uri=uri) == report.version
     served, served_facts, _ = tracking.load_registered("faceformer", str(report.version), uri=uri)
     assert served_facts == facts

@@ -188,6 +188,18 @@ def test_serve_config_is_strict():
         load_serve_config({"preview_size": 4})
 
 
+def test_build_app_is_a_builder_serve_deploy_accepts(tmp_path):
+    """`serve deploy` imports ``talkmesh.serving.app:build_app`` and calls it with the config
+    file's args through Serve's own check (a builder takes exactly one parameter)."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    from talkmesh.serving.app import build_app
+
+    args = {"method": "faceformer", "style_dir": str(tmp_path / "styles"), "service_db": f"sqlite:///{tmp_path}/s.db"}
+    app = call_user_app_builder_with_args_if_necessary(build_app, args)
+    assert type(app).__name__ == "Application"
+
+
 # ------------------------------------------------------------------------------ the service
 
 

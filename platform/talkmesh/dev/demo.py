@@ -12,7 +12,10 @@
 4. one adaptation request (``POST /v1/styles``: 10 s of an unseen speaker) and one
    animation request (``POST /v1/animate``: another utterance of that speaker, in the
    adapted style), scored against the recorded motion, with a preview video;
-5. prints the MLflow UI address, the run id, the metrics and the output paths, and stops
+5. the leaderboard of what it registered (``talkmesh.ops.leaderboard``: the champion and the
+   reference rows on the first test split, with bootstrap intervals), written under
+   ``<work-dir>/leaderboard`` and logged to MLflow;
+6. prints the MLflow UI address, the run id, the metrics and the output paths, and stops
    everything it started (``--keep`` leaves the stack up until Ctrl-C).
 """
 
@@ -71,7 +74,7 @@ def _serve_file(stack: LocalStack, work: Path, port: int, faces: Path) -> Path:
 def run_demo(
     work_dir: str | Path = "outputs/demo", overrides: Sequence[str] = (), keep: bool = False
 ) -> dict[str, Any]:
-    """Steps 1-5 of the module docstring; returns what it printed as a dict."""
+    """Steps 1-6 of the module docstring; returns what it printed as a dict."""
     from talkmesh.data import open_corpus
     from talkmesh.dev.localstack import LocalStack
     from talkmesh.ops.jobs import find_preset
@@ -89,6 +92,7 @@ def run_demo(
         summary = _train(stack, work, exp.experiment_name, overrides)
         client = _deploy(stack, work, corpus, summary["model_version"])
         summary.update(_adapt_and_animate(client, work, corpus))
+        summary.update(_leaderboard(stack, work, corpus))
         _print_summary(summary, time.monotonic() - t_start)
         if keep:
             print(f"\nstack kept up: service {client.url}/docs, MLflow {stack.mlflow_uri}, Ray dashboard "
@@ -203,6 +207,26 @@ def _adapt_and_animate(client: StyleClient, work: Path, corpus: Any) -> dict[str
     }
 
 
+def _leaderboard(stack: LocalStack, work: Path, corpus: Any) -> dict[str, Any]:
+    """Step 5: every registered champion and the reference rows, ranked on one protocol."""
+    from talkmesh.methods.registry import available_methods
+    from talkmesh.ops import tracking
+    from talkmesh.ops.leaderboard import build_leaderboard, log_leaderboard
+
+    uri = stack.mlflow_uri
+    models = []
+    for name in available_methods():
+        version = tracking.get_alias_version(name, "champion", uri=uri)
+        if version is not None:
+            method, _, _ = tracking.load_registered(name, str(version), uri=uri)
+            models.append((f"{name} v{version}", f"models:/{tracking.model_name(name)}/{version}", method))
+    board = build_leaderboard(corpus, corpus.info.eval_splits[0], models)
+    board.write(work / "leaderboard")
+    run_id = log_leaderboard(board, uri)
+    _say(f"leaderboard (protocol {board.protocol.id}), MLflow run {run_id}:\n{board.markdown()}")
+    return {"leaderboard": str(work / "leaderboard" / "leaderboard.md"), "leaderboard_run": run_id}
+
+
 def _print_summary(summary: dict[str, Any], took_s: float) -> None:
     """Step 5: what a person wants to see at the end."""
     metrics = summary["metrics"]
@@ -216,6 +240,7 @@ def _print_summary(summary: dict[str, Any], took_s: float) -> None:
     print(f"animation      {summary['outputs']['motion']}  ({summary['frames']} frames, {summary['animate_s']:.2f} s)")
     print(f"preview video  {summary['outputs']['preview']}")
     print(f"LVE of the served animation: {summary['lve']:.3e} = {summary['lve_vs_static']:.2f}x a static template")
+    print(f"leaderboard    {summary['leaderboard']}  (MLflow run {summary['leaderboard_run']})")
     print(f"demo took {took_s:.0f} s")
 
 

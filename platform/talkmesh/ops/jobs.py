@@ -77,6 +77,17 @@ class JobRequest:
     stage: str | None = None
     init_from: str | None = None
 
+    def command(self) -> str:
+        """The command line that runs this request again (the model card's "Reproduce")."""
+        import shlex
+
+        parts = ["python", f"jobs/{self.method}.py", "--preset", self.preset]
+        parts += ["--stage", self.stage] if self.stage else []
+        parts += ["--init-from", self.init_from] if self.init_from else []
+        parts += [] if self.num_workers is None else ["--num-workers", str(self.num_workers)]
+        parts += (["--gpu"] if self.gpu else []) + list(self.overrides)
+        return shlex.join(parts)
+
     def all_overrides(self) -> list[str]:
         """The dotted overrides with the request's options applied on top."""
         out = list(self.overrides)
@@ -146,11 +157,16 @@ def run_job(request: JobRequest) -> dict[str, Any]:
     result = _train(exp, request.stage)
     if result.selected_checkpoint is None:
         raise RuntimeError(f"run {result.run_name} produced no checkpoint")
+    from talkmesh.ops import tracking
+
+    tracking.set_tags(result.mlflow_run_id, {"talkmesh.command": request.command(), "talkmesh.preset": request.preset},
+                      uri=result.tracking_uri)  # fmt: skip
     corpus = open_corpus(exp.data)
     test_metrics, table = _evaluate_test_splits(exp, corpus, result)
     version = champion = None
     if request.register:
         version, champion = _register(request.method, exp, result)
+        _card(request.method, version, exp, corpus, result)
     _print_summary(request.method, corpus, result, table)
     return {
         "run_name": result.run_name,
@@ -253,6 +269,18 @@ def _register(method: str, exp: ExperimentConfig, result: RunResult) -> tuple[in
     print(f"registered {tracking.model_name(method)} version {version}"
           + (" -> @champion" if promoted else f" (champion stays version {champion})"))
     return version, champion
+
+
+def _card(method: str, version: int, exp: ExperimentConfig, corpus: Corpus, result: RunResult) -> None:
+    """The version's model card, with the protocol id of each test split's metrics (the
+    leaderboard's protocol for the same split and sequence limit)."""
+    from talkmesh.ops.leaderboard import make_protocol
+    from talkmesh.ops.model_card import write_model_card
+
+    limit = exp.train.limit_eval_sequences
+    protocols = {s: make_protocol(corpus, s, limit=limit, seed=exp.train.seed).id for s in corpus.info.eval_splits}
+    write_model_card(method, version, result.tracking_uri, protocols)
+    print(f"model card of version {version}: its registry description and model_card/v{version}.md in the run")
 
 
 def _print_summary(method: str, corpus: Corpus, result: RunResult, table: str) -> None:

@@ -104,6 +104,11 @@ def _client(uri: str | None = None) -> Any:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+def client(uri: str | None = None) -> Any:
+    """The ``MlflowClient`` of ``uri`` (tracking and registry; default :func:`tracking_uri`)."""
+    return _client(uri)
+
+
 @contextmanager
 def _fluent(uri: str | None) -> Iterator[Any]:
     """Point the fluent API at ``uri`` for the duration of a call, then restore it (``search_runs``,

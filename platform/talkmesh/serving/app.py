@@ -65,16 +65,33 @@ from talkmesh.serving.settings import (
     resolve_locations,
 )
 
-__all__ = ["Ingress", "ServeConfig", "StyleModel", "build_app", "input_limits", "load_serve_config"]
+__all__ = [
+    "Ingress",
+    "ServeConfig",
+    "StyleModel",
+    "build_app",
+    "build_app_with_deployments",
+    "input_limits",
+    "load_serve_config",
+]
 
 
-def build_app(args: Mapping[str, Any] | None = None, deployments: Mapping[str, Mapping[str, Any]] | None = None) -> Any:
+def build_app(args: Mapping[str, Any] | None = None) -> Any:
     """The Serve application (``import_path: talkmesh.serving.app:build_app``; ``args`` =
-    :class:`ServeConfig` fields). The style store location and the service database URL are
-    resolved here, once, and every replica gets the same absolute ones. ``deployments`` maps
-    ``StyleModel`` / ``Ingress`` to Serve deployment options (replicas or autoscaling,
-    ``max_ongoing_requests``, ``max_queued_requests``, health checks), applied over the
-    defaults and ``args`` as a config file's ``deployments`` section is by ``serve deploy``."""
+    :class:`ServeConfig` fields). One parameter, as ``serve deploy`` requires of a builder
+    (it applies the config file's ``deployments`` section itself)."""
+    return build_app_with_deployments(args)
+
+
+def build_app_with_deployments(
+    args: Mapping[str, Any] | None = None, deployments: Mapping[str, Mapping[str, Any]] | None = None
+) -> Any:
+    """:func:`build_app` with ``deployments``: ``StyleModel`` / ``Ingress`` -> Serve deployment
+    options (replicas or autoscaling, ``max_ongoing_requests``, ``max_queued_requests``,
+    health checks), applied over the defaults and ``args`` as a config file's ``deployments``
+    section is by ``serve deploy`` (``talkmesh serve`` calls this). The style store location
+    and the service database URL are resolved here, once, and every replica gets the same
+    absolute ones."""
     cfg = resolve_locations(load_serve_config(args))
     plain = dataclasses.asdict(cfg)
     extra = deployment_options(deployments or {})

@@ -91,7 +91,13 @@ def run_serve(path: str | Path, overrides: Sequence[str] = (), *, blocking: bool
         module, _, attr = str(app["import_path"]).partition(":")
         builder = getattr(importlib.import_module(module), attr)
         name = str(app.get("name", "talkmesh"))
-        built = builder(app["args"], deployment_sections(app)) if app.get("deployments") else builder(app["args"])
+        if app.get("deployments"):  # the builder's variant that takes them (serve deploy applies them itself)
+            with_deployments = getattr(importlib.import_module(module), f"{attr}_with_deployments", None)
+            if with_deployments is None:
+                raise ConfigError(f"{app['import_path']}: no {attr}_with_deployments to apply the deployments section")
+            built = with_deployments(app["args"], deployment_sections(app))
+        else:
+            built = builder(app["args"])
         serve.run(built, name=name, route_prefix=str(app.get("route_prefix", "/")))
         url = f"http://{host}:{port}"
         print(f"talkmesh serve: {name} at {url}  (docs {url}/docs; Ctrl-C stops)", flush=True)

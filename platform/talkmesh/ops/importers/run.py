@@ -79,6 +79,7 @@ def _log(importer: Importer, imp: ImportedModel, uri: str, alias: str | None) ->
     """An MLflow run for the import, the model registered; returns (run id, version)."""
     from talkmesh.config import flatten
     from talkmesh.ops import tracking
+    from talkmesh.ops.model_card import write_model_card
 
     method = imp.method
     tags = _tags(importer, imp)
@@ -95,6 +96,7 @@ def _log(importer: Importer, imp: ImportedModel, uri: str, alias: str | None) ->
             tracking.log_artifacts(run_id, path, uri=uri)
         extra = {"imported_from": {k.removeprefix(f"{TAG}."): v for k, v in tags.items()}}
         version = tracking.register_model(importer.method, run_id, method=method, extra=extra, uri=uri)
+        write_model_card(importer.method, version, uri)
         if alias:
             tracking.set_alias(importer.method, alias, version, uri=uri)
     except BaseException:
