@@ -29,7 +29,16 @@ $(WEB_STAMP): web/package.json web/package-lock.json
 	@if command -v npm >/dev/null 2>&1; then npm ci --prefix web --no-audit --no-fund && touch $(WEB_STAMP); \
 	else echo "npm not found: install Node.js 20 (the glTF export tests need it)"; fi
 
-setup: $(STAMP) $(WEB_STAMP)
+# Debian's chromium for the web page's browser test (Playwright drives it: Playwright's own
+# browser download cannot reach its host); installed with apt-get where this runs as root.
+CHROMIUM_STAMP := $(VENV)/.chromium
+$(CHROMIUM_STAMP): $(STAMP)
+	@if ! command -v chromium >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  apt-get install -y -q chromium >/dev/null || (apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null); fi
+	@if command -v chromium >/dev/null 2>&1; then touch $(CHROMIUM_STAMP); \
+	else echo "chromium not found: install Debian's chromium package (tests/test_web_page.py needs it)"; fi
+
+setup: $(STAMP) $(WEB_STAMP) $(CHROMIUM_STAMP)
 
 demo: setup
 	$(PY) -m talkmesh.dev.demo

@@ -84,7 +84,8 @@ OWN_CLUSTER_FILES = frozenset({"test_job_submit.py", "test_multinode.py"})
 RAY_FILES = frozenset({
     "test_service_failover.py", "test_service_fuzz.py", "test_service_load.py",
     "test_service_observe.py", "test_service_tenancy.py",
-    "test_serving.py", "test_serving_options.py", "test_sweep.py", "test_sweep_resume.py", "test_train_ray.py"
+    "test_serving.py", "test_serving_options.py", "test_sweep.py", "test_sweep_resume.py", "test_train_ray.py",
+    "test_web_page.py",
 })
 
 

@@ -33,7 +33,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from talkmesh.eval.evaluate import ScoredPrediction
     from talkmesh.methods.base import MotionMethod
 
-__all__ = ["BOARD_METRICS", "Leaderboard", "Protocol", "Row", "build_leaderboard", "make_protocol"]
+__all__ = [
+    "BOARD_METRICS",
+    "Leaderboard",
+    "Protocol",
+    "Row",
+    "build_leaderboard",
+    "latest_leaderboard",
+    "make_protocol",
+]
 
 BOARD_METRICS = ("lve", "fdd")  # with confidence intervals; lve_l2 and mve_mean_l2 are listed plainly
 EXTRA_METRICS = ("lve_l2", "mve_mean_l2")
@@ -184,9 +192,7 @@ def make_protocol(corpus: Corpus, split: str, *, limit: int = 0, seed: int = 0, 
     )
 
 
-def bootstrap_ci(
-    scored: Sequence[ScoredPrediction], metric: str, resamples: int, seed: int
-) -> tuple[float, float]:
+def bootstrap_ci(scored: Sequence[ScoredPrediction], metric: str, resamples: int, seed: int) -> tuple[float, float]:
     """95 % percentile interval of the corpus-level ``metric`` over sequences resampled with
     replacement (all predictions of a sequence move together; pooled metrics stay frame-pooled)."""
     from talkmesh.eval.metrics import POOLED_METRICS
@@ -208,9 +214,7 @@ def bootstrap_ci(
     return float(lo), float(hi)
 
 
-def _row(
-    name: str, kind: str, model: str, scored: Sequence[ScoredPrediction], protocol: Protocol
-) -> Row:
+def _row(name: str, kind: str, model: str, scored: Sequence[ScoredPrediction], protocol: Protocol) -> Row:
     from talkmesh.eval.evaluate import summarize
 
     main = [s for s in scored if not s.adapted]
@@ -306,3 +310,22 @@ def log_leaderboard(board: Leaderboard, uri: str | None = None) -> str:
         raise
     tracking.end_run(run_id, "FINISHED", uri=uri)
     return run_id
+
+
+def latest_leaderboard(uri: str | None = None) -> dict[str, Any] | None:
+    """The JSON of the newest finished run of ``talkmesh-leaderboard``, or None."""
+    import tempfile
+
+    from talkmesh.ops import tracking
+
+    client = tracking.client(uri)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    if exp is None:
+        return None
+    runs = client.search_runs(
+        [exp.experiment_id], "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"], max_results=1
+    )
+    if not runs:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        return json.loads(Path(client.download_artifacts(runs[0].info.run_id, "leaderboard.json", tmp)).read_text())

@@ -45,7 +45,8 @@ from talkmesh.serving.inputs import (
 from talkmesh.serving.jobs import QueueFull
 from talkmesh.serving.limits import BlockingRunner, BodyLimitMiddleware
 from talkmesh.serving.observe import ObserveMiddleware, current_request_id, install_request_logging
-from talkmesh.serving.schemas import ANIMATE_RESPONSES, Health, Info, Style, StylePage
+from talkmesh.serving.page import mount_page
+from talkmesh.serving.schemas import ANIMATE_RESPONSES, Health, Info, LeaderboardPage, ModelCard, Style, StylePage
 from talkmesh.serving.settings import (
     SAMPLE_RATE,
     MiB,
@@ -96,6 +97,7 @@ api = FastAPI(
     responses=ERROR_RESPONSES,
 )
 install_error_handlers(api)
+mount_page(api)
 api.add_middleware(ReplicaBodyLimit)
 api.add_middleware(ObserveMiddleware)  # added last = outermost: request ids and metrics of every answer, 413s included
 
@@ -296,6 +298,27 @@ class Ingress:
         principal = await self._principal(request)
         body = Info(**await self.info(), tenant=principal.tenant, dev_mode=self.cfg.dev_mode)
         return _json(body, headers=self._headers(principal))
+
+    @api.get("/v1/model-card", response_model=ModelCard, dependencies=KEYED)
+    async def model_card(self, request: Request) -> JSONResponse:
+        """The served version's model card (its registry description); 404 for a model served
+        from a directory, which has none."""
+        principal = await self._principal(request)
+        card = await self._call(self.model.card.remote())
+        if card["card"] is None:
+            raise ServiceError(404, "not_found", f"{card['model']} is not a registered version: it has no model card")
+        return _json(ModelCard(**card), headers=self._headers(principal))
+
+    @api.get("/v1/leaderboard", response_model=LeaderboardPage, dependencies=KEYED)
+    async def leaderboard(self, request: Request) -> JSONResponse:
+        """The newest leaderboard logged to the tracking store (`talkmesh leaderboard`)."""
+        from talkmesh.ops.leaderboard import latest_leaderboard
+
+        principal = await self._principal(request)
+        board = await asyncio.to_thread(latest_leaderboard, self.cfg.tracking_uri or None)
+        if board is None:
+            raise ServiceError(404, "not_found", "no leaderboard in the tracking store: run `talkmesh leaderboard`")
+        return _json(LeaderboardPage(**board), headers=self._headers(principal))
 
     # ---- styles ------------------------------------------------------------------------
     @api.post("/v1/styles", status_code=201, response_model=Style, dependencies=KEYED)

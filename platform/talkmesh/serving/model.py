@@ -165,6 +165,18 @@ class StyleModel:
             "limits": limits_info(self.cfg),
         }
 
+    def card(self) -> dict[str, Any]:
+        """The served version's model card (its registry description), or None for a directory."""
+        if self.version is None:
+            return {"model": self.model_ref, "model_version": None, "card": None}
+        from talkmesh.ops import tracking
+
+        mv = tracking.client(self.cfg.tracking_uri or None).get_model_version(
+            tracking.model_name(self.cfg.method), str(self.version)
+        )
+        card = mv.description or f"{self.model_ref}: registered without a card (before model cards existed)"
+        return {"model": self.model_ref, "model_version": self.version, "card": card}
+
     def _audio_alone_has_vertices(self) -> bool:
         """Whether audio alone (no template, no style) is animated as vertices: a vertex model
         carrying templates, or a FLAME-parameter model with a face model (zero shape)."""

@@ -11,7 +11,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["ANIMATE_RESPONSES", "AnimateJson", "Health", "Info", "Limits", "Style", "StylePage"]
+__all__ = [
+    "ANIMATE_RESPONSES",
+    "AnimateJson",
+    "Health",
+    "Info",
+    "LeaderboardPage",
+    "Limits",
+    "ModelCard",
+    "Style",
+    "StylePage",
+]
 
 
 class Health(BaseModel):
@@ -66,6 +76,23 @@ class Info(BaseModel):
     limits: Limits
     tenant: str
     dev_mode: bool
+
+
+class ModelCard(BaseModel):
+    """``GET /v1/model-card``: the served registered version's card (Markdown)."""
+
+    model: str
+    model_version: int | None
+    card: str
+
+
+class LeaderboardPage(BaseModel):
+    """``GET /v1/leaderboard``: the newest ``talkmesh leaderboard`` table (its JSON form)."""
+
+    protocol_id: str
+    protocol: dict[str, Any]
+    rows: list[dict[str, Any]]
+    skipped: dict[str, str]
 
 
 class Style(BaseModel):
