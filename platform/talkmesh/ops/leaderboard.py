@@ -248,6 +248,7 @@ def score_model(method: MotionMethod, label: str, model: str, corpus: Corpus, pr
     its own metrics and its real-time factor."""
     from talkmesh.data.dataset import match_audio_to_motion
     from talkmesh.eval.evaluate import EvalProtocol, eval_sequences, score_method
+    from talkmesh.eval.predictions import ground_truth, method_template
 
     c = protocol.conditioning
     ep = EvalProtocol(limit=protocol.limit, max_conditions=c["max_conditions"], seed=c["seed"])
@@ -258,10 +259,11 @@ def score_model(method: MotionMethod, label: str, model: str, corpus: Corpus, pr
             own = method.method_metrics([corpus.load(s) for s in seqs])
         row.own = {k: float(v) for k, v in own.items() if np.isfinite(v)}
     clips = [match_audio_to_motion(corpus.load(s)) for s in seqs[:RTF_SEQUENCES]]
+    inputs = [(clip.audio, method_template(method, clip, ground_truth(corpus, clip)[1])) for clip in clips]  # as scored
     t0 = time.perf_counter()
-    for clip in clips:
-        method.generate(clip.audio, clip.template, None)
-    row.rtf = (time.perf_counter() - t0) / sum(len(c.audio) / 16000 for c in clips)
+    for audio, template in inputs:
+        method.generate(audio, template, None)
+    row.rtf = (time.perf_counter() - t0) / sum(len(audio) / 16000 for audio, _ in inputs)
     return row
 
 
