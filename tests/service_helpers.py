@@ -40,6 +40,18 @@ class Service:
     model_dir: Path  # the served method directory
 
 
+def randomize_weights(method: Any, std: float) -> Any:
+    """Draw every weight matrix of ``method`` from N(0, std), so that an untrained debug model
+    moves (its output layers start at zero); returns ``method``."""
+    import torch
+
+    with torch.no_grad():
+        for p in method.parameters():
+            if p.ndim > 1:
+                p.normal_(0.0, std)
+    return method
+
+
 def start_service(
     url: str,
     root: Path,
@@ -72,10 +84,7 @@ def start_service(
     facts = DataFacts.from_corpus(corpus)
     method = build_method("faceformer", None, facts, preset="debug")
     if init_std > 0:
-        with torch.no_grad():
-            for p in method.parameters():
-                if p.ndim > 1:
-                    p.normal_(0.0, init_std)
+        randomize_weights(method, init_std)
     if templates:
         method.set_templates({s: corpus.template(s) for s in facts.train_subjects})
     save_method(root / "model", method)

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from service_helpers import randomize_weights
 from talkmesh.cli import main
 from talkmesh.config import DataConfig
 from talkmesh.data import open_corpus
@@ -211,11 +212,7 @@ def saved_model(tmp_path_factory, corpus):
 
     torch.manual_seed(0)
     facts = DataFacts.from_corpus(corpus)
-    method = build_method("faceformer", None, facts, preset="debug")
-    with torch.no_grad():
-        for p in method.parameters():
-            if p.ndim > 1:
-                p.normal_(0.0, 0.05)
+    method = randomize_weights(build_method("faceformer", None, facts, preset="debug"), 0.05)
     method.set_templates({s: corpus.template(s) for s in facts.train_subjects})
     root = tmp_path_factory.mktemp("model")
     save_method(root / "model", method)

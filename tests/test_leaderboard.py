@@ -21,6 +21,7 @@ from talkmesh.data.synthetic import generate_corpus
 def store(tmp_path_factory):
     """A synthetic corpus and an MLflow store where debug FaceFormer and Mimic models (random
     weights that move) are registered as @champion; FaceFormer also has a worse version 2."""
+    from service_helpers import randomize_weights
     from talkmesh.methods.base import DataFacts
     from talkmesh.methods.registry import build_method
     from talkmesh.ops import tracking
@@ -32,11 +33,7 @@ def store(tmp_path_factory):
     uri = f"sqlite:///{root / 'mlflow.db'}"
     for name, std in (("faceformer", 0.02), ("mimic", 0.02), ("faceformer", 0.2)):
         torch.manual_seed(0)
-        method = build_method(name, None, facts, preset="debug")
-        with torch.no_grad():
-            for p in method.parameters():
-                if p.ndim > 1:
-                    p.normal_(0.0, std)
+        method = randomize_weights(build_method(name, None, facts, preset="debug"), std)
         run_id = tracking.start_run(f"talkmesh-{name}", f"board-{std}", uri=uri)
         version = tracking.register_model(name, run_id, method, metrics={"val/lve": std}, uri=uri)
         if version == 1:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from service_helpers import randomize_weights
 from talkmesh.methods.base import DataFacts
 from talkmesh.methods.registry import build_method
 from talkmesh.methods.streaming import StreamContext, WindowedStream
@@ -49,12 +50,7 @@ def _model(name: str) -> torch.nn.Module:
         param_dim=53 if flame else 0,
     )
     torch.manual_seed(0)
-    model = build_method(name, None, facts, preset="debug")
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim > 1:
-                p.normal_(0.0, 0.05)
-    return model.eval()
+    return randomize_weights(build_method(name, None, facts, preset="debug"), 0.05).eval()
 
 
 def _inputs(name: str) -> tuple[torch.Tensor, torch.Tensor | None, str]:

@@ -26,6 +26,7 @@ def page_service(serve_url, tmp_path_factory):
     training speakers' templates, a model card), with faces, and a leaderboard logged."""
     from ray import serve
 
+    from service_helpers import randomize_weights
     from talkmesh.data import open_corpus
     from talkmesh.data.synthetic import generate_corpus
     from talkmesh.methods.base import DataFacts
@@ -40,11 +41,7 @@ def page_service(serve_url, tmp_path_factory):
     corpus = open_corpus(DataConfig(format="synthetic", root=str(generate_corpus(root / "synth", "small"))))
     facts = DataFacts.from_corpus(corpus)
     torch.manual_seed(0)
-    method = build_method("faceformer", None, facts, preset="debug")
-    with torch.no_grad():
-        for p in method.parameters():
-            if p.ndim > 1:
-                p.normal_(0.0, 0.012)
+    method = randomize_weights(build_method("faceformer", None, facts, preset="debug"), 0.012)
     method.set_templates({s: corpus.template(s) for s in facts.train_subjects})
     uri = f"sqlite:///{root / 'mlflow.db'}"
     run_id = tracking.start_run("talkmesh-faceformer", "page-test", uri=uri)

@@ -458,9 +458,9 @@ def _log_evaluation(args: argparse.Namespace, corpus: Corpus, report: dict[str, 
     params = {**flatten({"data": corpus.cfg}), "eval.splits": ",".join(report["splits"]), "eval.limit": args.limit,
               "eval.adapted": args.adapted}
     label = f"v{model['version']}" if "version" in model else Path(model["path"]).name
-    run_id = tracking.start_run(tracking.model_name(args.method), f"evaluate-{corpus.info.format}-{label}",
-                                params=params, tags=tags, resume=False, uri=uri)
-    try:
+    experiment = tracking.model_name(args.method)
+    with tracking.new_run(experiment, f"evaluate-{corpus.info.format}-{label}", params=params, tags=tags,
+                          uri=uri) as run_id:  # fmt: skip
         tracking.log_dataset(run_id, corpus, context="evaluation", uri=uri)
         metrics = {k: v for split, s in report["splits"].items() for k, v in flat_metrics(s, f"test/{split}").items()}
         tracking.log_model_metrics(run_id, metrics, model.get("model_id"), corpus, uri=uri)
@@ -468,10 +468,6 @@ def _log_evaluation(args: argparse.Namespace, corpus: Corpus, report: dict[str, 
             (Path(tmp) / "test_metrics.txt").write_text(table + "\n")
             (Path(tmp) / "evaluation.json").write_text(json.dumps(report, indent=2, default=_json_default))
             tracking.log_artifacts(run_id, tmp, uri=uri)
-    except BaseException:
-        tracking.end_run(run_id, "FAILED", uri=uri)
-        raise
-    tracking.end_run(run_id, "FINISHED", uri=uri)
     return run_id
 
 
@@ -628,6 +624,16 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def _add_corpus_args(p: argparse.ArgumentParser) -> None:
+    """The corpus and the MLflow store of `evaluate` and `leaderboard`."""
+    from talkmesh.data.corpus import available_formats
+
+    p.add_argument("--format", choices=available_formats(), required=True)
+    p.add_argument("--root", default="", help="dataset root (empty for the cached synthetic corpus)")
+    p.add_argument("--tracking-uri", default="", help="MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
+    p.add_argument("overrides", nargs="*", help="data config overrides, e.g. fps=60 max_conditions=8")
+
+
 def _add_keys_parser(sub: Any) -> None:
     """``talkmesh keys create|list|revoke``: the style service's API keys (only hashes stored)."""
     db_help = "service database URL (default: $TALKMESH_SERVICE_DB, else sqlite:///<$TALKMESH_HOME>/service.db)"
@@ -712,8 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", required=True,
                     help="an alias (e.g. published, champion) or version number of talkmesh-<method>, "
                     "or a method/checkpoint directory (method.json + model.pt)")
-    ev.add_argument("--format", choices=available_formats(), required=True)
-    ev.add_argument("--root", default="", help="dataset root (empty for the cached synthetic corpus)")
+    _add_corpus_args(ev)
     ev.add_argument("--split", default=None, help="split to evaluate (default: the corpus's test splits)")
     ev.add_argument("--limit", type=int, default=0, help="at most N sequences per split, every speaker (0 = all)")
     ev.add_argument("--adapted", action="store_true", help="also score the style adapt() picks on each reference")
@@ -722,8 +727,6 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--save-predictions", default="", help="write <split>/<seq>.npy for `talkmesh metrics`")
     ev.add_argument("--json", action="store_true", help="print JSON instead of the table")
     ev.add_argument("--log", action="store_true", help="log an MLflow run linked to the model version")
-    ev.add_argument("--tracking-uri", default="", help="MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
-    ev.add_argument("overrides", nargs="*", help="data config overrides, e.g. fps=60 max_conditions=8")
     ev.set_defaults(func=cmd_evaluate)
 
     lb = sub.add_parser("leaderboard", help="rank registered models on one pinned protocol (Markdown, HTML, JSON)")
@@ -731,8 +734,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="methods to rank (default: every method registered in the store)")
     lb.add_argument("--versions", nargs="*", default=[], help="<method>=<version or alias> instead of --alias")
     lb.add_argument("--alias", default="champion", help="the registered version of each method (default champion)")
-    lb.add_argument("--format", choices=available_formats(), required=True)
-    lb.add_argument("--root", default="", help="dataset root (empty for the cached synthetic corpus)")
+    _add_corpus_args(lb)
     lb.add_argument("--split", default=None, help="split to rank on (default: the corpus's first test split)")
     lb.add_argument("--limit", type=int, default=0, help="at most N sequences, every speaker (0 = all)")
     lb.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the confidence intervals")
@@ -740,8 +742,6 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--out", default="leaderboard", help="folder for leaderboard.md/.html/.json")
     lb.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     lb.add_argument("--no-log", action="store_true", help="do not log an MLflow run")
-    lb.add_argument("--tracking-uri", default="", help="MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
-    lb.add_argument("overrides", nargs="*", help="data config overrides, e.g. fps=60 max_conditions=8")
     lb.set_defaults(func=cmd_leaderboard)
 
     an = sub.add_parser("animate", help="motion for an audio file from a registered or saved model (no service)")

@@ -294,23 +294,18 @@ def log_leaderboard(board: Leaderboard, uri: str | None = None) -> str:
     params = {"protocol_id": p.id, "dataset": p.dataset, "fingerprint": p.fingerprint, "split": p.split, "fps": p.fps,
               "lips_sha256": p.lips["sha256"], "upper_sha256": p.upper["sha256"], "limit": p.limit}  # fmt: skip
     tags = {"talkmesh.protocol_id": p.id, "talkmesh.dataset": p.dataset}
-    run_id = tracking.start_run(EXPERIMENT, f"leaderboard-{p.dataset}-{p.split}", params=params, tags=tags,
-                                resume=False, uri=uri)  # fmt: skip
-    try:
-        metrics = {}
-        for r in board.rows:
-            key = r.name.replace(" ", "_").replace("@", "_")
-            metrics.update({f"{key}/{m}": v for m, v in r.metrics.items()})
-            metrics.update({f"{key}/{m}_ci_low": lo for m, (lo, _) in r.ci.items()})
-            metrics.update({f"{key}/{m}_ci_high": hi for m, (_, hi) in r.ci.items()})
+    metrics = {}
+    for r in board.rows:
+        key = r.name.replace(" ", "_").replace("@", "_")
+        metrics.update({f"{key}/{m}": v for m, v in r.metrics.items()})
+        metrics.update({f"{key}/{m}_ci_low": lo for m, (lo, _) in r.ci.items()})
+        metrics.update({f"{key}/{m}_ci_high": hi for m, (_, hi) in r.ci.items()})
+    name = f"leaderboard-{p.dataset}-{p.split}"
+    with tracking.new_run(EXPERIMENT, name, params=params, tags=tags, uri=uri) as run_id:
         tracking.log_metrics(run_id, metrics, uri=uri)
         with tempfile.TemporaryDirectory() as tmp:
             board.write(tmp)
             tracking.log_artifacts(run_id, tmp, uri=uri)
-    except BaseException:
-        tracking.end_run(run_id, "FAILED", uri=uri)
-        raise
-    tracking.end_run(run_id, "FINISHED", uri=uri)
     return run_id
 
 

@@ -237,6 +237,26 @@ def end_run(run_id: str, status: str = "FINISHED", uri: str | None = None) -> No
     _client(uri).set_terminated(run_id, status=status)
 
 
+@contextmanager
+def new_run(
+    experiment: str,
+    run_name: str,
+    *,
+    params: Mapping[str, Any] | None = None,
+    tags: Mapping[str, Any] | None = None,
+    uri: str | None = None,
+) -> Iterator[str]:
+    """A new run of ``experiment`` (:func:`start_run` without resuming) for the block, which
+    gets its id: ended FINISHED when the block completes, FAILED when it raises (re-raised)."""
+    run_id = start_run(experiment, run_name, params=params, tags=tags, resume=False, uri=uri)
+    try:
+        yield run_id
+    except BaseException:
+        end_run(run_id, "FAILED", uri=uri)
+        raise
+    end_run(run_id, "FINISHED", uri=uri)
+
+
 def child_runs(parent_run_id: str, uri: str | None = None) -> list[dict[str, str]]:
     """Runs tagged ``mlflow.parentRunId = parent_run_id`` in the parent's experiment, oldest
     first: ``{"run_id", "run_name", "status"}`` each (status RUNNING / FINISHED / FAILED / KILLED)."""

@@ -85,10 +85,7 @@ def _log(importer: Importer, imp: ImportedModel, uri: str, alias: str | None) ->
     tags = _tags(importer, imp)
     params = flatten({"model": method.config, "facts": method.facts.to_dict()})
     run_name = f"import-{imp.preset}-{imp.sha256[:12]}"
-    run_id = tracking.start_run(
-        tracking.model_name(importer.method), run_name, params=params, tags=tags, resume=False, uri=uri
-    )
-    try:
+    with tracking.new_run(tracking.model_name(importer.method), run_name, params=params, tags=tags, uri=uri) as run_id:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "key_map.json"
             rules = [dataclasses.asdict(r) for r in importer.key_map]
@@ -99,10 +96,6 @@ def _log(importer: Importer, imp: ImportedModel, uri: str, alias: str | None) ->
         write_model_card(importer.method, version, uri)
         if alias:
             tracking.set_alias(importer.method, alias, version, uri=uri)
-    except BaseException:
-        tracking.end_run(run_id, "FAILED", uri=uri)
-        raise
-    tracking.end_run(run_id, "FINISHED", uri=uri)
     return run_id, version
 
 
