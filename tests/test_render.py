@@ -114,6 +114,14 @@ def test_views_panels_and_fixed_camera(head):
     assert np.array_equal(both[:, :, :w], front)
     assert np.array_equal(both[:, :, w + 2 :], side[:, :, 2:])  # 2-px separator line at the seam
     assert not np.array_equal(front, side)
+    # Three-quarter: turned 35 degrees the way the side view turns; paired with the front.
+    quarter = render.render_frames(verts[:3], faces, size=SIZE, view="three_quarter")
+    pair = render.render_frames(verts[:3], faces, size=SIZE, view="front_three_quarter")
+    assert pair.shape == both.shape and np.array_equal(pair[:, :, :w], front)
+    assert np.array_equal(pair[:, :, w + 2 :], quarter[:, :, 2:])
+    assert not np.array_equal(quarter, front) and not np.array_equal(quarter, side)
+    with pytest.raises(ValueError, match="view: expected one of 'front', 'side', 'three_quarter'"):
+        render.render_frames(verts[:1], faces, size=SIZE, view="profile")
 
     # The camera is fitted once for the sequence: a static head renders identically in every
     # frame, and a head that moves right moves right in the image.
@@ -215,7 +223,7 @@ def test_side_by_side_and_error_heat(head):
         ({"size": (128, 8)}, r"integers in \[16, "),
         ({"size": (128.5, 96)}, r"integers in \[16, "),
         ({"size": "big"}, "width, height"),
-        ({"view": "top"}, "'front', 'side' or 'both'"),
+        ({"view": "top"}, "'both', 'front_three_quarter', got 'top'"),
         ({"color": (300, 0, 0)}, "0..255"),
         ({"background": (1, 2)}, "three numbers"),
         ({"vertex_colors": "wrong"}, r"vertex_colors: expected \(V, 3\)"),

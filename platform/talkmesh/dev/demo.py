@@ -1,21 +1,24 @@
 """`make demo`: the whole platform once, end to end, on this machine.
 
-    python -m talkmesh.dev.demo [--work-dir outputs/demo] [--keep] [key=value ...]
+    python -m talkmesh.dev.demo [--work-dir outputs/demo] [--keep] [--methods M ...] [key=value ...]
 
 1. starts a local Ray head and an MLflow server (SQLite backend) on 127.0.0.1
    (:class:`talkmesh.dev.localstack.LocalStack`; free ports, token auth);
-2. ``ray job submit --working-dir . -- python jobs/faceformer.py`` (small preset on the
-   synthetic corpus, generated into ``<work-dir>/cache`` on first use; trailing
-   ``key=value`` are overrides for the job);
-3. ``serve deploy`` of ``serve/config.yaml`` against the head, serving
-   ``models:/talkmesh-faceformer@champion`` from that MLflow server;
+2. ``ray job submit --working-dir . -- python jobs/<method>.py --preset small`` for each of
+   ``--methods`` in turn (FaceFormer, Mimic and DualTalker by default) on the synthetic
+   corpus's ``default`` preset, the readable 5042-vertex face, generated into
+   ``<work-dir>/cache`` on first use; trailing ``key=value`` are overrides for every job,
+   e.g. ``data.synthetic_preset=small`` for the coarse 170-vertex corpus the tests use;
+3. ``serve deploy`` of ``serve/config.yaml`` against the head, serving the first method's
+   ``models:/talkmesh-<method>@champion`` from that MLflow server;
 4. one adaptation request (``POST /v1/styles``: 10 s of an unseen speaker) and one
    animation request (``POST /v1/animate``: another utterance of that speaker, in the
-   adapted style), scored against the recorded motion, with a preview video;
-5. the leaderboard of what it registered (``talkmesh.ops.leaderboard``: the champion and the
+   adapted style), scored against the recorded motion, with a preview video (front and
+   three-quarter views);
+5. the leaderboard of what it registered (``talkmesh.ops.leaderboard``: the champions and the
    reference rows on the first test split, with bootstrap intervals), written under
    ``<work-dir>/leaderboard`` and logged to MLflow;
-6. prints the MLflow UI address, the run id, the metrics and the output paths, and stops
+6. prints the MLflow UI address, each job's run id and metrics and the output paths, and stops
    everything it started (``--keep`` leaves the stack up until Ctrl-C).
 """
 
@@ -38,6 +41,10 @@ if TYPE_CHECKING:
 __all__ = ["main", "run_demo"]
 
 REPO = Path(__file__).resolve().parents[3]
+DEMO_DATA = ("data.synthetic_preset=default",)  # before the user's overrides, which win
+# The default jobs on the vertex corpus, which one leaderboard ranks; AdaMesh and DEEPTalk train
+# on its FLAME-parameter flavour (a leaderboard of its own: talkmesh leaderboard, README).
+DEMO_METHODS = ("faceformer", "mimic", "dualtalker")
 
 
 def _say(msg: str) -> None:
@@ -50,13 +57,15 @@ def _echo_job(line: str) -> None:
         print(f"  | {line}", flush=True)
 
 
-def _serve_file(stack: LocalStack, work: Path, port: int, faces: Path) -> Path:
-    """serve/config.yaml with this stack's MLflow, the demo's style dir and database, faces and port."""
+def _serve_file(stack: LocalStack, work: Path, method: str, port: int, faces: Path) -> Path:
+    """serve/config.yaml for ``method``'s champion with this stack's MLflow, the demo's style
+    dir and database, faces and port."""
     from talkmesh.serving.launch import read_serve_file
 
     doc = read_serve_file(
         REPO / "serve" / "config.yaml",
         [
+            f"method={method}",
             f"tracking_uri={stack.mlflow_uri}",
             f"style_dir={work / 'styles'}",
             f"service_db=sqlite:///{work / 'service.db'}",
@@ -72,7 +81,10 @@ def _serve_file(stack: LocalStack, work: Path, port: int, faces: Path) -> Path:
 
 
 def run_demo(
-    work_dir: str | Path = "outputs/demo", overrides: Sequence[str] = (), keep: bool = False
+    work_dir: str | Path = "outputs/demo",
+    overrides: Sequence[str] = (),
+    keep: bool = False,
+    methods: Sequence[str] = DEMO_METHODS,
 ) -> dict[str, Any]:
     """Steps 1-6 of the module docstring; returns what it printed as a dict."""
     from talkmesh.data import open_corpus
@@ -80,17 +92,23 @@ def run_demo(
     from talkmesh.ops.jobs import find_preset
     from talkmesh.train.config import load_experiment
 
+    if not methods or any(m not in DEMO_METHODS for m in methods) or len(set(methods)) != len(methods):
+        raise ValueError(f"methods: one or more of {', '.join(DEMO_METHODS)}, each once; got {list(methods)}")
     t_start = time.monotonic()
     work = Path(work_dir).expanduser().resolve()
     work.mkdir(parents=True, exist_ok=True)
-    os.environ["TALKMESH_CACHE"] = str(work / "cache")  # the job and this process see the same corpus
-    exp = load_experiment(find_preset("faceformer", "small"), list(overrides), base={"method": "faceformer"})
-    corpus = open_corpus(exp.data)  # generated here once, before the job needs it
+    os.environ["TALKMESH_CACHE"] = str(work / "cache")  # the jobs and this process see the same corpus
+    overrides = [*DEMO_DATA, *overrides]
+    exps = {m: load_experiment(find_preset(m, "small"), overrides, base={"method": m}) for m in methods}
+    corpus = open_corpus(exps[methods[0]].data)  # generated here once, before the jobs need it
 
     with LocalStack(work / "stack", echo=_say) as stack:
         _say(f"Ray dashboard {stack.dashboard_url}   MLflow {stack.mlflow_uri}")
-        summary = _train(stack, work, exp.experiment_name, overrides)
-        client = _deploy(stack, work, corpus, summary["model_version"])
+        trained = {m: _train(stack, work, m, exps[m].experiment_name, overrides) for m in methods}
+        summary = {"mlflow_ui": stack.mlflow_uri, "mlflow_db": str(stack.mlflow_db), "trained": trained}
+        served = methods[0]
+        client = _deploy(stack, work, corpus, served, trained[served]["model_version"])
+        summary["served"] = served
         summary.update(_adapt_and_animate(client, work, corpus))
         summary.update(_leaderboard(stack, work, corpus))
         _print_summary(summary, time.monotonic() - t_start)
@@ -107,12 +125,12 @@ def run_demo(
     return summary
 
 
-def _train(stack: LocalStack, work: Path, experiment: str, overrides: Sequence[str]) -> dict[str, Any]:
-    """Step 2: submit the training job, then read its run and the champion version from MLflow."""
+def _train(stack: LocalStack, work: Path, method: str, experiment: str, overrides: Sequence[str]) -> dict[str, Any]:
+    """Step 2: submit the method's training job, then read its run and champion version from MLflow."""
     from talkmesh.ops import tracking
 
-    sid = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    entry = ["python", "jobs/faceformer.py", "--preset", "small", f"train.storage_path={work / 'ray'}", *overrides]
+    sid = f"demo-{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    entry = ["python", f"jobs/{method}.py", "--preset", "small", f"train.storage_path={work / 'ray'}", *overrides]
     _say(f"ray job submit --submission-id {sid} --working-dir . -- {' '.join(entry)}")
     job = stack.submit_job(
         entry,
@@ -124,21 +142,20 @@ def _train(stack: LocalStack, work: Path, experiment: str, overrides: Sequence[s
     )
     if not job.succeeded:
         raise RuntimeError(f"training job {sid} ended {job.status}; its logs are above")
-    run_id = tracking.find_run(experiment, f"faceformer-{sid}", uri=stack.mlflow_uri)
+    run_id = tracking.find_run(experiment, f"{method}-{sid}", uri=stack.mlflow_uri)
     if run_id is None:
-        raise RuntimeError(f"no MLflow run faceformer-{sid} in {stack.mlflow_uri}")
+        raise RuntimeError(f"no MLflow run {method}-{sid} in {stack.mlflow_uri}")
     metrics = tracking.get_run_metrics(run_id, uri=stack.mlflow_uri)
     return {
-        "mlflow_ui": stack.mlflow_uri,
-        "mlflow_db": str(stack.mlflow_db),
         "run_id": run_id,
         "experiment": experiment,
-        "model_version": tracking.get_alias_version("faceformer", "champion", uri=stack.mlflow_uri),
+        "train_s": job.wall_s,
+        "model_version": tracking.get_alias_version(method, "champion", uri=stack.mlflow_uri),
         "metrics": {k: v for k, v in sorted(metrics.items()) if k.startswith(("val/", "test/"))},
     }
 
 
-def _deploy(stack: LocalStack, work: Path, corpus: Any, version: int | None) -> StyleClient:
+def _deploy(stack: LocalStack, work: Path, corpus: Any, method: str, version: int | None) -> StyleClient:
     """Step 3: ``serve deploy`` against the head; returns a client once the service is healthy."""
     import numpy as np
 
@@ -150,8 +167,8 @@ def _deploy(stack: LocalStack, work: Path, corpus: Any, version: int | None) -> 
     faces_path = work / "faces.npy"
     np.save(faces_path, np.asarray(faces, dtype=np.int64))
     (port,) = free_ports(1)
-    serve_yaml = _serve_file(stack, work, port, faces_path)
-    _say(f"serve deploy {serve_yaml}  (models:/talkmesh-faceformer@champion = version {version})")
+    serve_yaml = _serve_file(stack, work, method, port, faces_path)
+    _say(f"serve deploy {serve_yaml}  (models:/talkmesh-{method}@champion = version {version})")
     stack.run_cli(["serve", "deploy", str(serve_yaml), "--address", stack.dashboard_url], timeout=120)
     client = StyleClient(f"http://127.0.0.1:{port}")
     health = client.wait_healthy(timeout=240)
@@ -229,13 +246,15 @@ def _leaderboard(stack: LocalStack, work: Path, corpus: Any) -> dict[str, Any]:
 
 def _print_summary(summary: dict[str, Any], took_s: float) -> None:
     """Step 5: what a person wants to see at the end."""
-    metrics = summary["metrics"]
     print("\n== talkmesh demo ==")
-    print(f"MLflow UI      {summary['mlflow_ui']}  (experiment {summary['experiment']}, run {summary['run_id']})")
-    print(f"registered     talkmesh-faceformer version {summary['model_version']} @champion")
-    for k in ("val/lve", "val/fdd", "test/test-A/lve", "test/test-B/lve", "test/test-B/fdd"):
-        if k in metrics:
-            print(f"  {k:<18} {metrics[k]:.4e}")
+    print(f"MLflow UI      {summary['mlflow_ui']}")
+    for method, t in summary["trained"].items():
+        print(f"{method:<14} run {t['run_id']} ({t['experiment']}, trained in {t['train_s']:.0f} s), "
+              f"registered talkmesh-{method} version {t['model_version']} @champion")  # fmt: skip
+        for k in ("val/lve", "val/fdd", "test/test-A/lve", "test/test-B/lve", "test/test-B/fdd"):
+            if k in t["metrics"]:
+                print(f"  {k:<18} {t['metrics'][k]:.4e}")
+    print(f"served         talkmesh-{summary['served']}@champion")
     print(f"style          {summary['style_id']} ({summary['speaker']}, adapted in {summary['adapt_s']:.2f} s)")
     print(f"animation      {summary['outputs']['motion']}  ({summary['frames']} frames, {summary['animate_s']:.2f} s)")
     print(f"preview video  {summary['outputs']['preview']}")
@@ -250,10 +269,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--work-dir", default="outputs/demo")
     p.add_argument("--keep", action="store_true", help="keep the stack up until Ctrl-C")
-    p.add_argument("overrides", nargs="*", help="overrides for the training job, e.g. train.epochs=3")
+    p.add_argument(
+        "--methods", nargs="+", choices=DEMO_METHODS, default=list(DEMO_METHODS),
+        help="the jobs to train, in order (the first is served); default: all three",
+    )  # fmt: skip
+    p.add_argument("overrides", nargs="*", help="overrides for every training job, e.g. train.epochs=3")
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    run_demo(args.work_dir, args.overrides, keep=args.keep)
+    run_demo(args.work_dir, args.overrides, keep=args.keep, methods=args.methods)
     return 0
 
 

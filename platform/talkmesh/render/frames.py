@@ -5,7 +5,9 @@ heat map. The pixels come from :mod:`talkmesh.render.raster`.
   and prediction and ground truth together in :func:`side_by_side`), so the head stays put
   and only the motion moves. Coordinates follow FLAME: x to the subject's left, y up, z
   out of the face. ``view="front"`` looks along -z, ``"side"`` shows the right profile
-  (face pointing right), ``"both"`` puts the two panels next to each other.
+  (face pointing right), ``"three_quarter"`` the head turned 35 degrees the same way;
+  ``"both"`` puts front and side next to each other, ``"front_three_quarter"`` front and
+  three-quarter (the previews' portrait pair).
 * ``faces=None`` (a point cloud without topology): shaded point splats.
 * ``vertex_colors`` tints the surface per vertex (or per frame and vertex);
   :func:`error_colors` makes a heat map of the per-vertex error on a region (the lips).
@@ -50,7 +52,7 @@ __all__ = [
 ]
 
 P = ParamSpec("P")
-View = Literal["front", "side", "both"]
+View = Literal["front", "side", "three_quarter", "both", "front_three_quarter"]
 Shading = Literal["smooth", "flat"]
 
 DEFAULT_SIZE = (256, 256)
@@ -161,11 +163,11 @@ def iter_frames(
     stacked, (T, H, W * panels, 3).
 
     vertices (T, V, 3) (numpy or torch); faces (F, 3) integer indices or None for point
-    splats; size (W, H) per panel, even, 16..4096; view "front" | "side" | "both" (panels =
-    2); background, color, interior: RGB in 0..255; vertex_colors None, (V, 3) or (T, V, 3)
-    in 0..1 (replaces ``color``, e.g. from :func:`error_colors`); shading "smooth" (Gouraud)
-    or "flat". Deterministic; inputs are validated before the first frame is rendered
-    (ValueError on malformed input).
+    splats; size (W, H) per panel, even, 16..4096; view "front" | "side" | "three_quarter" |
+    "both" | "front_three_quarter" (the last two: 2 panels); background, color, interior:
+    RGB in 0..255; vertex_colors None, (V, 3) or (T, V, 3) in 0..1 (replaces ``color``, e.g.
+    from :func:`error_colors`); shading "smooth" (Gouraud) or "flat". Deterministic; inputs
+    are validated before the first frame is rendered (ValueError on malformed input).
     """
     v = check_vertices(vertices)
     f = check_faces(faces, v.shape[1])

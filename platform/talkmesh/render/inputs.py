@@ -95,10 +95,18 @@ def check_rgb(color: Any, name: str) -> np.ndarray:
 
 
 def check_views(view: str) -> tuple[str, ...]:
-    """"front" | "side" | "both" -> the panel views in order."""
-    views = {"front": ("front",), "side": ("side",), "both": ("front", "side")}
+    """A view name -> the panel views in order: "front", "side" (right profile),
+    "three_quarter" (turned 35 degrees to the right), "both" (front | side) or
+    "front_three_quarter" (front | three-quarter)."""
+    views = {
+        "front": ("front",),
+        "side": ("side",),
+        "three_quarter": ("three_quarter",),
+        "both": ("front", "side"),
+        "front_three_quarter": ("front", "three_quarter"),
+    }
     if view not in views:
-        raise ValueError(f"view: expected 'front', 'side' or 'both', got {view!r}")
+        raise ValueError(f"view: expected one of {', '.join(repr(v) for v in views)}, got {view!r}")
     return views[view]
 
 

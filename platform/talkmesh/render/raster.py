@@ -34,6 +34,14 @@ _ROTATIONS = {
     "front": np.eye(3),
     # Rotate +90 degrees about y: the face (+z) points to image right; we see the subject's right side.
     "side": np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.0]]),
+    # The same turn by 35 degrees: the face points to the image's right, its right cheek in view.
+    "three_quarter": np.array(
+        [
+            [math.cos(math.radians(35)), 0.0, math.sin(math.radians(35))],
+            [0.0, 1.0, 0.0],
+            [-math.sin(math.radians(35)), 0.0, math.cos(math.radians(35))],
+        ]
+    ),
 }
 
 

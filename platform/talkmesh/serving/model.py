@@ -391,7 +391,9 @@ class StyleModel:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "preview.mp4"
             size = (self.cfg.preview_size, self.cfg.preview_size)
-            render_motion(vertices, self.faces, path, float(self.facts.fps), audio=audio, size=size)
+            render_motion(
+                vertices, self.faces, path, float(self.facts.fps), audio=audio, size=size, view=self.cfg.preview_view
+            )
             return path.read_bytes()
 
 

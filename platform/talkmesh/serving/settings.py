@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from talkmesh.config import ConfigError, from_dict
+from talkmesh.render.inputs import check_views
 from talkmesh.serving.errors import ServiceError
 from talkmesh.serving.inputs import (
     InputLimits,
@@ -94,7 +95,8 @@ class ServeConfig:
     decode_workers: int = 2  # threads decoding uploads per ingress replica (off the event loop)
     decode_queue: int = 32  # uploads waiting for a decode thread before 503
     max_page: int = 1000  # GET /v1/styles: the largest ``limit``
-    preview_size: int = 256
+    preview_size: int = 384  # pixels, each side of a preview's panel
+    preview_view: str = "front_three_quarter"  # talkmesh.render views: front | three-quarter panels
     torch_threads: int = 0  # intra-op threads per model replica; 0 = Ray's default (its CPUs)
     model_num_cpus: float = 1.0
     model_replicas: int = 1
@@ -143,6 +145,10 @@ class ServeConfig:
             raise ConfigError("min_reference_seconds must not exceed max_reference_seconds")
         if not 32 <= self.preview_size <= 2048:
             raise ConfigError(f"preview_size: 32..2048, got {self.preview_size}")
+        try:
+            check_views(self.preview_view)
+        except ValueError as e:
+            raise ConfigError(f"preview_{e}") from None
 
 
 def load_serve_config(args: Mapping[str, Any] | None) -> ServeConfig:

@@ -87,10 +87,14 @@ def _worker_experiment(exp: ExperimentConfig, corpus: Corpus) -> dict[str, Any]:
     return d
 
 
+PREVIEW_SIZE = (384, 384)  # pixels per panel of a training preview
+
+
 def make_preview(method: MotionMethod, corpus: Corpus, split: str, out_dir: str | Path) -> list[Path]:
     """Decode one sequence of ``split`` (an unseen speaker where there is one) and write
-    ``<seq>.npy`` (T, V*3) plus ``<seq>.mp4``: prediction | ground truth with the lip
-    error heat map and the audio (``talkmesh.render``). Returns the files written; the
+    ``<seq>.npy`` (T, V*3) plus ``<seq>.mp4``: prediction | ground truth, each from the
+    front and turned three-quarters (PREVIEW_SIZE panels), with the lip error heat map and
+    the audio (``talkmesh.render``). Returns the files written; the
     video is skipped with a warning when it cannot be rendered (e.g. no ffmpeg)."""
     import warnings
 
@@ -108,7 +112,7 @@ def make_preview(method: MotionMethod, corpus: Corpus, split: str, out_dir: str 
 
         video = render_motion(
             pred.vertices, faces, out / f"{Path(pred.filename).stem}.mp4", corpus.info.fps, audio=audio, gt=gt,
-            heat_region=corpus.regions().lips,
+            heat_region=corpus.regions().lips, size=PREVIEW_SIZE, view="front_three_quarter",
         )
         files.append(Path(video))
     except Exception as e:  # noqa: BLE001 - a preview must never fail a finished run

@@ -11,8 +11,11 @@ Face model. A small FLAME-structured head (``face_model.npz``, the FLAME npz lay
 corpus has no skinning code of its own.
 
 - Template: a latitude/longitude head (ellipsoid with nose, lips, chin, eye sockets, brow
-  ridge, cheeks, ears and a neck), denser at the front. ``small``: 170 vertices,
-  ``default``: 1370 vertices.
+  ridge, cheeks, ears and a neck), denser at the front. ``small``: 170 vertices, a closed
+  coarse head (what the learning checks are calibrated on). ``default``: 5042 vertices
+  (FLAME has 5023) with a readable face (``Preset.face_detail``): eyeballs in sockets under
+  lids and brows, a nose with bridge, tip and wings, full lips that meet along a mouth slit
+  (the only opening of the mesh) and part in an arc as the jaw opens, a chin below a fold.
 - Shape basis (100): width/height/depth scalings, then smooth random fields with decaying
   amplitude. Each speaker has a shape beta ~ N(0, 1); its template is FLAME(beta).
 - Expression basis (50). The leading components have fixed meanings (``EXPRESSION_COMPONENTS``):

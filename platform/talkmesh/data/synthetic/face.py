@@ -21,6 +21,10 @@ from talkmesh.data.synthetic.presets import (
 
 __all__ = ["build_face_model"]
 
+_MOUTH_LINE = -0.40  # rad, elevation of the mouth
+_LIP_CONTACT = 0.004  # rad, half the gap between the lip rings at rest (face_detail)
+_MOUTH_HALF_WIDTH = 0.30  # rad of azimuth, the slit's half width (face_detail)
+
 
 def _smoothstep(edge0: float, edge1: float, x: np.ndarray) -> np.ndarray:
     t = np.clip((x - edge0) / (edge1 - edge0), 0.0, 1.0)
@@ -38,6 +42,7 @@ class _Head:
     direction: np.ndarray  # (V, 3) unit direction of the underlying sphere
     mouth_phi: float  # elevation of the mouth line (between two rings)
     rings: np.ndarray  # (n_rings,) ring elevations
+    slit: bool = False  # the lips are parted by a slit (Preset.face_detail)
 
     def bump(self, theta0: float, phi0: float, s_theta: float, s_phi: float) -> np.ndarray:
         """(V,) Gaussian falloff on the surface around (theta0, phi0)."""
@@ -57,12 +62,14 @@ def _quantiles(
     return np.interp(q, cdf, x)
 
 
-def _mesh_faces(pos: np.ndarray, nr: int, nc: int) -> np.ndarray:
+def _mesh_faces(pos: np.ndarray, nr: int, nc: int, cut: np.ndarray | None = None) -> np.ndarray:
     """(F, 3) faces of the ring mesh, wound outwards: quads between consecutive rings
-    (wrapping around), fans to the poles."""
+    (wrapping around), fans to the poles. ``cut`` (nr - 1, nc) bool: quads left out (the
+    mouth slit; quad (i, j) spans rings i, i + 1 and columns j, j + 1)."""
     idx = np.arange(nr * nc).reshape(nr, nc)
     nxt = np.roll(idx, -1, axis=1)
-    quads_a, quads_b, quads_c, quads_d = idx[:-1], nxt[:-1], nxt[1:], idx[1:]
+    keep = np.ones((nr - 1, nc), bool) if cut is None else ~cut
+    quads_a, quads_b, quads_c, quads_d = idx[:-1][keep], nxt[:-1][keep], nxt[1:][keep], idx[1:][keep]
     tris = [
         np.stack([quads_a, quads_b, quads_c], -1).reshape(-1, 3),
         np.stack([quads_a, quads_c, quads_d], -1).reshape(-1, 3),
@@ -79,26 +86,41 @@ def _mesh_faces(pos: np.ndarray, nr: int, nc: int) -> np.ndarray:
 
 def _head_mesh(preset: Preset) -> _Head:
     """Latitude/longitude head, denser at the front and around the equator. Vertex order:
-    ring by ring from the bottom, then the bottom and top poles."""
+    ring by ring from the bottom, then the bottom and top poles. With ``face_detail`` the
+    readable face's relief and the mouth slit replace the coarse relief."""
     nr, nc = preset.n_rings, preset.n_columns
     rings = _quantiles(-0.5 * np.pi, 0.5 * np.pi, lambda x: 1.0 + 3.0 * np.exp(-(((x + 0.2) / 0.45) ** 2)), nr)
     cols = _quantiles(-np.pi, np.pi, lambda x: 1.0 + 4.0 * np.exp(-((x / 0.6) ** 2)), nc, open_end=False)
     cols[1:] = 0.5 * (cols[1:] - cols[1:][::-1])  # exactly mirror-symmetric: column j <-> n - j, -pi at 0
     phi = np.concatenate([np.repeat(rings, nc), [-0.5 * np.pi, 0.5 * np.pi]])
     theta = np.concatenate([np.tile(cols, nr), [0.0, 0.0]])
-    d = np.stack([np.cos(phi) * np.sin(theta), np.sin(phi), np.cos(phi) * np.cos(theta)], axis=1)  # (V, 3)
 
     # The mouth line lies midway between the two rings around -0.40 rad.
-    below = int(np.searchsorted(rings, -0.40)) - 1
+    below = int(np.searchsorted(rings, _MOUTH_LINE)) - 1
     below = min(max(below, 0), nr - 2)
     mouth_phi = float(0.5 * (rings[below] + rings[below + 1]))
-    head = _Head(np.zeros((0, 3)), np.zeros((0, 3), np.int64), theta, phi, d, mouth_phi, rings)
+    if preset.face_detail:  # across the mouth the two lip rings close in on the line: the lips meet at rest
+        pinch = _smoothstep(_MOUTH_HALF_WIDTH + 0.25, _MOUTH_HALF_WIDTH, np.abs(theta))
+        for ring, side in ((below, -1.0), (below + 1, 1.0)):
+            on = slice(ring * nc, (ring + 1) * nc)
+            phi[on] += pinch[on] * (mouth_phi + side * _LIP_CONTACT - phi[on])
+    d = np.stack([np.cos(phi) * np.sin(theta), np.sin(phi), np.cos(phi) * np.cos(theta)], axis=1)  # (V, 3)
+    head = _Head(np.zeros((0, 3)), np.zeros((0, 3), np.int64), theta, phi, d, mouth_phi, rings, preset.face_detail)
 
     radii = np.array([0.075, 0.105, 0.092])
     pos = d * radii
     pos[:, 0] *= 1.0 - 0.12 * _smoothstep(-0.2, -0.9, phi) * _smoothstep(0.6, 0.0, np.abs(np.cos(theta)) - 0.4)
     neck = _smoothstep(-0.9, -1.4, phi)  # narrow neck at the bottom
     pos[:, [0, 2]] *= (1.0 - 0.4 * neck)[:, None]
+    if preset.face_detail:
+        pos += _detailed_relief(head)[:, None] * d
+        head.vertices = pos
+        # The mouth slit: no quads between the two lip rings across the mouth's width.
+        cut = np.zeros((nr - 1, nc), bool)
+        inside = np.abs(cols) < _MOUTH_HALF_WIDTH
+        cut[below] = inside & np.roll(inside, -1)
+        head.faces = _mesh_faces(pos, nr, nc, cut)
+        return head
     relief = (
         0.020 * head.bump(0.0, -0.08, 0.10, 0.16)  # nose
         + 0.006 * head.bump(0.0, mouth_phi, 0.28, 0.08)  # lips
@@ -112,6 +134,43 @@ def _head_mesh(preset: Preset) -> _Head:
     head.vertices = pos
     head.faces = _mesh_faces(pos, nr, nc)
     return head
+
+
+def _detailed_relief(head: _Head) -> np.ndarray:
+    """(V,) radial relief in metres of the readable face (``Preset.face_detail``): eyeballs in
+    sockets under lids and brows, a nose with bridge, tip and wings, full lips rolling in to
+    the mouth slit, a chin with the fold above it, cheekbones and ears."""
+    m = head.mouth_phi
+
+    def pair(amp: float, theta0: float, phi0: float, s_theta: float, s_phi: float) -> np.ndarray:
+        return amp * (head.bump(theta0, phi0, s_theta, s_phi) + head.bump(-theta0, phi0, s_theta, s_phi))
+
+    eyes = (
+        pair(-0.014, 0.42, 0.11, 0.20, 0.11)  # sockets
+        + pair(0.012, 0.42, 0.10, 0.11, 0.055)  # eyeballs
+        + pair(0.003, 0.42, 0.15, 0.12, 0.018)  # upper lids
+        + pair(0.0015, 0.42, 0.055, 0.11, 0.015)  # lower lids
+        + pair(0.007, 0.40, 0.27, 0.22, 0.05)  # brow ridges
+    )
+    nose = (
+        0.010 * head.bump(0.0, 0.0, 0.06, 0.14)  # bridge
+        + 0.012 * head.bump(0.0, -0.09, 0.09, 0.11)  # body
+        + 0.020 * head.bump(0.0, -0.18, 0.075, 0.055)  # tip
+        + pair(0.008, 0.12, -0.22, 0.05, 0.04)  # wings
+    )
+    mouth = (
+        0.006 * head.bump(0.0, m + 0.05, 0.22, 0.045)  # upper lip
+        + 0.007 * head.bump(0.0, m - 0.055, 0.20, 0.05)  # lower lip
+        - 0.003 * head.bump(0.0, m, 0.26, 0.012)  # the lips roll in to the slit
+        - pair(0.003, _MOUTH_HALF_WIDTH, m, 0.05, 0.04)  # corners
+    )
+    lower = (
+        0.013 * head.bump(0.0, -0.70, 0.20, 0.09)  # chin
+        - 0.004 * head.bump(0.0, m - 0.14, 0.22, 0.03)  # the fold between lower lip and chin
+        + pair(0.006, 0.62, 0.0, 0.18, 0.12)  # cheekbones
+        + pair(0.012, 0.5 * np.pi, 0.02, 0.08, 0.16)  # ears
+    )
+    return eyes + nose + mouth + lower
 
 
 def _region_masks(head: _Head) -> dict[str, np.ndarray]:
@@ -217,7 +276,11 @@ def _skinning_weights(head: _Head) -> np.ndarray:
     the rest the neck."""
     th, ph, m = head.theta, head.phi, head.mouth_phi
     front = _smoothstep(1.45, 0.9, np.abs(th))
-    w_jaw = _smoothstep(0.0, 0.03, m - ph) * front * _smoothstep(-1.25, -1.0, ph)
+    below = _smoothstep(0.0, 0.03, m - ph)
+    if head.slit:  # the lower lip follows the jaw fully mid-mouth, not at the corners: the lips part in an arc
+        arc = np.clip(1.0 - (th / _MOUTH_HALF_WIDTH) ** 2, 0.0, 1.0) * (ph < m)
+        below = np.maximum(arc, _smoothstep(0.0, 0.1, m - ph))
+    w_jaw = below * front * _smoothstep(-1.25, -1.0, ph)
     w_root = _smoothstep(-1.0, -1.3, ph) * (1.0 - w_jaw)
     weights = np.zeros((head.vertices.shape[0], 5))
     weights[:, 0] = w_root
