@@ -176,3 +176,15 @@ def test_sigterm_to_the_owner_stops_the_stack(tmp_path):
 def _mentioning(text: str) -> list[int]:
     """Pids of live processes whose command line contains ``text``."""
     return [p.pid for p in psutil.process_iter(["cmdline"]) if any(text in a for a in p.info["cmdline"] or ())]
+
+
+@pytest.mark.parametrize("methods", [(), ("adamesh",), ("faceformer", "faceformer")])
+def test_the_demo_refuses_jobs_it_cannot_rank_together(tmp_path, methods):
+    """The demo trains the vertex-corpus default jobs (one leaderboard ranks them), each once;
+    it says so before starting anything (no stack, no corpus)."""
+    from talkmesh.dev.demo import DEMO_METHODS, run_demo
+
+    assert DEMO_METHODS == ("faceformer", "mimic", "dualtalker")
+    with pytest.raises(ValueError, match="methods: one or more of faceformer, mimic, dualtalker"):
+        run_demo(tmp_path / "demo", methods=methods)
+    assert not (tmp_path / "demo").exists()

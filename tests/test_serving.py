@@ -186,6 +186,9 @@ def test_serve_config_is_strict():
         load_serve_config({"wiat_s": 1})
     with pytest.raises(ConfigError, match="preview_size"):
         load_serve_config({"preview_size": 4})
+    assert load_serve_config({"preview_view": "three_quarter"}).preview_view == "three_quarter"
+    with pytest.raises(ConfigError, match="preview_view: expected one of 'front'"):
+        load_serve_config({"preview_view": "top"})
 
 
 def test_build_app_is_a_builder_serve_deploy_accepts(tmp_path):

@@ -150,9 +150,18 @@ class Viewer {
     const gltf = await new GLTFLoader().parseAsync(glb, "");
     if (this.root) this.scene.remove(this.root);
     this.root = gltf.scene;
-    this.root.traverse((o) => {
-      if (o.isMesh) o.material = new THREE.MeshStandardMaterial({ color: 0xd9a38a, roughness: 0.6, side: THREE.DoubleSide });
-    });
+    const skin = new THREE.MeshStandardMaterial({ color: 0xd9a38a, roughness: 0.6, side: THREE.FrontSide });
+    const inside = new THREE.MeshStandardMaterial({ color: 0x5a1e24, roughness: 0.9, side: THREE.BackSide });
+    const meshes = [];
+    this.root.traverse((o) => { if (o.isMesh) meshes.push(o); });
+    for (const mesh of meshes) {
+      mesh.material = skin;
+      // The inside of the head (seen through the parted lips) in a dark mouth colour: the same
+      // geometry drawn from its back faces, with the morph weights the animation moves shared.
+      const back = new THREE.Mesh(mesh.geometry, inside);
+      if (mesh.morphTargetInfluences) back.morphTargetInfluences = mesh.morphTargetInfluences;
+      mesh.add(back);
+    }
     this.scene.add(this.root);
     const box = new THREE.Box3().setFromObject(this.root);
     const center = box.getCenter(new THREE.Vector3()), size = box.getSize(new THREE.Vector3()).length();
