@@ -188,3 +188,13 @@ def test_the_demo_refuses_jobs_it_cannot_rank_together(tmp_path, methods):
     with pytest.raises(ValueError, match="methods: one or more of faceformer, mimic, dualtalker"):
         run_demo(tmp_path / "demo", methods=methods)
     assert not (tmp_path / "demo").exists()
+
+
+def test_the_demo_command_line_names_a_bad_methods_list(tmp_path, capsys):
+    """--methods is a comma-separated list, so trailing key=value overrides stay overrides."""
+    from talkmesh.dev.demo import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--work-dir", str(tmp_path / "demo"), "--methods", "faceformer,adamesh", "train.epochs=1"])
+    assert e.value.code == 2 and "--methods: one or more of" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

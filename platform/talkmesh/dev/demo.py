@@ -1,6 +1,6 @@
 """`make demo`: the whole platform once, end to end, on this machine.
 
-    python -m talkmesh.dev.demo [--work-dir outputs/demo] [--keep] [--methods M ...] [key=value ...]
+    python -m talkmesh.dev.demo [--work-dir outputs/demo] [--keep] [--methods M,M,...] [key=value ...]
 
 1. starts a local Ray head and an MLflow server (SQLite backend) on 127.0.0.1
    (:class:`talkmesh.dev.localstack.LocalStack`; free ports, token auth);
@@ -92,8 +92,7 @@ def run_demo(
     from talkmesh.ops.jobs import find_preset
     from talkmesh.train.config import load_experiment
 
-    if not methods or any(m not in DEMO_METHODS for m in methods) or len(set(methods)) != len(methods):
-        raise ValueError(f"methods: one or more of {', '.join(DEMO_METHODS)}, each once; got {list(methods)}")
+    _check_methods(methods)
     t_start = time.monotonic()
     work = Path(work_dir).expanduser().resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -123,6 +122,12 @@ def run_demo(
         f"  mlflow ui --backend-store-uri sqlite:///{summary['mlflow_db']} --host 127.0.0.1 --port 5000"
     )
     return summary
+
+
+def _check_methods(methods: Sequence[str]) -> None:
+    """ValueError unless ``methods`` are some of DEMO_METHODS, each once."""
+    if not methods or any(m not in DEMO_METHODS for m in methods) or len(set(methods)) != len(methods):
+        raise ValueError(f"methods: one or more of {', '.join(DEMO_METHODS)}, each once; got {list(methods)}")
 
 
 def _train(stack: LocalStack, work: Path, method: str, experiment: str, overrides: Sequence[str]) -> dict[str, Any]:
@@ -270,13 +275,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--work-dir", default="outputs/demo")
     p.add_argument("--keep", action="store_true", help="keep the stack up until Ctrl-C")
     p.add_argument(
-        "--methods", nargs="+", choices=DEMO_METHODS, default=list(DEMO_METHODS),
-        help="the jobs to train, in order (the first is served); default: all three",
+        "--methods", default=",".join(DEMO_METHODS),
+        help=f"the jobs to train, comma-separated, in order (the first is served); default {','.join(DEMO_METHODS)}",
     )  # fmt: skip
     p.add_argument("overrides", nargs="*", help="overrides for every training job, e.g. train.epochs=3")
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    run_demo(args.work_dir, args.overrides, keep=args.keep, methods=args.methods)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    try:
+        _check_methods(methods)
+    except ValueError as e:
+        p.error(f"--{e}")
+    run_demo(args.work_dir, args.overrides, keep=args.keep, methods=methods)
     return 0
 
 
