@@ -49,6 +49,10 @@ class _Head:
         dt = np.angle(np.exp(1j * (self.theta - theta0)))  # wrapped azimuth difference
         return np.exp(-0.5 * ((dt / s_theta) ** 2 + ((self.phi - phi0) / s_phi) ** 2))
 
+    def mirrored(self, amp: float, theta0: float, phi0: float, s_theta: float, s_phi: float) -> np.ndarray:
+        """(V,) ``amp`` times the bumps at (theta0, phi0) and at its mirror image (-theta0, phi0)."""
+        return amp * (self.bump(theta0, phi0, s_theta, s_phi) + self.bump(-theta0, phi0, s_theta, s_phi))
+
 
 def _quantiles(
     lo: float, hi: float, density: Any, n: int, open_end: bool = True
@@ -112,28 +116,29 @@ def _head_mesh(preset: Preset) -> _Head:
     pos[:, 0] *= 1.0 - 0.12 * _smoothstep(-0.2, -0.9, phi) * _smoothstep(0.6, 0.0, np.abs(np.cos(theta)) - 0.4)
     neck = _smoothstep(-0.9, -1.4, phi)  # narrow neck at the bottom
     pos[:, [0, 2]] *= (1.0 - 0.4 * neck)[:, None]
-    if preset.face_detail:
-        pos += _detailed_relief(head)[:, None] * d
-        head.vertices = pos
-        # The mouth slit: no quads between the two lip rings across the mouth's width.
+    pos += ((_detailed_relief if head.slit else _coarse_relief)(head))[:, None] * d
+    head.vertices = pos
+    cut = None
+    if head.slit:  # the mouth slit: no quads between the two lip rings across the mouth's width
         cut = np.zeros((nr - 1, nc), bool)
         inside = np.abs(cols) < _MOUTH_HALF_WIDTH
         cut[below] = inside & np.roll(inside, -1)
-        head.faces = _mesh_faces(pos, nr, nc, cut)
-        return head
-    relief = (
-        0.020 * head.bump(0.0, -0.08, 0.10, 0.16)  # nose
-        + 0.006 * head.bump(0.0, mouth_phi, 0.28, 0.08)  # lips
-        + 0.010 * head.bump(0.0, -0.85, 0.25, 0.12)  # chin
-        - 0.006 * (head.bump(0.40, 0.12, 0.14, 0.09) + head.bump(-0.40, 0.12, 0.14, 0.09))  # eye sockets
-        + 0.004 * (head.bump(0.38, 0.30, 0.25, 0.06) + head.bump(-0.38, 0.30, 0.25, 0.06))  # brow ridge
-        + 0.004 * (head.bump(0.55, -0.25, 0.2, 0.2) + head.bump(-0.55, -0.25, 0.2, 0.2))  # cheeks
-        + 0.007 * (head.bump(0.5 * np.pi, 0.0, 0.12, 0.2) + head.bump(-0.5 * np.pi, 0.0, 0.12, 0.2))  # ears
-    )
-    pos += relief[:, None] * d
-    head.vertices = pos
-    head.faces = _mesh_faces(pos, nr, nc)
+    head.faces = _mesh_faces(pos, nr, nc, cut)
     return head
+
+
+def _coarse_relief(head: _Head) -> np.ndarray:
+    """(V,) radial relief in metres of the coarse head (the ``small`` preset's)."""
+    pair = head.mirrored
+    return (
+        0.020 * head.bump(0.0, -0.08, 0.10, 0.16)  # nose
+        + 0.006 * head.bump(0.0, head.mouth_phi, 0.28, 0.08)  # lips
+        + 0.010 * head.bump(0.0, -0.85, 0.25, 0.12)  # chin
+        - pair(0.006, 0.40, 0.12, 0.14, 0.09)  # eye sockets
+        + pair(0.004, 0.38, 0.30, 0.25, 0.06)  # brow ridge
+        + pair(0.004, 0.55, -0.25, 0.2, 0.2)  # cheeks
+        + pair(0.007, 0.5 * np.pi, 0.0, 0.12, 0.2)  # ears
+    )
 
 
 def _detailed_relief(head: _Head) -> np.ndarray:
@@ -141,9 +146,7 @@ def _detailed_relief(head: _Head) -> np.ndarray:
     sockets under lids and brows, a nose with bridge, tip and wings, full lips rolling in to
     the mouth slit, a chin with the fold above it, cheekbones and ears."""
     m = head.mouth_phi
-
-    def pair(amp: float, theta0: float, phi0: float, s_theta: float, s_phi: float) -> np.ndarray:
-        return amp * (head.bump(theta0, phi0, s_theta, s_phi) + head.bump(-theta0, phi0, s_theta, s_phi))
+    pair = head.mirrored
 
     eyes = (
         pair(-0.014, 0.42, 0.11, 0.20, 0.11)  # sockets
@@ -226,19 +229,19 @@ def _expression_basis(head: _Head, rng: np.random.Generator) -> np.ndarray:
     put(EXPR["jaw_open"], dy=-0.003 * lip_lo + 0.001 * lip_up - 0.001 * head.bump(0.0, -0.8, 0.3, 0.2),
         dz=-0.0005 * lip_lo)
     put(EXPR["lip_round"], dx=-0.15 * pos[:, 0] * mouth, dz=0.004 * mouth)
-    corners = head.bump(0.30, m + 0.02, 0.15, 0.12) + head.bump(-0.30, m + 0.02, 0.15, 0.12)
-    cheeks = head.bump(0.5, -0.2, 0.2, 0.15) + head.bump(-0.5, -0.2, 0.2, 0.15)
+    corners = head.mirrored(1.0, 0.30, m + 0.02, 0.15, 0.12)
+    cheeks = head.mirrored(1.0, 0.5, -0.2, 0.2, 0.15)
     put(EXPR["smile"], dx=0.003 * side * corners, dy=0.004 * corners + 0.002 * cheeks,
         dz=-0.001 * corners + 0.0015 * cheeks)
-    brows = head.bump(0.38, 0.30, 0.3, 0.12) + head.bump(-0.38, 0.30, 0.3, 0.12) + 0.5 * head.bump(0.0, 0.5, 0.6, 0.3)
+    brows = head.mirrored(1.0, 0.38, 0.30, 0.3, 0.12) + 0.5 * head.bump(0.0, 0.5, 0.6, 0.3)
     put(EXPR["brow_raise"], dy=0.004 * brows)
-    lid_up = head.bump(0.40, 0.18, 0.16, 0.07) + head.bump(-0.40, 0.18, 0.16, 0.07)
-    lid_lo = head.bump(0.40, 0.08, 0.16, 0.05) + head.bump(-0.40, 0.08, 0.16, 0.05)
+    lid_up = head.mirrored(1.0, 0.40, 0.18, 0.16, 0.07)
+    lid_lo = head.mirrored(1.0, 0.40, 0.08, 0.16, 0.05)
     put(EXPR["blink"], dy=-0.004 * lid_up + 0.001 * lid_lo, dz=0.001 * lid_up)
     press_up = head.bump(0.0, m + 0.05, 0.3, 0.08) * upper
     press_lo = head.bump(0.0, m - 0.05, 0.3, 0.08) * lower
     put(EXPR["lip_press"], dy=-0.002 * press_up + 0.003 * press_lo, dz=-0.0005 * (press_up + press_lo))
-    inner = head.bump(0.18, 0.28, 0.15, 0.10) + head.bump(-0.18, 0.28, 0.15, 0.10)
+    inner = head.mirrored(1.0, 0.18, 0.28, 0.15, 0.10)
     put(EXPR["brow_furrow"], dx=-0.002 * side * inner, dy=-0.003 * inner)
     spread = head.bump(0.0, m, 0.4, 0.12)
     put(EXPR["lip_spread"], dx=0.12 * pos[:, 0] * spread, dz=-0.001 * spread)
@@ -318,7 +321,7 @@ def _pose_correctives(head: _Head) -> np.ndarray:
     the cheeks bulge a little as the mouth opens."""
     m = head.mouth_phi
     posedirs = np.zeros((head.vertices.shape[0], 3, 36))
-    cheek = head.bump(0.45, m - 0.1, 0.25, 0.2) + head.bump(-0.45, m - 0.1, 0.25, 0.2)
+    cheek = head.mirrored(1.0, 0.45, m - 0.1, 0.25, 0.2)
     posedirs[:, :, 16] = 0.01 * cheek[:, None] * head.direction
     return posedirs
 
