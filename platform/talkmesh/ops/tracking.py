@@ -327,16 +327,21 @@ def finite_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     }
 
 
-def log_metrics(run_id: str, metrics: Mapping[str, Any], step: int | None = None, uri: str | None = None) -> None:
-    """Log numeric, finite metrics (others are skipped) at ``step``."""
+def log_metrics(
+    run_id: str, metrics: Mapping[str, Any], step: int | None = None, uri: str | None = None, wait: bool = True
+) -> Any:
+    """Log numeric, finite metrics (others are skipped) at ``step``. ``wait=False`` queues them on
+    MLflow's asynchronous logger and returns its ``RunOperations`` (``.wait()`` raises what the
+    logging raised), or None when there was nothing to log."""
     import time
 
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
     items = [Metric(k, v, now, int(step or 0)) for k, v in finite_metrics(metrics).items()]
-    if items:
-        _client(uri).log_batch(run_id, metrics=items)
+    if not items:
+        return None
+    return _client(uri).log_batch(run_id, metrics=items, synchronous=wait)
 
 
 def log_artifacts(run_id: str, path: str | Path, artifact_path: str | None = None, uri: str | None = None) -> None:
@@ -372,6 +377,7 @@ class RunLogger:
         self.run_id = run_id
         self.uri = uri or tracking_uri()
         self._monitor: Any = None
+        self._pending: Any = None  # the RunOperations of the last log_metrics
         if system_metrics and _have("psutil"):
             try:
                 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -383,7 +389,18 @@ class RunLogger:
                 self._monitor = None
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
-        log_metrics(self.run_id, metrics, step, uri=self.uri)
+        """Queue ``metrics`` at ``step`` and return; they are written while training goes on. At
+        most one call is in flight: this one first waits for the previous one (whose error it
+        raises), so a lost worker loses at most the newest epoch's metrics, which a restart logs
+        again from its checkpoint (``train.loop``)."""
+        self.flush()
+        self._pending = log_metrics(self.run_id, metrics, step, uri=self.uri, wait=False)
+
+    def flush(self) -> None:
+        """Wait until the metrics queued by :meth:`log_metrics` are written."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.wait()
 
     def logged_steps(self, key: str) -> set[int]:
         """The steps at which the run already has metric ``key``."""
@@ -396,11 +413,15 @@ class RunLogger:
         log_artifacts(self.run_id, path, artifact_path, uri=self.uri)
 
     def close(self) -> None:
-        if self._monitor is not None:
-            try:
-                self._monitor.finish()
-            finally:
-                self._monitor = None
+        """Write what is queued and stop the system metrics monitor."""
+        try:
+            self.flush()
+        finally:
+            if self._monitor is not None:
+                try:
+                    self._monitor.finish()
+                finally:
+                    self._monitor = None
 
 
 def _have(module: str) -> bool:

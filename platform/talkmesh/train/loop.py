@@ -53,7 +53,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -78,6 +77,7 @@ from talkmesh.train.checkpoint import (
 from talkmesh.train.config import ExperimentConfig
 
 if TYPE_CHECKING:  # pragma: no cover
+    import ray.train
     from torch.utils.data import DataLoader
 
     from talkmesh.data.corpus import Corpus
@@ -555,19 +555,35 @@ def validate(s: WorkerState) -> dict[str, float]:
 
 
 def report_epoch(s: WorkerState, epoch: int, metrics: dict[str, Any]) -> None:
-    """Rank 0 writes the epoch's checkpoint; every rank reports (``ray.train.report`` is a
-    barrier); then rank 0 logs ``metrics`` to MLflow and the epoch's end to ``progress.jsonl``
-    (after the checkpoint is persisted, so a restart never logs an epoch twice)."""
+    """Rank 0 writes the epoch's checkpoint straight into the run directory (Ray's storage for
+    the run, :func:`_write_checkpoint`); every rank reports it (``ray.train.report``); then rank
+    0 logs ``metrics`` to MLflow and the epoch's end to ``progress.jsonl`` (after the checkpoint
+    is on storage, so a restart never logs an epoch twice).
+
+    The report is asynchronous: Ray's controller takes a worker's report only when it next
+    polls the workers, and a worker's next report waits until the previous one is taken, which
+    used to stall every epoch shorter than the poll interval. The checkpoint is already where
+    Ray keeps it, so the upload step returns it as is (no copy, nothing deleted) and the report
+    waits for its turn on Ray's upload thread while training goes on. Ray registers it (ranking,
+    ``num_to_keep``, restarts) when it takes the report; a restart before that resumes from the
+    newest checkpoint ``progress.jsonl`` ends (:func:`_resume_source`), and the training thread's
+    end waits for the reports still queued."""
     import ray.train
+    from ray.train import CheckpointUploadMode
 
     t = s.exp.train
-    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
-        checkpoint = None
-        if s.rank == 0:
-            target = s.run_dir / checkpoint_dir_name(epoch) if s.local_mode else Path(tmp) / "ckpt"
-            save_checkpoint(target, s.model, s.optimizer, epoch, metrics, extra={"global_step": s.global_step})
-            checkpoint = ray.train.Checkpoint.from_directory(str(target))
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(epoch))
+    checkpoint = None
+    if s.rank == 0:
+        target = _write_checkpoint(s, epoch, metrics)
+        checkpoint = ray.train.Checkpoint.from_directory(str(target))
+    ray.train.report(
+        metrics,
+        checkpoint=checkpoint,
+        checkpoint_dir_name=checkpoint_dir_name(epoch),
+        checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
+        checkpoint_upload_fn=_already_stored,
+        delete_local_checkpoint_after_upload=False,
+    )
     if s.local_mode and s.rank == 0:
         _prune_local(s.run_dir, t.checkpoint_num_to_keep, t.checkpoint_metric, t.checkpoint_mode)
     # Already logged: a restart repeated an epoch whose checkpoint Ray had not registered.
@@ -577,3 +593,24 @@ def report_epoch(s: WorkerState, epoch: int, metrics: dict[str, Any]) -> None:
         append_progress(s.run_dir, {"event": "epoch_end", "epoch": epoch, "step": s.global_step})
         shown = {k: metrics[k] for k in ("train/loss", t.checkpoint_metric) if k in metrics}
         print(f"[talkmesh] {s.exp.method} epoch {epoch + 1}/{s.num_epochs} {shown}", flush=True)
+
+
+def _write_checkpoint(s: WorkerState, epoch: int, metrics: dict[str, Any]) -> Path:
+    """``<run dir>/epoch-NNNN/``, written whole or not at all: into a hidden sibling first, then
+    renamed (a repeated epoch replaces its earlier directory), so a worker lost mid-write
+    leaves no half checkpoint under a checkpoint's name."""
+    import shutil
+
+    target = s.run_dir / checkpoint_dir_name(epoch)
+    partial = s.run_dir / f".{target.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    save_checkpoint(partial, s.model, s.optimizer, epoch, metrics, extra={"global_step": s.global_step})
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(partial, target)
+    return target
+
+
+def _already_stored(checkpoint: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
+    """Ray's upload step for a checkpoint rank 0 wrote into the run directory itself: nothing to copy."""
+    return checkpoint
