@@ -20,11 +20,16 @@ TorchTrainer runs:
   runs after the last epoch only, and that epoch is not counted) since the plain loop has none.
 
 The overhead is ``1 - TorchTrainer rate / plain rate`` on the epoch wall, the figure the
-target (at most 5 %) is about; the train phase's is printed beside it.
+target (at most 5 %) is about; the train phase's is printed beside it, and so is the time
+each epoch spends outside its train phase (checkpoint, report, MLflow), which is read within
+one run and so is free of the drift below.
 
-This machine's speed drifts by 10-30 % over seconds to minutes (shared host), more than the
-overhead being measured, so the variants run in interleaved **rounds**: each round runs the
-plain loop with no Ray cluster, then starts a loopback-only ``talkmesh.dev.localstack.LocalStack``
+The plain loop runs in a fresh Python process, as a plain PyTorch script does, with
+``OMP_NUM_THREADS`` set to the torch threads per worker as Ray sets it for its workers. Each
+variant starts once the machine is quiet (:func:`settle`). This machine's speed still drifts
+by 10-30 % over seconds to minutes (shared host), more than the overhead being measured, so
+the variants run in interleaved **rounds**: each round runs the plain loop with no Ray
+cluster, then starts a loopback-only ``talkmesh.dev.localstack.LocalStack``
 head (no MLflow server; runs log to a throwaway SQLite store), runs the TorchTrainer
 variants and the plain loop again beside the idle cluster, and stops it. A variant's rate in
 a round is its fastest timed epoch (other processes on a shared machine only ever slow an
@@ -117,12 +122,29 @@ def plain_loop(exp, batches: int, epochs: int, device: str) -> dict:
         torch.set_num_threads(before)
 
 
+def settle(quiet: float = 0.15, limit_s: float = 30.0) -> None:
+    """Wait until the machine is quiet: the CPUs' busy share over one second below ``quiet``
+    (an idle Ray head takes about 0.05 of these 2 CPUs), or ``limit_s`` passed. What the last
+    variant left winding down (a cluster stopping, Ray Train's controller actors) would
+    otherwise slow the next one."""
+    import psutil
+
+    deadline = time.monotonic() + limit_s
+    while psutil.cpu_percent(interval=1.0) / 100 > quiet and time.monotonic() < deadline:
+        pass
+
+
 def plain_process(plain_args: list[str]) -> dict:
     """:func:`plain_loop` in a fresh Python process, as a plain PyTorch script runs: the
     benchmark's own process holds Ray's driver, MLflow and every import, which slow a loop
     run in it by 10-30 % here (its local-mode row shows that)."""
+    threads = next((a.split("=", 1)[1] for a in plain_args if a.startswith("train.torch_threads=")), "0")
+    env = dict(os.environ)
+    if threads != "0":  # what Ray sets for a worker that holds that many CPUs
+        env["OMP_NUM_THREADS"] = threads
+    settle()
     out = subprocess.run(
-        [sys.executable, __file__, PLAIN_FLAG, *plain_args], check=True, capture_output=True, text=True
+        [sys.executable, __file__, PLAIN_FLAG, *plain_args], check=True, capture_output=True, text=True, env=env
     ).stdout
     return {"epochs": [tuple(e) for e in json.loads(out.strip().splitlines()[-1])], "wall_s": None}
 
@@ -133,6 +155,7 @@ def ray_run(exp, tmp: Path, name: str, epochs: int) -> dict:
     from talkmesh.train.checkpoint import list_checkpoints, read_progress
     from talkmesh.train.runner import run_training
 
+    settle()
     res = run_training(exp, run_name=name, tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
     cks = list_checkpoints(res.run_dir)
     if len(cks) != 2 + epochs:

@@ -228,3 +228,30 @@ def test_artifacts_of_a_sqlite_store_live_beside_it_whatever_the_working_directo
     assert (tmp_path / "store" / "mlruns").is_dir() and not (tmp_path / "mlruns").exists()
     assert any((tmp_path / "store" / "mlruns").rglob("note.txt"))
     assert MlflowClient(tracking_uri=uri).get_run(run_id).info.artifact_uri.startswith((tmp_path / "store").as_uri())
+
+
+def test_the_run_logger_queues_an_epochs_metrics_and_writes_them_by_the_next_call_or_close(tmp_path):
+    from mlflow import MlflowClient
+
+    uri = store(tmp_path)
+    run_id = tracking.start_run("talkmesh-faceformer", "queued", uri=uri)
+    client = MlflowClient(tracking_uri=uri)
+    log = tracking.RunLogger(run_id, uri=uri)
+    log.log_metrics({"train/loss": 0.5, "epoch": 0}, step=0)
+    log.log_metrics({"train/loss": 0.4, "epoch": 1}, step=1)
+    # The second call waited for the first: epoch 0 is written whatever the queue did since.
+    assert 0 in {m.step for m in client.get_metric_history(run_id, "train/loss")}
+    log.log_metrics({"train/loss": 0.3, "epoch": 2, "val/lve": float("nan")}, step=2)
+    log.close()
+    history = client.get_metric_history(run_id, "train/loss")
+    assert sorted((m.step, m.value) for m in history) == [(0, 0.5), (1, 0.4), (2, 0.3)]
+    assert log.logged_steps("epoch") == {0, 1, 2}
+    assert client.get_metric_history(run_id, "val/lve") == []  # non-finite values are skipped
+    tracking.end_run(run_id, uri=uri)
+
+    # What the queued logging raised reaches the caller at the next flush.
+    client.delete_run(run_id)
+    failing = tracking.RunLogger(run_id, uri=uri)
+    failing.log_metrics({"train/loss": 0.2}, step=3)
+    with pytest.raises(Exception, match=run_id):
+        failing.close()

@@ -97,6 +97,8 @@ def test_experiment_config_is_strict_and_resolves_the_schedule():
         load_experiment(None, ["train.epochs=0"])
     with pytest.raises(ConfigError, match=r"train\.epoch"):
         load_experiment(None, ["train.epoch=3"])
+    with pytest.raises(ConfigError, match=r"train\.storage_path.*s3://bucket/ray.*mounts"):
+        load_experiment(None, ["train.storage_path=s3://bucket/ray"])
     # The flattened resolved config (the MLflow params) rebuilds the same run.
     again = load_experiment(None, flatten(exp.resolved()))
     assert again.method_config() == exp.method_config() and again.schedule() == sched
@@ -363,3 +365,54 @@ def test_dualtalker_job_reads_whole_sequences_with_transcripts(tmp_path, monkeyp
     assert metrics["train/ctc_gt"] > 0 and "train/ctc_pred" in metrics
     assert metrics["train/fit/reader_scale_lips"] > 0 and "test/test-B/adapted/lve" in metrics
     assert tracking.get_alias_version("dualtalker", "champion", uri=uri) == 1
+
+
+def test_an_epochs_checkpoint_is_written_whole_into_the_run_directory_and_reported_in_place(tmp_path, monkeypatch):
+    import types
+
+    import ray.train
+    from ray.train import CheckpointUploadMode
+
+    from talkmesh.methods.base import DataFacts
+    from talkmesh.methods.registry import build_method
+    from talkmesh.train import loop
+
+    exp = experiment(tmp_path, "train.epochs=5")
+    method = build_method("faceformer", None, DataFacts.from_corpus(open_corpus(exp.data)), preset="debug")
+    opt = torch.optim.Adam(method.trainable_parameters())
+    run_dir = tmp_path / "ray" / "run"
+    state = types.SimpleNamespace(
+        exp=exp, rank=0, world=1, run_dir=run_dir, local_mode=False, model=method, method=method, optimizer=opt,
+        global_step=7, logger=None, logged_epochs=set(), num_epochs=5,
+    )  # fmt: skip
+    reports = []
+    monkeypatch.setattr(ray.train, "report", lambda metrics, **kw: reports.append((metrics, kw)))
+    stale = run_dir / "epoch-0003"
+    stale.mkdir(parents=True)
+    (stale / "left-over").write_text("from an earlier try of epoch 3")
+
+    loop.report_epoch(state, 3, {"val/lve": 1.0, "epoch": 3})
+    (metrics, kw), = reports
+    assert metrics == {"val/lve": 1.0, "epoch": 3} and kw["checkpoint_dir_name"] == "epoch-0003"
+    # Ray takes it asynchronously, from where it already is: nothing copied, nothing deleted.
+    assert kw["checkpoint_upload_mode"] == CheckpointUploadMode.ASYNC
+    assert kw["delete_local_checkpoint_after_upload"] is False
+    ckpt = kw["checkpoint"]
+    assert Path(ckpt.path) == stale and kw["checkpoint_upload_fn"](ckpt, "epoch-0003") is ckpt
+    # The repeated epoch replaced the earlier directory whole; nothing half-written is left.
+    assert sorted(p.name for p in stale.iterdir()) == sorted([METHOD_FILE, MODEL_FILE, TRAINER_FILE, METRICS_FILE])
+    assert [p.name for p in run_dir.iterdir() if p.name.startswith(".")] == []
+    assert load_trainer_state(stale)["global_step"] == 7
+    assert [(e["event"], e["epoch"]) for e in read_progress(run_dir)] == [("epoch_end", 3)]
+
+    # A worker lost while writing leaves no directory under a checkpoint's name.
+    def dies_midway(directory, *args, **kwargs):
+        Path(directory).mkdir(parents=True)
+        (Path(directory) / MODEL_FILE).write_bytes(b"half")
+        raise KeyboardInterrupt  # as good as a SIGKILL for the files on disk
+
+    monkeypatch.setattr(loop, "save_checkpoint", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        loop.report_epoch(state, 4, {"val/lve": 0.5, "epoch": 4})
+    assert sorted(p.name for p in run_dir.iterdir()) == ["epoch-0003", "progress.jsonl"]
+    assert [c.epoch for c in list_checkpoints(run_dir)] == [3] and len(reports) == 1

@@ -115,6 +115,11 @@ class TrainConfig:
             raise ConfigError(f"train.eval_every: must be >= 1, got {self.eval_every}")
         if not self.storage_path:
             raise ConfigError("train.storage_path: must not be empty")
+        if "://" in self.storage_path:
+            raise ConfigError(
+                f"train.storage_path: {self.storage_path!r} is a URI; give a directory every node mounts "
+                "(NFS, a PVC, or the bucket mounted with s3fs/gcsfuse): rank 0 writes the checkpoints there"
+            )
         if self.run_name and not RUN_NAME.fullmatch(self.run_name):
             raise ConfigError(
                 f"train.run_name: {self.run_name!r} must be letters, digits, '.', '_' or '-' (not starting with '.')"

@@ -18,10 +18,12 @@ quick runs). Per worker, in named steps (as torchtitan's trainer reads):
    the training windows;
 3. :func:`validate` - whole sequences of ``train.eval_split`` (sharded over ranks,
    gathered, scored as in :mod:`talkmesh.eval.evaluate`);
-4. :func:`report_epoch` - rank 0 writes the checkpoint; every rank calls
-   ``ray.train.report(metrics, checkpoint, checkpoint_dir_name="epoch-NNNN")`` (a barrier);
-   then rank 0 logs the metrics to MLflow (``talkmesh.ops.tracking``, since Ray drops
-   metrics-only reports and keeps no per-epoch history with workers >= 1).
+4. :func:`report_epoch` - rank 0 writes the checkpoint into the run directory; every rank
+   calls ``ray.train.report(metrics, checkpoint, checkpoint_dir_name="epoch-NNNN")``, which
+   agrees on the name across ranks and hands the report to Ray's controller in the
+   background (asynchronous upload mode, nothing to copy); then rank 0 queues the metrics
+   for MLflow (``talkmesh.ops.tracking.RunLogger``, since Ray drops metrics-only reports and
+   keeps no per-epoch history with workers >= 1).
 
 Faults (``train.max_failures``, default 1): a lost worker makes Ray Train restart the whole
 group, which resumes from the latest persisted checkpoint, so at most the epoch in progress
@@ -557,8 +559,9 @@ def validate(s: WorkerState) -> dict[str, float]:
 def report_epoch(s: WorkerState, epoch: int, metrics: dict[str, Any]) -> None:
     """Rank 0 writes the epoch's checkpoint straight into the run directory (Ray's storage for
     the run, :func:`_write_checkpoint`); every rank reports it (``ray.train.report``); then rank
-    0 logs ``metrics`` to MLflow and the epoch's end to ``progress.jsonl`` (after the checkpoint
-    is on storage, so a restart never logs an epoch twice).
+    0 queues ``metrics`` for MLflow (``RunLogger.log_metrics``: at most one epoch in flight) and
+    appends the epoch's end to ``progress.jsonl`` (after the checkpoint is on storage, so a
+    restart never logs an epoch twice).
 
     The report is asynchronous: Ray's controller takes a worker's report only when it next
     polls the workers, and a worker's next report waits until the previous one is taken, which
@@ -598,16 +601,21 @@ def report_epoch(s: WorkerState, epoch: int, metrics: dict[str, Any]) -> None:
 def _write_checkpoint(s: WorkerState, epoch: int, metrics: dict[str, Any]) -> Path:
     """``<run dir>/epoch-NNNN/``, written whole or not at all: into a hidden sibling first, then
     renamed (a repeated epoch replaces its earlier directory), so a worker lost mid-write
-    leaves no half checkpoint under a checkpoint's name."""
+    leaves no half checkpoint under a checkpoint's name (its hidden sibling is removed by the
+    next write of that epoch)."""
     import shutil
 
     target = s.run_dir / checkpoint_dir_name(epoch)
-    partial = s.run_dir / f".{target.name}.partial-{os.getpid()}"
+    partial = s.run_dir / f".{target.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    save_checkpoint(partial, s.model, s.optimizer, epoch, metrics, extra={"global_step": s.global_step})
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(partial, target)
+    try:
+        save_checkpoint(partial, s.model, s.optimizer, epoch, metrics, extra={"global_step": s.global_step})
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(partial, target)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     return target
 
 

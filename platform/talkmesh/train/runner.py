@@ -243,9 +243,10 @@ def _make_trainer(
     from talkmesh.train.loop import train_loop_per_worker
 
     t = exp.train
-    # Ray Train's controller takes reports when it polls the workers (every 2 s by default) and
-    # a worker's next report waits for the previous one to be taken: epochs shorter than the
-    # interval wait for it. 0.5 s unless set; the poll is one small call per worker.
+    # Ray Train's controller takes reports (and notices a lost worker) when it polls the workers,
+    # every 2 s by default. Training does not wait for it (the loop reports asynchronously), but
+    # Ray registers a checkpoint, and Tune sees a trial's epoch, only then: 0.5 s unless set
+    # keeps them close behind the epochs; the poll is one small call per worker.
     os.environ.setdefault(HEALTH_CHECK_INTERVAL_ENV, "0.5")
     resources = {"GPU" if t.use_gpu else "CPU": 1, **t.worker_resources} if t.worker_resources else None
     return TorchTrainer(
