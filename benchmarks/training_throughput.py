@@ -124,7 +124,7 @@ def plain_loop(exp, batches: int, epochs: int, device: str) -> dict:
 
 def settle(quiet: float = 0.15, limit_s: float = 30.0) -> None:
     """Wait until the machine is quiet: the CPUs' busy share over one second below ``quiet``
-    (an idle Ray head takes about 0.05 of these 2 CPUs), or ``limit_s`` passed. What the last
+    (an idle Ray head takes a few percent of these 2 CPUs), or ``limit_s`` passed. What the last
     variant left winding down (a cluster stopping, Ray Train's controller actors) would
     otherwise slow the next one."""
     import psutil
@@ -135,9 +135,9 @@ def settle(quiet: float = 0.15, limit_s: float = 30.0) -> None:
 
 
 def plain_process(plain_args: list[str]) -> dict:
-    """:func:`plain_loop` in a fresh Python process, as a plain PyTorch script runs: the
-    benchmark's own process holds Ray's driver, MLflow and every import, which slow a loop
-    run in it by 10-30 % here (its local-mode row shows that)."""
+    """:func:`plain_loop` in a fresh Python process, as a plain PyTorch script runs (the
+    benchmark's own process holds Ray's driver, MLflow and their threads, which a plain
+    script does not)."""
     threads = next((a.split("=", 1)[1] for a in plain_args if a.startswith("train.torch_threads=")), "0")
     env = dict(os.environ)
     if threads != "0":  # what Ray sets for a worker that holds that many CPUs
