@@ -56,7 +56,6 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")  # before ray is imported: the L
 
 import torch  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 PLAIN = "plain PyTorch loop (no Ray)"
 PLAIN_UP = "plain PyTorch loop, Ray cluster up (idle)"
 PLAIN_FLAG = "--plain-loop-process"
@@ -134,14 +133,13 @@ def settle(quiet: float = 0.15, limit_s: float = 30.0) -> None:
         pass
 
 
-def plain_process(plain_args: list[str]) -> dict:
+def plain_process(plain_args: list[str], threads: int) -> dict:
     """:func:`plain_loop` in a fresh Python process, as a plain PyTorch script runs (the
     benchmark's own process holds Ray's driver, MLflow and their threads, which a plain
-    script does not)."""
-    threads = next((a.split("=", 1)[1] for a in plain_args if a.startswith("train.torch_threads=")), "0")
+    script does not). ``threads``: the experiment's ``train.torch_threads`` (0: unset)."""
     env = dict(os.environ)
-    if threads != "0":  # what Ray sets for a worker that holds that many CPUs
-        env["OMP_NUM_THREADS"] = threads
+    if threads:  # what Ray sets for a worker that holds that many CPUs
+        env["OMP_NUM_THREADS"] = str(threads)
     settle()
     out = subprocess.run(
         [sys.executable, __file__, PLAIN_FLAG, *plain_args], check=True, capture_output=True, text=True, env=env
@@ -265,7 +263,7 @@ def main() -> None:
         plain_args = [args.preset, str(batches), str(epochs), device, *common, "train.num_workers=0"]
         per_round: list[dict[str, dict]] = []
         for r in range(rounds):
-            res: dict[str, dict] = {PLAIN: plain_process(plain_args)}
+            res: dict[str, dict] = {PLAIN: plain_process(plain_args, base.train.torch_threads)}
             if "local" not in skip:
                 res[LOCAL] = ray_run(base, tmp, f"local-r{r}", epochs)
             if wanted:
@@ -277,7 +275,7 @@ def main() -> None:
                             exp = load(args.preset, [*common, f"train.num_workers={n}"])
                             res[labels[n]] = ray_run(exp, tmp, f"w{n}-r{r}", epochs)
                         if "plain-up" not in skip:
-                            res[PLAIN_UP] = plain_process(plain_args)
+                            res[PLAIN_UP] = plain_process(plain_args, base.train.torch_threads)
                     finally:
                         ray.shutdown()
             per_round.append(res)
